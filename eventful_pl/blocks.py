@@ -1,0 +1,490 @@
+"""Transformer blocks: the dense ViT block and its eventful variants (DESIGN section 3).
+
+Variants, each adding to the previous one:
+
+- ``"dense"`` (:class:`Block`): pre-norm ViT block, optional windowed attention
+  with padding, decomposed relative position, key/value pooling,
+  half-precision attention-value product and adaptive token sampling (ATS).
+- ``"tokenwise"`` (:class:`TokenwiseEventfulBlock`): gate + buffer around
+  ``qkv``, ``proj`` and the MLP; attention is recomputed from buffered qkv.
+- ``"query_key"`` (:class:`QueryKeyEventfulBlock`): also caches the logits
+  ``q k^T`` and recomputes only updated rows and columns.
+- ``"full"`` (:class:`EventfulBlock`, the paper's method): also updates
+  ``A @ V`` with deltas of the updated key columns.
+
+Shapes: tokens (B, N, D); a batch is B independent streams.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from eventful_pl.attention import (
+    merge_heads,
+    pool_grid,
+    pool_token_index,
+    split_heads,
+    window_partition,
+    window_unpartition,
+)
+from eventful_pl.counting import Counted
+from eventful_pl.gates import DeltaGate, STGTGate, TokenBuffer, TokenGate
+from eventful_pl.indexing import expand_col_index, expand_row_index, gather_tokens
+from eventful_pl.policies import TokenPolicy
+from eventful_pl.position import RelativePosition
+from eventful_pl.state import StreamState
+
+LN_EPS = 1e-6
+MATMUL_2_CASTS = {None: None, "float16": torch.float16, "bfloat16": torch.bfloat16}
+BlockVariant = Literal["dense", "tokenwise", "query_key", "full"]
+
+
+def to_pair(value: int | tuple[int, int] | list[int] | None) -> tuple[int, int] | None:
+    """int -> (int, int); sequences -> tuple; None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, int):
+        return (value, value)
+    return (int(value[0]), int(value[1]))
+
+
+def drop_path(x: Tensor, rate: float, training: bool) -> Tensor:
+    """Stochastic depth: drops whole samples of a residual branch in training."""
+    if rate == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - rate)
+    return x * keep / (1.0 - rate)
+
+
+class Block(Counted, nn.Module):
+    """Pre-norm ViT block: ``x + proj(attn(LN(x)))`` then ``x + fc2(GELU(fc1(LN(x))))``.
+
+    Args:
+        dim: Token channels D.
+        heads: Attention heads (head size D / heads).
+        input_size: Token grid (h, w). Required for windows, relative position
+            and pooling (then N must equal h * w); optional otherwise.
+        mlp_ratio: MLP hidden size / D.
+        qkv_bias: Whether ``qkv`` has a bias.
+        window_size: Window (wh, ww) for windowed attention, or None (global).
+            Grids that are not a multiple are padded bottom/right with "qkv of a
+            zero token" (the qkv bias), removed after attention.
+        relative_embedding_size: Stored size of the relative-position tables;
+            None disables relative position.
+        pool_size: Average-pool keys and values over the grid by this factor.
+        matmul_2_cast: ``"float16"`` or ``"bfloat16"`` to compute ``A @ V`` in
+            half precision.
+        ats_fraction: Adaptive token sampling: keep this fraction of the query
+            rows (plus the class token, token 0). Dense block only.
+        drop_path_rate: Stochastic depth rate (training).
+
+    Shapes: x (B, N, D) -> (B, N, D) (fewer tokens with ATS).
+    """
+
+    variant: BlockVariant = "dense"
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        input_size: int | tuple[int, int] | None = None,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        window_size: int | tuple[int, int] | None = None,
+        relative_embedding_size: int | tuple[int, int] | None = None,
+        pool_size: int | tuple[int, int] | None = None,
+        matmul_2_cast: str | None = None,
+        ats_fraction: float | None = None,
+        drop_path_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"heads={heads} must divide dim={dim}")
+        self.dim = dim
+        self.heads = heads
+        self.input_size = to_pair(input_size)
+        self.window_size = to_pair(window_size)
+        self.pool_size = to_pair(pool_size)
+        if matmul_2_cast not in MATMUL_2_CASTS:
+            raise ValueError(
+                f"matmul_2_cast must be one of {list(MATMUL_2_CASTS)}, got {matmul_2_cast!r}"
+            )
+        self.matmul_2_cast = matmul_2_cast
+        self.cast_dtype = MATMUL_2_CASTS[matmul_2_cast]
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must lie in [0, 1), got {drop_path_rate!r}")
+        self.drop_path_rate = drop_path_rate
+        needs_grid = (
+            self.window_size is not None
+            or relative_embedding_size is not None
+            or self.pool_size is not None
+        )
+        if needs_grid and self.input_size is None:
+            raise ValueError(
+                "input_size (the token grid) is required with window_size, "
+                "relative_embedding_size or pool_size"
+            )
+        self.needs_grid = needs_grid
+        if self.window_size is not None:
+            if any(w > g for w, g in zip(self.window_size, self.input_size)):
+                raise ValueError(
+                    f"window_size={self.window_size} is larger than the token grid "
+                    f"input_size={self.input_size}"
+                )
+            if any(w <= 0 for w in self.window_size):
+                raise ValueError(f"window_size must be positive, got {self.window_size}")
+        self.attention_size = self.window_size or self.input_size
+        if self.pool_size is not None and any(
+            a % p for a, p in zip(self.attention_size, self.pool_size)
+        ):
+            raise ValueError(
+                f"pool_size={self.pool_size} must divide the attention size {self.attention_size}"
+            )
+        if ats_fraction is not None:
+            if not 0.0 <= ats_fraction <= 1.0:
+                raise ValueError(f"ats_fraction must lie in [0, 1], got {ats_fraction!r}")
+            if self.window_size is not None or self.pool_size is not None:
+                raise ValueError("ats_fraction cannot be combined with window_size or pool_size")
+        self.ats_fraction = ats_fraction
+        self.scale = math.sqrt(dim // heads)
+
+        hidden = int(dim * mlp_ratio)
+        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+        if relative_embedding_size is not None:
+            self.rel_pos: RelativePosition | None = RelativePosition(
+                self.attention_size,
+                to_pair(relative_embedding_size),
+                dim // heads,
+                pool_size=self.pool_size,
+            )
+        else:
+            self.rel_pos = None
+
+    # Counted primitives.
+    def linear(self, layer: nn.Linear, x: Tensor) -> Tensor:
+        """``layer(x)``, counting ``in-elements x out_features`` plus the bias."""
+        out = F.linear(x, layer.weight, layer.bias)
+        self.count("linear", x.numel() * layer.out_features)
+        if layer.bias is not None:
+            self.count("bias", out.numel())
+        return out
+
+    def add(self, a: Tensor, b: Tensor) -> Tensor:
+        self.count("add", a.numel())
+        return a + b
+
+    def matmul(self, a: Tensor, b: Tensor) -> Tensor:
+        out = a @ b
+        self.count("matmul", out.numel() * a.shape[-1])
+        return out
+
+    def mlp(self, x: Tensor) -> Tensor:
+        return self.linear(self.fc2, self.act(self.linear(self.fc1, x)))
+
+    def check_tokens(self, x: Tensor) -> None:
+        if x.ndim != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"expected tokens (B, N, {self.dim}), got shape {tuple(x.shape)}")
+        if self.needs_grid:
+            n = self.input_size[0] * self.input_size[1]
+            if x.shape[1] != n:
+                raise ValueError(
+                    f"expected N={n} tokens for input_size={self.input_size} "
+                    f"(no class token with windows, relative position or pooling), "
+                    f"got N={x.shape[1]}"
+                )
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.check_tokens(x)
+        y, kept = self.attend(self.linear(self.qkv, self.norm1(x)))
+        skip = x if kept is None else gather_tokens(x, kept)
+        x = self.add(skip, drop_path(self.linear(self.proj, y), self.drop_path_rate, self.training))
+        x = self.add(x, drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, self.training))
+        return x
+
+    # Dense attention.
+    def attend(self, qkv: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Dense attention: qkv (B, N, 3D) -> ((B, N', D), kept ATS index or None)."""
+        if self.window_size is not None:
+            padded = any(g % w for g, w in zip(self.input_size, self.window_size))
+            pad_value = None
+            if padded and self.qkv.bias is not None:
+                pad_value = self.qkv.bias
+                self.count("bias", self.qkv.bias.numel())
+            qkv = window_partition(qkv, self.input_size, self.window_size, pad_value)
+        q, k, v = split_heads(qkv, self.heads)
+        if self.pool_size is not None:
+            k = pool_grid(k, self.attention_size, self.pool_size)
+            v = pool_grid(v, self.attention_size, self.pool_size)
+        kept = None
+        if self.ats_fraction is not None or self.cast_dtype is not None:
+            logits = self.matmul(q / self.scale, k.transpose(-2, -1))
+            if self.rel_pos is not None:
+                self.rel_pos(logits, q)
+            probs = logits.softmax(dim=-1)
+            if self.ats_fraction is not None:
+                probs, kept = self._adaptive_token_sampling(probs, v)
+            dtype = self.cast_dtype or probs.dtype
+            out = self.matmul(probs.to(dtype), v.to(dtype)).to(qkv.dtype)
+        else:
+            bias = None
+            if self.rel_pos is not None:
+                rel_h, rel_w = self.rel_pos.terms(q)
+                kh, kw = self.rel_pos.key_size
+                bias = (rel_h.unsqueeze(-1) + rel_w.unsqueeze(-2)).flatten(-2)
+                self.count("add", 2 * bias.numel())
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+            attn_elements = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2]
+            self.count("matmul", 2 * attn_elements * q.shape[-1])
+        out = merge_heads(out)
+        if self.window_size is not None:
+            out = window_unpartition(out, self.input_size, self.window_size)
+        return out, kept
+
+    def _adaptive_token_sampling(self, probs: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """ATS (Fayyaz et al. 2022), top-k form: keep the class token and the
+        query rows with the largest class-attention x value-norm score.
+
+        probs (B, H, N, N), v (B, H, N, d) -> (B, H, n, N), kept (B, n) sorted.
+        """
+        scores = probs[:, :, 0, :] * v.norm(dim=-1)
+        scores = scores / scores[..., 1:].sum(dim=-1, keepdim=True)
+        scores = scores.sum(dim=1)
+        scores[:, 0] = float("inf")
+        n_keep = int(self.ats_fraction * (scores.shape[-1] - 1)) + 1
+        kept = scores.topk(n_keep, dim=-1, sorted=False).indices.sort(dim=-1).values
+        return probs.gather(2, expand_row_index(kept, probs.shape)), kept
+
+
+class TokenwiseEventfulBlock(Block):
+    """Gate + buffer around ``qkv``, ``proj`` and the MLP (eventful variant 1).
+
+    Args:
+        policy: Token selection policy shared by the block's gates.
+        gate_before_ln: Put the qkv and MLP gates before their LayerNorm.
+        stgt: Use the STGT gate (reference = previous frame) instead.
+        **block_kwargs: See :class:`Block` (no ``ats_fraction``).
+    """
+
+    variant: BlockVariant = "tokenwise"
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        policy: TokenPolicy | None = None,
+        gate_before_ln: bool = False,
+        stgt: bool = False,
+        **block_kwargs,
+    ) -> None:
+        if block_kwargs.get("ats_fraction") is not None:
+            raise ValueError("ats_fraction is only supported by the dense block variant")
+        super().__init__(dim, heads, **block_kwargs)
+        self.gate_before_ln = gate_before_ln
+        self.stgt = stgt
+        gate_class = STGTGate if stgt else TokenGate
+        self.qkv_gate = gate_class(policy)
+        self.qkv_buffer = TokenBuffer()
+        self.proj_gate = gate_class(policy)
+        self.proj_buffer = TokenBuffer()
+        self.mlp_gate = gate_class(policy)
+        self.mlp_buffer = TokenBuffer()
+
+    @property
+    def policy(self) -> TokenPolicy | None:
+        return self.qkv_gate.policy
+
+    @policy.setter
+    def policy(self, policy: TokenPolicy | None) -> None:
+        for gate in (self.qkv_gate, self.proj_gate, self.mlp_gate):
+            gate.policy = policy
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.check_tokens(x)
+        if self.gate_before_ln:
+            h, index = self.qkv_gate(x)
+            h = self.norm1(h)
+        else:
+            h, index = self.qkv_gate(self.norm1(x))
+        qkv = self.qkv_buffer(self.linear(self.qkv, h), index)
+        y = self.eventful_attention(qkv, index)
+
+        h, index = self.proj_gate(y)
+        x = self.add(x, self.proj_buffer(self.linear(self.proj, h), index))
+
+        if self.gate_before_ln:
+            h, index = self.mlp_gate(x)
+            h = self.norm2(h)
+        else:
+            h, index = self.mlp_gate(self.norm2(x))
+        return self.add(x, self.mlp_buffer(self.mlp(h), index))
+
+    def eventful_attention(self, qkv: Tensor, index: Tensor | None) -> Tensor:
+        """Attention over the buffered qkv (B, N, 3D) -> (B, N, D); dense here."""
+        return self.attend(qkv)[0]
+
+
+class QueryKeyEventfulBlock(StreamState, TokenwiseEventfulBlock):
+    """Also caches the attention logits ``q k^T / sqrt(d)`` (eventful variant 2).
+
+    On an incremental frame only the rows of updated queries and the columns
+    of updated keys are recomputed (with pooling, the columns of every pooled
+    cell an updated token falls in, per batch item). Relative-position terms
+    depend on the query only, so the cache holds logits with them added and
+    per-query terms are cached too: both stay exact and the cache is never
+    copied. Global attention only.
+    """
+
+    variant: BlockVariant = "query_key"
+
+    def __init__(self, dim: int, heads: int, **kwargs) -> None:
+        super().__init__(dim, heads, **kwargs)
+        if self.window_size is not None:
+            raise ValueError(
+                f"window_size={self.window_size}: the {self.variant!r} block variant supports "
+                "global attention only; use 'tokenwise' for windowed blocks"
+            )
+        self.logits: Tensor | None = None
+        self.rel_h: Tensor | None = None
+        self.rel_w: Tensor | None = None
+
+    def reset_state(self) -> None:
+        self.logits = None
+        self.rel_h = None
+        self.rel_w = None
+
+    def cached_logits(self, qkv: Tensor, index: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Updates the logits cache.
+
+        Returns (logits (B, H, N, Nk), v (B, H, Nk, d), key index (B, m) or None
+        on a flush).
+        """
+        q, k, v = split_heads(qkv, self.heads)
+        if self.pool_size is not None:
+            k = pool_grid(k, self.attention_size, self.pool_size)
+            v = pool_grid(v, self.attention_size, self.pool_size)
+        if self.logits is None or index is None:
+            logits = self.matmul(q / self.scale, k.transpose(-2, -1))
+            if self.rel_pos is not None:
+                self.rel_h, self.rel_w = self.rel_pos.terms(q)
+                self.rel_pos.add_to(logits, self.rel_h, self.rel_w)
+            self.logits = logits
+            return logits, v, None
+
+        logits = self.logits
+        b, heads, n, nk = logits.shape
+        key_index = index
+        if self.pool_size is not None:
+            key_index = pool_token_index(index, self.attention_size, self.pool_size)
+        q_rows = gather_tokens(qkv[..., : self.dim], index)
+        q_rows = q_rows.view(b, -1, heads, self.dim // heads).transpose(1, 2)
+        rows = self.matmul(q_rows / self.scale, k.transpose(-2, -1))
+        k_cols = k.gather(2, expand_row_index(key_index, k.shape))
+        cols = self.matmul(q / self.scale, k_cols.transpose(-2, -1))
+        if self.rel_pos is not None:
+            kh, kw = self.rel_pos.key_size
+            rel_h_rows, rel_w_rows = self.rel_pos.terms_for_rows(q_rows, index)
+            self.rel_h.scatter_(2, expand_row_index(index, self.rel_h.shape), rel_h_rows)
+            self.rel_w.scatter_(2, expand_row_index(index, self.rel_w.shape), rel_w_rows)
+            rows.view(b, heads, -1, kh, kw).add_(rel_h_rows.unsqueeze(-1)).add_(
+                rel_w_rows.unsqueeze(-2)
+            )
+            cols += self.rel_h.gather(3, expand_col_index(key_index // kw, cols.shape))
+            cols += self.rel_w.gather(3, expand_col_index(key_index % kw, cols.shape))
+            # Counted as the method defines it: terms and adds over the full matrix.
+            self.count("einsum", b * heads * n * (kh + kw) * q.shape[-1])
+            self.count("add", 2 * logits.numel())
+        logits.scatter_(2, expand_row_index(index, logits.shape), rows)
+        logits.scatter_(3, expand_col_index(key_index, logits.shape), cols)
+        return logits, v, key_index
+
+    def eventful_attention(self, qkv: Tensor, index: Tensor | None) -> Tensor:
+        logits, v, _ = self.cached_logits(qkv, index)
+        probs = logits.softmax(dim=-1)
+        dtype = self.cast_dtype or probs.dtype
+        return merge_heads(self.matmul(probs.to(dtype), v.to(dtype)).to(qkv.dtype))
+
+
+class EventfulBlock(QueryKeyEventfulBlock):
+    """The paper's method: also updates ``A @ V`` incrementally (variant 3).
+
+    A delta gate on V and a column delta gate on the softmaxed A, both forced
+    to the updated key index, give ``A_new[:, idx]``, ``dA[:, idx]``,
+    ``V_new[idx]``, ``dV[idx]``; the cached output is updated in place with
+    ``Y += A_new[:, idx] @ dV[idx] + dA[:, idx] @ (V_new[idx] - dV[idx])``.
+    Only the selected columns of A are ever formed (from the cached logits and
+    their row log-sum-exp), never the whole matrix or its error.
+    """
+
+    variant: BlockVariant = "full"
+
+    def __init__(self, dim: int, heads: int, **kwargs) -> None:
+        super().__init__(dim, heads, **kwargs)
+        self.v_gate = DeltaGate("row")
+        self.a_gate = DeltaGate("col")
+        self.output: Tensor | None = None
+
+    def reset_state(self) -> None:
+        super().reset_state()
+        self.output = None
+
+    def eventful_attention(self, qkv: Tensor, index: Tensor | None) -> Tensor:
+        logits, v, key_index = self.cached_logits(qkv, index)
+        dtype = self.cast_dtype or logits.dtype
+        if key_index is None or self.output is None:
+            probs = logits.softmax(dim=-1).to(dtype)
+            v = v.to(dtype)
+            self.v_gate.flush(v)
+            self.a_gate.flush(probs, copy=False)
+            self.output = self.matmul(probs, v)
+            return merge_heads(self.output).to(qkv.dtype)
+
+        b, heads, n, _ = logits.shape
+        d = v.shape[-1]
+        m = key_index.shape[1]
+        log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
+        a_expanded = expand_col_index(key_index, logits.shape)
+        a_new = logits.gather(3, a_expanded).sub_(log_norm).exp_().to(dtype)
+        v_new = v.gather(2, expand_row_index(key_index, v.shape)).to(dtype)
+        v_new, v_delta = self.v_gate.update_selected(v_new, key_index)
+        a_new, a_delta = self.a_gate.update_selected(a_new, key_index, a_expanded)
+        out = self.output.view(b * heads, n, d)
+        out.baddbmm_(a_new.view(b * heads, n, m), v_delta.view(b * heads, m, d))
+        out.baddbmm_(a_delta.view(b * heads, n, m), (v_new - v_delta).view(b * heads, m, d))
+        self.count("matmul", 2 * out.numel() * m)
+        self.count("accumulator", v_new.numel() + 2 * out.numel())
+        return merge_heads(self.output).to(qkv.dtype)
+
+
+BLOCK_VARIANTS: dict[str, type[Block]] = {
+    "dense": Block,
+    "tokenwise": TokenwiseEventfulBlock,
+    "query_key": QueryKeyEventfulBlock,
+    "full": EventfulBlock,
+}
+
+
+def build_block(variant: str, dim: int, heads: int, **kwargs) -> Block:
+    """Builds a block by variant name (see ``BLOCK_VARIANTS``).
+
+    Eventful-only options (``policy``, ``gate_before_ln``, ``stgt``) are
+    ignored by the dense variant.
+    """
+    if variant not in BLOCK_VARIANTS:
+        raise ValueError(
+            f"unknown block variant {variant!r}; choose one of {sorted(BLOCK_VARIANTS)}"
+        )
+    if variant == "dense":
+        for option in ("policy", "gate_before_ln", "stgt"):
+            kwargs.pop(option, None)
+    return BLOCK_VARIANTS[variant](dim, heads, **kwargs)

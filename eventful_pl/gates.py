@@ -1,0 +1,175 @@
+"""Token gates and buffers (DESIGN section 2).
+
+All state has a leading batch dimension B: a batch is B independent streams.
+State tensors are updated in place; the first call after ``reset_state`` is a
+flush that forwards every token.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from torch import Tensor, nn
+
+from eventful_pl.counting import Counted
+from eventful_pl.indexing import (
+    expand_col_index,
+    expand_row_index,
+    gather_tokens,
+    scatter_tokens_,
+)
+from eventful_pl.policies import TokenPolicy
+from eventful_pl.state import StreamState
+
+
+def _require_policy(policy: TokenPolicy | None, gate: nn.Module) -> TokenPolicy:
+    if policy is None:
+        raise ValueError(
+            f"{type(gate).__name__} has no policy: pass policy= to the block or "
+            "backbone, or call eventful_pl.set_policy(model, policy)"
+        )
+    return policy
+
+
+class TokenGate(Counted, StreamState, nn.Module):
+    """Forwards only the tokens whose accumulated error is large.
+
+    State: reference tokens ``p`` (B, N, D). Flush: forwards all of ``c``,
+    returns index None. Incremental: ``e = c - p``, the policy picks (B, k) from
+    the L2 norms of ``e``, returns ``(c[idx] (B, k, D), idx)`` and writes
+    ``p[idx] = c[idx]``.
+
+    Args:
+        policy: Token selection policy (may be set later).
+    """
+
+    def __init__(self, policy: TokenPolicy | None = None) -> None:
+        super().__init__()
+        self.policy = policy
+        self.p: Tensor | None = None
+
+    def reset_state(self) -> None:
+        self.p = None
+
+    def forward(self, c: Tensor) -> tuple[Tensor, Tensor | None]:
+        if self.p is None:
+            self.p = c.detach().clone()
+            return c, None
+        self.count("gate", self.p.numel())
+        index = _require_policy(self.policy, self).select((c - self.p).norm(dim=-1))
+        c_sel = gather_tokens(c, index)
+        scatter_tokens_(self.p, index, c_sel)
+        return c_sel, index
+
+
+class STGTGate(TokenGate):
+    """The STGT baseline gate: the reference is always the previous frame.
+
+    Small changes never accumulate: ``p = c`` for every token on every frame.
+    """
+
+    def forward(self, c: Tensor) -> tuple[Tensor, Tensor | None]:
+        if self.p is None:
+            self.p = c.detach().clone()
+            return c, None
+        self.count("gate", c.numel())
+        index = _require_policy(self.policy, self).select((c - self.p).norm(dim=-1))
+        self.p.copy_(c)
+        return gather_tokens(c, index), index
+
+
+class TokenBuffer(Counted, StreamState, nn.Module):
+    """Holds dense outputs ``b`` (B, N, D') and scatters in the updated rows.
+
+    Flush: ``b = y``. Incremental: ``b[idx] = y_sel``; returns ``b`` (the state
+    itself: do not modify the result in place).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.b: Tensor | None = None
+
+    def reset_state(self) -> None:
+        self.b = None
+
+    def forward(self, y: Tensor, index: Tensor | None) -> Tensor:
+        if self.b is None or index is None:
+            self.b = y.detach()
+            return self.b
+        return scatter_tokens_(self.b, index, y)
+
+
+class DeltaGate(Counted, StreamState, nn.Module):
+    """A token gate that also returns the selected deltas ``e[idx]``.
+
+    Tokens lie on dim -2 (``structure="row"``, shape (B, ..., N, C)) or on dim
+    -1 (``structure="col"``, shape (B, ..., R, N)). The index (B, k) comes from
+    the policy or is forced by the caller. Without a forced index the policy
+    sees each token's error norm over channels, maximised over any middle dims
+    (e.g. heads), so one index serves every head of a batch item.
+
+    Args:
+        structure: ``"row"`` or ``"col"``.
+        policy: Token selection policy (unused when the index is forced).
+    """
+
+    def __init__(
+        self, structure: Literal["row", "col"] = "row", policy: TokenPolicy | None = None
+    ) -> None:
+        super().__init__()
+        if structure not in ("row", "col"):
+            raise ValueError(f"DeltaGate: structure must be 'row' or 'col', got {structure!r}")
+        self.structure = structure
+        self.policy = policy
+        self.p: Tensor | None = None
+
+    def reset_state(self) -> None:
+        self.p = None
+
+    def _expand(self, index: Tensor, shape: tuple[int, ...]) -> Tensor:
+        if self.structure == "row":
+            return expand_row_index(index, shape)
+        return expand_col_index(index, shape)
+
+    @property
+    def token_dim(self) -> int:
+        return -2 if self.structure == "row" else -1
+
+    def flush(self, c: Tensor, copy: bool = True) -> None:
+        """Sets the reference to ``c`` (a copy unless the caller hands it over)."""
+        self.p = c.detach().clone() if copy else c.detach()
+
+    def forward(
+        self, c: Tensor, forced_index: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Returns ``(c[idx], e[idx], idx)``; on a flush ``(c, None, None)``."""
+        if self.p is None:
+            self.flush(c)
+            return c, None, None
+        index = forced_index
+        if index is None:
+            channel_dim = -1 if self.structure == "row" else -2
+            norms = (c - self.p).norm(dim=channel_dim)
+            norms = norms.reshape(norms.shape[0], -1, norms.shape[-1]).amax(dim=1)
+            index = _require_policy(self.policy, self).select(norms)
+        expanded = self._expand(index, tuple(c.shape))
+        c_sel = c.gather(self.token_dim, expanded)
+        return (*self.update_selected(c_sel, index, expanded), index)
+
+    def update_selected(
+        self, c_sel: Tensor, index: Tensor, expanded: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Incremental update from already-selected tokens.
+
+        ``c_sel`` holds the current values of the tokens in ``index`` (the
+        caller computed only those); returns ``(c_sel, e_sel)`` and writes them
+        into the reference. Avoids touching the unselected tokens at all.
+        """
+        if self.p is None:
+            raise RuntimeError("DeltaGate.update_selected called before a flush")
+        self.count("gate", self.p.numel())
+        if expanded is None:
+            expanded = self._expand(index, tuple(self.p.shape))
+        e_sel = c_sel - self.p.gather(self.token_dim, expanded)
+        self.p.scatter_(self.token_dim, expanded, c_sel)
+        return c_sel, e_sel
