@@ -173,3 +173,13 @@ class DeltaGate(Counted, StreamState, nn.Module):
         e_sel = c_sel - self.p.gather(self.token_dim, expanded)
         self.p.scatter_(self.token_dim, expanded, c_sel)
         return c_sel, e_sel
+
+
+def set_policy(model: nn.Module, policy: TokenPolicy | None) -> None:
+    """Sets the token-selection policy of every token gate in ``model``.
+
+    Use it to sweep test-time r (or thresholds) on one model.
+    """
+    for module in model.modules():
+        if isinstance(module, TokenGate):
+            module.policy = policy
