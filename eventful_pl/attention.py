@@ -31,9 +31,7 @@ def pool_grid(x: Tensor, grid: tuple[int, int], pool: tuple[int, int]) -> Tensor
     return x.permute(0, 2, 3, 1).reshape(b, h, -1, d)
 
 
-def pool_token_index(
-    index: Tensor, grid: tuple[int, int], pool: tuple[int, int]
-) -> Tensor:
+def pool_token_index(index: Tensor, grid: tuple[int, int], pool: tuple[int, int]) -> Tensor:
     """Token index (B, r) -> the pooled cells those tokens fall in, (B, m).
 
     Each item gets its own cells. m is the largest per-item count; an item
@@ -81,9 +79,7 @@ def window_partition(
     return x.reshape(-1, wh * ww, c)
 
 
-def window_unpartition(
-    x: Tensor, grid: tuple[int, int], window: tuple[int, int]
-) -> Tensor:
+def window_unpartition(x: Tensor, grid: tuple[int, int], window: tuple[int, int]) -> Tensor:
     """Inverse of :func:`window_partition`: (B * windows, wh * ww, C) -> (B, gh * gw, C)."""
     gh, gw = grid
     wh, ww = window

@@ -84,15 +84,15 @@ class ViTBackbone(Counted, nn.Module):
         if window_block_indices and window_size is None:
             raise ValueError("window_block_indices is set but window_size is None")
         if any(not 0 <= i < depth for i in window_block_indices):
-            raise ValueError(f"window_block_indices {window_block_indices} out of range for depth={depth}")
+            raise ValueError(
+                f"window_block_indices {window_block_indices} out of range for depth={depth}"
+            )
         if isinstance(block_variant, str):
             variants = [block_variant] * depth
         else:
             variants = list(block_variant)
             if len(variants) != depth:
-                raise ValueError(
-                    f"block_variant lists {len(variants)} variants for depth={depth}"
-                )
+                raise ValueError(f"block_variant lists {len(variants)} variants for depth={depth}")
         if window_block_variant is not None:
             variants = [
                 window_block_variant if i in window_block_indices else v

@@ -363,7 +363,9 @@ class QueryKeyEventfulBlock(StreamState, TokenwiseEventfulBlock):
         self.rel_h = None
         self.rel_w = None
 
-    def cached_logits(self, qkv: Tensor, index: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    def cached_logits(
+        self, qkv: Tensor, index: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Updates the logits cache.
 
         Returns (logits (B, H, N, Nk), v (B, H, Nk, d), key index (B, m) or None

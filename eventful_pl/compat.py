@@ -78,7 +78,9 @@ def policy_from_spec(spec: tuple[str, Mapping[str, Any]] | None) -> TokenPolicy 
     )
 
 
-def convert_block_state_dict(state_dict: Mapping[str, Tensor], prefix: str = "") -> dict[str, Tensor]:
+def convert_block_state_dict(
+    state_dict: Mapping[str, Tensor], prefix: str = ""
+) -> dict[str, Tensor]:
     """Renames one original block's parameters (under ``prefix``) to ours."""
     out = {}
     for key, value in state_dict.items():

@@ -52,9 +52,7 @@ class OpCounter:
 
     def as_flops_dict(self, keep_zeros: bool = False) -> dict[str, int]:
         """Counts keyed like the original code (``linear_flops``, ...)."""
-        return {
-            f"{kind}_flops": n for kind, n in self.counts.items() if keep_zeros or n
-        }
+        return {f"{kind}_flops": n for kind, n in self.counts.items() if keep_zeros or n}
 
     def gflops(self) -> dict[str, float]:
         """Counts by kind plus ``total``, in GFlops."""

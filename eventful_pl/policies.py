@@ -33,7 +33,7 @@ class TokenPolicy(ABC):
         """The static k for ``num_tokens`` tokens, or None if it varies."""
         return None
 
-    def validate(self, num_tokens: int) -> None:
+    def validate(self, num_tokens: int) -> None:  # noqa: B027 (optional hook)
         """Raises ValueError if the policy cannot run on ``num_tokens`` tokens."""
 
     def __call__(self, norms: Tensor) -> Tensor:

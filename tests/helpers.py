@@ -1,0 +1,67 @@
+"""Shared builders for the tests: small blocks, backbones and video-like streams."""
+
+from __future__ import annotations
+
+import torch
+
+from eventful_pl.backbone import ViTBackbone
+from eventful_pl.blocks import Block, build_block
+
+# Block option sets exercised by the equivalence tests: (id, kwargs, class token).
+BLOCK_OPTIONS = [
+    ("global", dict(input_size=(6, 6)), False),
+    ("global-classtoken", dict(input_size=(6, 6)), True),
+    ("relpos", dict(input_size=(6, 6), relative_embedding_size=(4, 4)), False),
+    ("relpos-pooled", dict(input_size=(6, 6), relative_embedding_size=(6, 6), pool_size=2), False),
+    ("pooled", dict(input_size=(6, 6), pool_size=(3, 2)), False),
+    (
+        "window-padded-relpos",
+        dict(input_size=(7, 5), window_size=3, relative_embedding_size=3),
+        False,
+    ),
+    ("window-exact", dict(input_size=(6, 6), window_size=3), False),
+]
+
+DIM, HEADS = 32, 4
+
+
+def num_tokens(kwargs: dict, class_token: bool) -> int:
+    h, w = kwargs["input_size"]
+    return h * w + int(class_token)
+
+
+def make_pair(variant: str, seed: int = 0, **kwargs) -> tuple[Block, Block]:
+    """A dense block and an eventful one with the same random weights."""
+    torch.manual_seed(seed)
+    dense = build_block("dense", DIM, HEADS, **kwargs).eval()
+    eventful = build_block(variant, DIM, HEADS, **kwargs).eval()
+    eventful.load_state_dict(dense.state_dict())
+    return dense, eventful
+
+
+def make_backbones(
+    variant: str, window_variant: str | None = None, seed: int = 0, **kwargs
+) -> tuple[ViTBackbone, ViTBackbone]:
+    """A dense backbone and an eventful one with the same random weights."""
+    torch.manual_seed(seed)
+    dense = ViTBackbone(**kwargs).eval()
+    eventful = ViTBackbone(
+        block_variant=variant, window_block_variant=window_variant, **kwargs
+    ).eval()
+    eventful.load_state_dict(dense.state_dict())
+    return dense, eventful
+
+
+def video_stream(
+    frames: int, batch: int, tokens: int, dim: int, seed: int = 0, change: float = 0.5
+) -> list[torch.Tensor]:
+    """Video-like token frames (B, N, D): drift on every token, large changes on a few."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, tokens, dim, generator=gen)
+    out = [x]
+    for _ in range(frames - 1):
+        x = x + 0.05 * torch.randn(batch, tokens, dim, generator=gen)
+        moved = torch.rand(batch, tokens, 1, generator=gen) < 0.2
+        x = x + change * moved * torch.randn(batch, tokens, dim, generator=gen)
+        out.append(x)
+    return out

@@ -1,0 +1,82 @@
+"""Block options: ATS, pooling per batch item, windows, relative position."""
+
+import pytest
+import torch
+
+from eventful_pl.attention import pool_token_index, window_partition, window_unpartition
+from eventful_pl.blocks import build_block
+from eventful_pl.indexing import gather_tokens, scatter_tokens_
+from tests.helpers import DIM, HEADS, make_pair, video_stream
+
+
+def test_ats_fraction_one_keeps_every_token():
+    dense, ats = make_pair("dense", input_size=(4, 4))
+    ats.ats_fraction = 1.0
+    x = torch.randn(2, 17, DIM)
+    with torch.no_grad():
+        torch.testing.assert_close(ats(x), dense(x), rtol=1e-5, atol=1e-5)
+
+
+def test_ats_keeps_the_class_token_and_a_fraction():
+    block = build_block("dense", DIM, HEADS, ats_fraction=0.5).eval()
+    x = torch.randn(3, 17, DIM)
+    with torch.no_grad():
+        out = block(x)
+    assert out.shape == (3, 9, DIM)  # class token + int(0.5 * 16)
+
+
+def test_pool_token_index_is_per_item():
+    index = torch.tensor([[0, 1, 4, 5], [0, 2, 8, 9]])  # 4x4 grid, pool 2
+    cells = pool_token_index(index, (4, 4), (2, 2))
+    assert cells.shape == (2, 3)
+    assert sorted(cells[0].tolist())[0] == 0  # item 0 hit only cell 0
+    assert set(cells[1].tolist()) == {0, 1, 2}  # item 1 hit cells 0, 1 and 2
+    assert len(set(cells[0].tolist())) == 3  # padded with other cells, no duplicates
+
+
+def test_window_partition_round_trip_with_padding():
+    x = torch.randn(2, 7 * 5, 8)
+    pad = torch.arange(8.0)
+    windows = window_partition(x, (7, 5), (3, 3), pad)
+    assert windows.shape == (2 * 3 * 2, 9, 8)
+    torch.testing.assert_close(windows[-1, -1], pad)  # bottom-right padding token
+    torch.testing.assert_close(window_unpartition(windows, (7, 5), (3, 3)), x)
+
+
+def test_gather_scatter_tokens():
+    x = torch.randn(3, 6, 4)
+    index = torch.tensor([[0, 5], [2, 1], [3, 3]])
+    picked = gather_tokens(x, index)
+    torch.testing.assert_close(picked[1, 0], x[1, 2])
+    dst = torch.zeros(3, 6, 4)
+    scatter_tokens_(dst, index[:2], picked[:2])
+    torch.testing.assert_close(dst[0, 5], x[0, 5])
+    assert dst[2].abs().sum() == 0
+
+
+@pytest.mark.parametrize("variant", ["dense", "tokenwise", "query_key", "full"])
+def test_relative_position_interpolates(variant):
+    """Stored tables of another size are interpolated; r = N still equals dense."""
+    dense, eventful = make_pair(
+        variant, input_size=(6, 6), relative_embedding_size=(9, 9), policy=None
+    )
+    from eventful_pl.policies import TopRPolicy
+
+    eventful.policy = TopRPolicy(36) if variant != "dense" else None
+    assert dense.rel_pos.tables()[0].shape == (6, 6, DIM // HEADS)
+    with torch.no_grad():
+        for frame in video_stream(3, 2, 36, DIM):
+            torch.testing.assert_close(eventful(frame), dense(frame), rtol=1e-4, atol=1e-4)
+
+
+def test_drop_path_only_in_training():
+    block = build_block("dense", DIM, HEADS, drop_path_rate=0.5)
+    x = torch.randn(8, 5, DIM)
+    block.eval()
+    with torch.no_grad():
+        a, b = block(x), block(x)
+    torch.testing.assert_close(a, b)
+    block.train()
+    out = block(x)
+    out.sum().backward()
+    assert block.qkv.weight.grad is not None

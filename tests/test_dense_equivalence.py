@@ -1,0 +1,122 @@
+"""r = N (every token updated) must reproduce the dense model on every frame."""
+
+import pytest
+import torch
+
+from eventful_pl.policies import ThresholdPolicy, TopRPolicy
+from tests.helpers import (
+    BLOCK_OPTIONS,
+    DIM,
+    make_backbones,
+    make_pair,
+    num_tokens,
+    video_stream,
+)
+
+EVENTFUL_VARIANTS = ["tokenwise", "query_key", "full"]
+
+
+def _cases():
+    for variant in EVENTFUL_VARIANTS:
+        for name, kwargs, class_token in BLOCK_OPTIONS:
+            if "window_size" in kwargs and variant != "tokenwise":
+                continue
+            for gate_before_ln in (False, True):
+                yield pytest.param(
+                    variant,
+                    kwargs,
+                    class_token,
+                    gate_before_ln,
+                    id=f"{variant}-{name}-{'before' if gate_before_ln else 'after'}_ln",
+                )
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize(("variant", "kwargs", "class_token", "gate_before_ln"), list(_cases()))
+def test_block_r_equals_n_matches_dense(variant, kwargs, class_token, gate_before_ln, batch):
+    n = num_tokens(kwargs, class_token)
+    dense, eventful = make_pair(
+        variant, policy=TopRPolicy(n), gate_before_ln=gate_before_ln, **kwargs
+    )
+    with torch.no_grad():
+        for t, frame in enumerate(video_stream(5, batch, n, DIM)):
+            torch.testing.assert_close(
+                eventful(frame), dense(frame), rtol=1e-4, atol=1e-4, msg=f"frame {t}"
+            )
+
+
+@pytest.mark.parametrize("variant", EVENTFUL_VARIANTS)
+def test_stgt_r_equals_n_matches_dense(variant):
+    dense, eventful = make_pair(variant, policy=TopRPolicy(36), stgt=True, input_size=(6, 6))
+    with torch.no_grad():
+        for frame in video_stream(4, 2, 36, DIM):
+            torch.testing.assert_close(eventful(frame), dense(frame), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", EVENTFUL_VARIANTS)
+def test_threshold_zero_matches_dense(variant):
+    """h = 0 on an input where every token changes updates every token."""
+    dense, eventful = make_pair(variant, policy=ThresholdPolicy(0.0), input_size=(6, 6))
+    with torch.no_grad():
+        for frame in video_stream(4, 3, 36, DIM):
+            torch.testing.assert_close(eventful(frame), dense(frame), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("cast", ["float16", "bfloat16"])
+@pytest.mark.parametrize("variant", EVENTFUL_VARIANTS)
+def test_half_precision_av_r_equals_n(variant, cast):
+    """With A @ V in half precision, r = N matches the dense block with the same cast."""
+    dense, eventful = make_pair(
+        variant, policy=TopRPolicy(37), input_size=(6, 6), matmul_2_cast=cast
+    )
+    _, full_precision = make_pair("dense", input_size=(6, 6))
+    tol = 2e-2 if cast == "bfloat16" else 3e-3
+    with torch.no_grad():
+        for frame in video_stream(4, 2, 37, DIM):
+            ref = dense(frame)
+            torch.testing.assert_close(eventful(frame), ref, rtol=tol, atol=tol)
+            torch.testing.assert_close(full_precision(frame), ref, rtol=tol, atol=tol)
+
+
+BACKBONE_OPTIONS = [
+    ("vivit-like", dict(input_size=(5, 5), class_token=True, position_encoding_size=(4, 4))),
+    (
+        "vitdet-like",
+        dict(
+            input_size=(7, 7),
+            window_size=3,
+            window_block_indices=(0, 2),
+            relative_embedding_size=(5, 5),
+            window_block_variant="tokenwise",
+        ),
+    ),
+    (
+        "spatial-pooled",
+        dict(
+            input_size=(6, 6),
+            window_size=3,
+            window_block_indices=(0,),
+            relative_embedding_size=(6, 6),
+            pool_size=2,
+            window_block_variant="tokenwise",
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("variant", EVENTFUL_VARIANTS)
+@pytest.mark.parametrize(
+    ("name", "options"), BACKBONE_OPTIONS, ids=[o[0] for o in BACKBONE_OPTIONS]
+)
+def test_backbone_r_equals_n_matches_dense(name, options, variant, batch):
+    options = dict(options)
+    window_variant = options.pop("window_block_variant", None)
+    dense, eventful = make_backbones(variant, window_variant, dim=DIM, depth=3, heads=4, **options)
+    eventful.set_policy(TopRPolicy(eventful.num_tokens))
+    h, w = options["input_size"]
+    with torch.no_grad():
+        for t, frame in enumerate(video_stream(4, batch, h * w, DIM)):
+            torch.testing.assert_close(
+                eventful(frame), dense(frame), rtol=1e-4, atol=1e-4, msg=f"frame {t}"
+            )
