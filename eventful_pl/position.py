@@ -9,8 +9,15 @@ from torch import Tensor, nn
 from eventful_pl.counting import Counted
 
 
-def _param_key(*params: Tensor) -> tuple:
-    return tuple((p._version, p.device, p.dtype) for p in params)
+def _param_key(*params: Tensor) -> tuple | None:
+    """Identifies the current values of ``params`` (None: do not cache).
+
+    Inference tensors (made under ``torch.inference_mode``) have no version
+    counter, so results derived from them are not cached.
+    """
+    if any(p.is_inference() for p in params):
+        return None
+    return tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in params)
 
 
 class PositionEncoding(Counted, nn.Module):
@@ -45,7 +52,7 @@ class PositionEncoding(Counted, nn.Module):
     def sized_encoding(self) -> Tensor:
         """The encoding for ``input_size``, shape (1, N, D); cached outside training."""
         key = _param_key(self.encoding)
-        if not self.training and self._cache is not None and self._cache[0] == key:
+        if key is not None and not self.training and self._cache and self._cache[0] == key:
             return self._cache[1]
         encoding = self.encoding
         if self.input_size != self.stored_size:
@@ -54,7 +61,7 @@ class PositionEncoding(Counted, nn.Module):
             grid = grid.reshape(1, -1, *self.stored_size)
             grid = F.interpolate(grid, self.input_size, mode="bicubic", align_corners=False)
             encoding = torch.cat([prefix, grid.flatten(2).transpose(1, 2)], dim=1)
-        if not self.training:
+        if not self.training and key is not None:
             encoding = encoding.detach()
             self._cache = (key, encoding)
         return encoding
@@ -131,10 +138,10 @@ class RelativePosition(Counted, nn.Module):
     def tables(self) -> tuple[Tensor, Tensor]:
         """(height table (ah, kh, C), width table (aw, kw, C)); cached outside training."""
         key = _param_key(self.height, self.width)
-        if not self.training and self._cache is not None and self._cache[0] == key:
+        if key is not None and not self.training and self._cache and self._cache[0] == key:
             return self._cache[1]
         tables = (self._table(self.height, 0), self._table(self.width, 1))
-        if not self.training:
+        if not self.training and key is not None:
             tables = (tables[0].detach(), tables[1].detach())
             self._cache = (key, tables)
         return tables

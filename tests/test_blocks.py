@@ -80,3 +80,22 @@ def test_drop_path_only_in_training():
     out = block(x)
     out.sum().backward()
     assert block.qkv.weight.grad is not None
+
+
+def test_model_built_under_inference_mode_runs():
+    """Parameters made under inference_mode have no version counter; caches cope."""
+    with torch.inference_mode():
+        block = build_block("dense", DIM, HEADS, input_size=(4, 4), relative_embedding_size=6)
+        block.eval()
+        x = torch.randn(1, 16, DIM)
+        torch.testing.assert_close(block(x), block(x))
+
+
+def test_position_caches_follow_weight_updates():
+    block = build_block("dense", DIM, HEADS, input_size=(4, 4), relative_embedding_size=6).eval()
+    x = torch.randn(1, 16, DIM)
+    with torch.no_grad():
+        before = block(x)
+        block.rel_pos.height.mul_(3.0)
+        after = block(x)
+    assert not torch.allclose(before, after)
