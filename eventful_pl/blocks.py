@@ -424,48 +424,168 @@ class EventfulBlock(QueryKeyEventfulBlock):
     to the updated key index, give ``A_new[:, idx]``, ``dA[:, idx]``,
     ``V_new[idx]``, ``dV[idx]``; the cached output is updated in place with
     ``Y += A_new[:, idx] @ dV[idx] + dA[:, idx] @ (V_new[idx] - dV[idx])``.
-    Only the selected columns of A are ever formed (from the cached logits and
-    their row log-sum-exp), never the whole matrix or its error.
+
+    Only the m selected key columns of A are ever formed on an incremental
+    frame, never the whole matrix, its logits or its error. State: the row
+    log-normalisers of the softmax (B, H, N), the keys they were computed
+    with, per-query relative-position terms, the gate references (A stored
+    key-major, (B, H, Nk, N), so key columns are contiguous rows) and the
+    output (B, H, N, d). Updated query rows get an exact normaliser from their
+    recomputed row; every other row's normaliser is updated from the old and
+    new logits of the updated columns only (its query is unchanged, so only
+    those logits moved). If that update would lose precision (the replaced
+    columns held nearly all of a row's mass), the normalisers are recomputed
+    from the full logits for that frame.
     """
 
     variant: BlockVariant = "full"
+    #: Smallest softmax mass a row may keep outside the replaced columns
+    #: before its normaliser is recomputed exactly.
+    min_kept_mass: float = 1e-3
 
     def __init__(self, dim: int, heads: int, **kwargs) -> None:
         super().__init__(dim, heads, **kwargs)
         self.v_gate = DeltaGate("row")
-        self.a_gate = DeltaGate("col")
+        self.a_gate = DeltaGate("row")  # on A^T: key columns as rows
         self.output: Tensor | None = None
+        self.log_norm: Tensor | None = None
+        self.keys: Tensor | None = None
+        self.rel_h_t: Tensor | None = None
+        self.rel_w_t: Tensor | None = None
 
     def reset_state(self) -> None:
         super().reset_state()
         self.output = None
+        self.log_norm = None
+        self.keys = None
+        self.rel_h_t = None
+        self.rel_w_t = None
+
+    def _full_logits(self, q: Tensor, k: Tensor, counted: bool) -> Tensor:
+        """Logits (B, H, N, Nk) with relative position, from the cached terms."""
+        logits = q / self.scale @ k.transpose(-2, -1)
+        if counted:
+            self.count("matmul", logits.numel() * q.shape[-1])
+        if self.rel_pos is not None:
+            kh, kw = self.rel_pos.key_size
+            grid = logits.view(*logits.shape[:3], kh, kw)
+            grid.add_(self.rel_h_t.transpose(-1, -2).unsqueeze(-1))
+            grid.add_(self.rel_w_t.transpose(-1, -2).unsqueeze(-2))
+            if counted:
+                self.count("add", 2 * logits.numel())
+        return logits
 
     def eventful_attention(self, qkv: Tensor, index: Tensor | None) -> Tensor:
-        logits, v, key_index = self.cached_logits(qkv, index)
-        dtype = self.cast_dtype or logits.dtype
-        if key_index is None or self.output is None:
-            probs = logits.softmax(dim=-1).to(dtype)
-            v = v.to(dtype)
-            self.v_gate.flush(v)
-            self.a_gate.flush(probs, copy=False)
-            self.output = self.matmul(probs, v)
-            return merge_heads(self.output).to(qkv.dtype)
+        q, k, v = split_heads(qkv, self.heads)
+        if self.pool_size is not None:
+            k = pool_grid(k, self.attention_size, self.pool_size)
+            v = pool_grid(v, self.attention_size, self.pool_size)
+        dtype = self.cast_dtype or qkv.dtype
+        if self.output is None or index is None:
+            out = self._flush(q, k, v, dtype)
+        else:
+            out = self._incremental(qkv, q, k, v, index, dtype)
+        return merge_heads(out).to(qkv.dtype)
 
-        b, heads, n, _ = logits.shape
-        d = v.shape[-1]
+    def _flush(self, q: Tensor, k: Tensor, v: Tensor, dtype: torch.dtype) -> Tensor:
+        if self.rel_pos is not None:
+            rel_h, rel_w = self.rel_pos.terms(q)
+            self.rel_h_t = rel_h.transpose(-1, -2).contiguous()
+            self.rel_w_t = rel_w.transpose(-1, -2).contiguous()
+        logits = self._full_logits(q, k, counted=True)
+        self.log_norm = torch.logsumexp(logits, dim=-1)
+        probs = logits.sub_(self.log_norm.unsqueeze(-1)).exp_().to(dtype)
+        v = v.to(dtype)
+        self.keys = k.contiguous().clone()
+        self.v_gate.flush(v)
+        self.a_gate.flush(probs.transpose(-1, -2).contiguous(), copy=False)
+        self.output = self.matmul(probs, v)
+        return self.output
+
+    def _incremental(
+        self, qkv: Tensor, q: Tensor, k: Tensor, v: Tensor, index: Tensor, dtype: torch.dtype
+    ) -> Tensor:
+        b, heads, n, d = q.shape
+        key_index = index
+        if self.pool_size is not None:
+            key_index = pool_token_index(index, self.attention_size, self.pool_size)
         m = key_index.shape[1]
-        log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
-        a_expanded = expand_col_index(key_index, logits.shape)
-        a_new = logits.gather(3, a_expanded).sub_(log_norm).exp_().to(dtype)
+        q_rows = gather_tokens(qkv[..., : self.dim], index)
+        q_rows = q_rows.view(b, -1, heads, d).transpose(1, 2)
+        q_scaled_t = (q / self.scale).transpose(-2, -1)
+        key_rows = expand_row_index(key_index, k.shape)
+
+        # Logits of the updated query rows (all keys) and of the updated key
+        # columns (all queries, stored key-major), before and after.
+        rows = self.matmul(q_rows / self.scale, k.transpose(-2, -1))
+        k_new = k.gather(2, key_rows)
+        cols_new = self.matmul(k_new, q_scaled_t)
+        cols_old = self.keys.gather(2, key_rows) @ q_scaled_t
+        self.keys.scatter_(2, key_rows, k_new)
+        if self.rel_pos is not None:
+            kh, kw = self.rel_pos.key_size
+            rel_h_rows, rel_w_rows = self.rel_pos.terms_for_rows(q_rows, index)
+            rows.view(b, heads, -1, kh, kw).add_(rel_h_rows.unsqueeze(-1)).add_(
+                rel_w_rows.unsqueeze(-2)
+            )
+            # Old terms of unchanged rows equal the new ones; updated rows are
+            # recomputed exactly below, so one term serves both.
+            self.rel_h_t.scatter_(
+                3, expand_col_index(index, self.rel_h_t.shape), rel_h_rows.transpose(-1, -2)
+            )
+            self.rel_w_t.scatter_(
+                3, expand_col_index(index, self.rel_w_t.shape), rel_w_rows.transpose(-1, -2)
+            )
+            shape = (b, heads, m, n)
+            rel = self.rel_h_t.gather(2, expand_row_index(key_index // kw, shape))
+            rel += self.rel_w_t.gather(2, expand_row_index(key_index % kw, shape))
+            cols_new += rel
+            cols_old += rel
+            # Counted as the method defines it: terms and adds over the full matrix.
+            self.count("einsum", b * heads * n * (kh + kw) * d)
+            self.count("add", 2 * b * heads * n * k.shape[2])
+
+        self.log_norm = self._update_log_norm(q, k, rows, cols_old, cols_new, index)
+        a_new = cols_new.sub_(self.log_norm.unsqueeze(-2)).exp_().to(dtype)
         v_new = v.gather(2, expand_row_index(key_index, v.shape)).to(dtype)
         v_new, v_delta = self.v_gate.update_selected(v_new, key_index)
-        a_new, a_delta = self.a_gate.update_selected(a_new, key_index, a_expanded)
+        a_new, a_delta = self.a_gate.update_selected(a_new, key_index)
         out = self.output.view(b * heads, n, d)
-        out.baddbmm_(a_new.view(b * heads, n, m), v_delta.view(b * heads, m, d))
-        out.baddbmm_(a_delta.view(b * heads, n, m), (v_new - v_delta).view(b * heads, m, d))
+        out.baddbmm_(a_new.view(b * heads, m, n).transpose(1, 2), v_delta.view(b * heads, m, d))
+        out.baddbmm_(
+            a_delta.view(b * heads, m, n).transpose(1, 2), (v_new - v_delta).view(b * heads, m, d)
+        )
         self.count("matmul", 2 * out.numel() * m)
         self.count("accumulator", v_new.numel() + 2 * out.numel())
-        return merge_heads(self.output).to(qkv.dtype)
+        return self.output
+
+    def _update_log_norm(
+        self,
+        q: Tensor,
+        k: Tensor,
+        rows: Tensor,
+        cols_old: Tensor,
+        cols_new: Tensor,
+        index: Tensor,
+    ) -> Tensor:
+        """New row log-normalisers (B, H, N) from the changed logits only.
+
+        rows (B, H, r, Nk): full new rows of the updated queries. cols_old,
+        cols_new (B, H, m, N): old and new logits of the updated key columns.
+        """
+        b, heads, n, _ = q.shape
+        log_norm = self.log_norm.unsqueeze(-2)
+        removed = (cols_old - log_norm).exp_().sum(dim=-2)
+        added = (cols_new - log_norm).exp_().sum(dim=-2)
+        updated = torch.zeros(b, 1, n, dtype=torch.bool, device=q.device)
+        updated.scatter_(2, index.unsqueeze(1), True)
+        kept = torch.where(updated, 1.0, 1.0 - removed)
+        added = torch.where(updated, 0.0, added)
+        if bool(((kept < self.min_kept_mass) | ~torch.isfinite(added)).any()):
+            return torch.logsumexp(self._full_logits(q, k, counted=False), dim=-1)
+        new = self.log_norm + (kept + added).log_()
+        exact = torch.logsumexp(rows, dim=-1)
+        return new.scatter_(2, index.unsqueeze(1).expand(b, heads, -1), exact)
 
 
 BLOCK_VARIANTS: dict[str, type[Block]] = {

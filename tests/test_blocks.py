@@ -99,3 +99,18 @@ def test_position_caches_follow_weight_updates():
         block.rel_pos.height.mul_(3.0)
         after = block(x)
     assert not torch.allclose(before, after)
+
+
+def test_full_block_normaliser_update_matches_exact_recompute():
+    """The incremental softmax normaliser equals an exact recompute on every frame."""
+    from eventful_pl.policies import TopRPolicy
+
+    _, incremental = make_pair(
+        "full", policy=TopRPolicy(6), input_size=(6, 6), relative_embedding_size=6
+    )
+    _, exact = make_pair("full", policy=TopRPolicy(6), input_size=(6, 6), relative_embedding_size=6)
+    exact.min_kept_mass = 2.0  # always take the exact fallback
+    with torch.no_grad():
+        for frame in video_stream(8, 2, 36, DIM, change=3.0):
+            torch.testing.assert_close(incremental(frame), exact(frame), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(incremental.log_norm, exact.log_norm, rtol=1e-5, atol=1e-5)
