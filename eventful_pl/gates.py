@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from torch import Tensor, nn
 
 from eventful_pl.counting import Counted
@@ -47,16 +48,24 @@ class TokenGate(Counted, StreamState, nn.Module):
         super().__init__()
         self.policy = policy
         self.p: Tensor | None = None
+        self._error: Tensor | None = None
 
     def reset_state(self) -> None:
         self.p = None
+        self._error = None
+
+    def error_norms(self, c: Tensor) -> Tensor:
+        """L2 norms (B, N) of ``c - p``, computed in a reused workspace."""
+        if self._error is None or self._error.shape != c.shape or self._error.dtype != c.dtype:
+            self._error = torch.empty_like(self.p)
+        return torch.sub(c, self.p, out=self._error).norm(dim=-1)
 
     def forward(self, c: Tensor) -> tuple[Tensor, Tensor | None]:
         if self.p is None:
             self.p = c.detach().clone()
             return c, None
         self.count("gate", self.p.numel())
-        index = _require_policy(self.policy, self).select((c - self.p).norm(dim=-1))
+        index = _require_policy(self.policy, self).select(self.error_norms(c))
         c_sel = gather_tokens(c, index)
         scatter_tokens_(self.p, index, c_sel)
         return c_sel, index
@@ -73,7 +82,7 @@ class STGTGate(TokenGate):
             self.p = c.detach().clone()
             return c, None
         self.count("gate", c.numel())
-        index = _require_policy(self.policy, self).select((c - self.p).norm(dim=-1))
+        index = _require_policy(self.policy, self).select(self.error_norms(c))
         self.p.copy_(c)
         return gather_tokens(c, index), index
 
