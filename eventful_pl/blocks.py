@@ -34,7 +34,13 @@ from eventful_pl.attention import (
 )
 from eventful_pl.counting import Counted
 from eventful_pl.gates import DeltaGate, STGTGate, TokenBuffer, TokenGate
-from eventful_pl.indexing import expand_col_index, expand_row_index, gather_tokens
+from eventful_pl.indexing import (
+    expand_col_index,
+    expand_row_index,
+    gather_rows,
+    gather_tokens,
+    scatter_rows_,
+)
 from eventful_pl.policies import TokenPolicy
 from eventful_pl.position import RelativePosition
 from eventful_pl.state import StreamState
@@ -512,16 +518,20 @@ class EventfulBlock(QueryKeyEventfulBlock):
         m = key_index.shape[1]
         q_rows = gather_tokens(qkv[..., : self.dim], index)
         q_rows = q_rows.view(b, -1, heads, d).transpose(1, 2)
-        q_scaled_t = (q / self.scale).transpose(-2, -1)
-        key_rows = expand_row_index(key_index, k.shape)
+        # (B * H, d, N): the scaled queries, transposed for key-major products.
+        q_scaled_t = (q / self.scale).contiguous().view(b * heads, n, d).transpose(1, 2)
+        if self.pool_size is None:
+            kv_new = gather_tokens(qkv[..., self.dim :], key_index)
+            kv_new = kv_new.view(b, m, 2, heads, d).permute(2, 0, 3, 1, 4)
+            k_new, v_new = kv_new[0].contiguous(), kv_new[1]
+        else:
+            k_new, v_new = gather_rows(k, key_index), gather_rows(v, key_index)
+        k_old = gather_rows(self.keys, key_index)
+        scatter_rows_(self.keys, key_index, k_new)
 
         # Logits of the updated query rows (all keys) and of the updated key
-        # columns (all queries, stored key-major), before and after.
+        # columns (all queries, stored key-major (B * H, m, N)), before and after.
         rows = self.matmul(q_rows / self.scale, k.transpose(-2, -1))
-        k_new = k.gather(2, key_rows)
-        cols_new = self.matmul(k_new, q_scaled_t)
-        cols_old = self.keys.gather(2, key_rows) @ q_scaled_t
-        self.keys.scatter_(2, key_rows, k_new)
         if self.rel_pos is not None:
             kh, kw = self.rel_pos.key_size
             rel_h_rows, rel_w_rows = self.rel_pos.terms_for_rows(q_rows, index)
@@ -536,18 +546,24 @@ class EventfulBlock(QueryKeyEventfulBlock):
             self.rel_w_t.scatter_(
                 3, expand_col_index(index, self.rel_w_t.shape), rel_w_rows.transpose(-1, -2)
             )
-            shape = (b, heads, m, n)
-            rel = self.rel_h_t.gather(2, expand_row_index(key_index // kw, shape))
-            rel += self.rel_w_t.gather(2, expand_row_index(key_index % kw, shape))
-            cols_new += rel
-            cols_old += rel
+            rel = gather_rows(self.rel_h_t, key_index // kw)
+            rel += gather_rows(self.rel_w_t, key_index % kw)
+            rel = rel.view(b * heads, m, n)
+            cols_new = torch.baddbmm(rel, k_new.view(b * heads, m, d), q_scaled_t)
+            cols_old = rel.baddbmm_(k_old.view(b * heads, m, d), q_scaled_t)
             # Counted as the method defines it: terms and adds over the full matrix.
             self.count("einsum", b * heads * n * (kh + kw) * d)
             self.count("add", 2 * b * heads * n * k.shape[2])
+        else:
+            cols_new = torch.bmm(k_new.view(b * heads, m, d), q_scaled_t)
+            cols_old = torch.bmm(k_old.view(b * heads, m, d), q_scaled_t)
+        self.count("matmul", cols_new.numel() * d)
+        cols_new = cols_new.view(b, heads, m, n)
+        cols_old = cols_old.view(b, heads, m, n)
 
         self.log_norm = self._update_log_norm(q, k, rows, cols_old, cols_new, index)
         a_new = cols_new.sub_(self.log_norm.unsqueeze(-2)).exp_().to(dtype)
-        v_new = v.gather(2, expand_row_index(key_index, v.shape)).to(dtype)
+        v_new = v_new.to(dtype).contiguous()
         v_new, v_delta = self.v_gate.update_selected(v_new, key_index)
         a_new, a_delta = self.a_gate.update_selected(a_new, key_index)
         out = self.output.view(b * heads, n, d)
@@ -575,7 +591,7 @@ class EventfulBlock(QueryKeyEventfulBlock):
         """
         b, heads, n, _ = q.shape
         log_norm = self.log_norm.unsqueeze(-2)
-        removed = (cols_old - log_norm).exp_().sum(dim=-2)
+        removed = cols_old.sub_(log_norm).exp_().sum(dim=-2)
         added = (cols_new - log_norm).exp_().sum(dim=-2)
         updated = torch.zeros(b, 1, n, dtype=torch.bool, device=q.device)
         updated.scatter_(2, index.unsqueeze(1), True)

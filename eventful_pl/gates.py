@@ -16,7 +16,9 @@ from eventful_pl.counting import Counted
 from eventful_pl.indexing import (
     expand_col_index,
     expand_row_index,
+    gather_rows,
     gather_tokens,
+    scatter_rows_,
     scatter_tokens_,
 )
 from eventful_pl.policies import TokenPolicy
@@ -177,6 +179,10 @@ class DeltaGate(Counted, StreamState, nn.Module):
         if self.p is None:
             raise RuntimeError("DeltaGate.update_selected called before a flush")
         self.count("gate", self.p.numel())
+        if self.structure == "row" and self.p.ndim == 4 and self.p.is_contiguous():
+            e_sel = c_sel - gather_rows(self.p, index)
+            scatter_rows_(self.p, index, c_sel)
+            return c_sel, e_sel
         if expanded is None:
             expanded = self._expand(index, tuple(self.p.shape))
         e_sel = c_sel - self.p.gather(self.token_dim, expanded)

@@ -40,3 +40,31 @@ def expand_col_index(index: Tensor, shape: torch.Size | tuple[int, ...]) -> Tens
     """(B, k) -> an index for dim -1 of a tensor of ``shape`` (B, ..., R, N)."""
     view = index.shape[:1] + (1,) * (len(shape) - 2) + index.shape[1:]
     return index.view(view).expand(*shape[:-1], index.shape[1])
+
+
+def flat_row_index(index: Tensor, heads: int, rows: int) -> Tensor:
+    """(B, m) rows per item -> (B * heads * m,) rows of a flattened (B, heads, rows, C)."""
+    b = index.shape[0]
+    base = torch.arange(b * heads, device=index.device).view(b, heads, 1).mul_(rows)
+    return (base + index.unsqueeze(1)).reshape(-1)
+
+
+def gather_rows(x: Tensor, index: Tensor) -> Tensor:
+    """Selects the same rows of every head: x (B, H, R, C), index (B, m) -> (B, H, m, C).
+
+    Contiguous rows are copied whole (``index_select``), which is much faster
+    than an element-wise ``gather``.
+    """
+    b, h, r, c = x.shape
+    if not x.is_contiguous():
+        return x.gather(2, expand_row_index(index, x.shape))
+    flat = flat_row_index(index, h, r)
+    return x.view(b * h * r, c).index_select(0, flat).view(b, h, index.shape[1], c)
+
+
+def scatter_rows_(dst: Tensor, index: Tensor, src: Tensor) -> Tensor:
+    """In place ``dst[b, h, index[b]] = src[b, h]``: dst (B, H, R, C) contiguous."""
+    b, h, r, c = dst.shape
+    flat = flat_row_index(index, h, r)
+    dst.view(b * h * r, c).index_copy_(0, flat, src.reshape(-1, c))
+    return dst
