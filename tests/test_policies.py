@@ -108,3 +108,43 @@ def test_bad_policy_arguments(make, option):
 def test_r_larger_than_n_is_refused():
     with pytest.raises(ValueError, match="r=10"):
         TopRPolicy(10).select(torch.rand(1, 5))
+
+
+@pytest.mark.parametrize("structure", ["row", "col"])
+def test_delta_gate_forced_index_returns_values_and_deltas(structure):
+    from eventful_pl.gates import DeltaGate
+
+    gate = DeltaGate(structure)
+    c0 = torch.randn(2, 3, 5, 5)
+    assert gate(c0)[1] is None  # flush
+    c1 = c0 + torch.randn(2, 3, 5, 5)
+    index = torch.tensor([[4, 1], [0, 2]])
+    c_sel, e_sel, used = gate(c1, forced_index=index)
+    assert used is index
+    for b in range(2):
+        for j, t in enumerate(index[b].tolist()):
+            if structure == "row":
+                torch.testing.assert_close(c_sel[b, :, j], c1[b, :, t])
+                torch.testing.assert_close(e_sel[b, :, j], c1[b, :, t] - c0[b, :, t])
+                torch.testing.assert_close(gate.p[b, :, t], c1[b, :, t])
+            else:
+                torch.testing.assert_close(c_sel[b, ..., j], c1[b, ..., t])
+                torch.testing.assert_close(e_sel[b, ..., j], c1[b, ..., t] - c0[b, ..., t])
+                torch.testing.assert_close(gate.p[b, ..., t], c1[b, ..., t])
+    # Unselected tokens keep their old reference.
+    torch.testing.assert_close(
+        gate.p[0, :, 3] if structure == "row" else gate.p[0, ..., 3],
+        c0[0, :, 3] if structure == "row" else c0[0, ..., 3],
+    )
+
+
+def test_stgt_gate_reference_is_the_previous_frame():
+    from eventful_pl.gates import STGTGate
+
+    gate = STGTGate(TopRPolicy(1))
+    frames = [torch.zeros(1, 3, 2), torch.tensor([[[1.0, 0], [0.6, 0], [0, 0]]])]
+    frames.append(frames[1] + torch.tensor([[[0.0, 0], [0.1, 0], [0, 0]]]))
+    gate(frames[0])
+    assert gate(frames[1])[1].tolist() == [[0]]
+    torch.testing.assert_close(gate.p, frames[1])  # every token, not only the selected
+    assert gate(frames[2])[1].tolist() == [[1]]  # small change vs the previous frame
