@@ -218,6 +218,14 @@ class Block(Counted, nn.Module):
         x = self.add(x, drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, self.training))
         return x
 
+    def split_qkv(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """qkv (B, N, 3D) -> q (B, H, N, d), k and v (B, H, Nk, d), pooled if configured."""
+        q, k, v = split_heads(qkv, self.heads)
+        if self.pool_size is not None:
+            k = pool_grid(k, self.attention_size, self.pool_size)
+            v = pool_grid(v, self.attention_size, self.pool_size)
+        return q, k, v
+
     # Dense attention.
     def attend(self, qkv: Tensor) -> tuple[Tensor, Tensor | None]:
         """Dense attention: qkv (B, N, 3D) -> ((B, N', D), kept ATS index or None)."""
@@ -228,10 +236,7 @@ class Block(Counted, nn.Module):
                 pad_value = self.qkv.bias
                 self.count("bias", self.qkv.bias.numel())
             qkv = window_partition(qkv, self.input_size, self.window_size, pad_value)
-        q, k, v = split_heads(qkv, self.heads)
-        if self.pool_size is not None:
-            k = pool_grid(k, self.attention_size, self.pool_size)
-            v = pool_grid(v, self.attention_size, self.pool_size)
+        q, k, v = self.split_qkv(qkv)
         kept = None
         if self.ats_fraction is not None or self.cast_dtype is not None:
             logits = self.matmul(q / self.scale, k.transpose(-2, -1))
@@ -246,7 +251,6 @@ class Block(Counted, nn.Module):
             bias = None
             if self.rel_pos is not None:
                 rel_h, rel_w = self.rel_pos.terms(q)
-                kh, kw = self.rel_pos.key_size
                 bias = (rel_h.unsqueeze(-1) + rel_w.unsqueeze(-2)).flatten(-2)
                 self.count("add", 2 * bias.numel())
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
@@ -377,10 +381,7 @@ class QueryKeyEventfulBlock(StreamState, TokenwiseEventfulBlock):
         Returns (logits (B, H, N, Nk), v (B, H, Nk, d), key index (B, m) or None
         on a flush).
         """
-        q, k, v = split_heads(qkv, self.heads)
-        if self.pool_size is not None:
-            k = pool_grid(k, self.attention_size, self.pool_size)
-            v = pool_grid(v, self.attention_size, self.pool_size)
+        q, k, v = self.split_qkv(qkv)
         if self.logits is None or index is None:
             logits = self.matmul(q / self.scale, k.transpose(-2, -1))
             if self.rel_pos is not None:
@@ -404,9 +405,7 @@ class QueryKeyEventfulBlock(StreamState, TokenwiseEventfulBlock):
             rel_h_rows, rel_w_rows = self.rel_pos.terms_for_rows(q_rows, index)
             self.rel_h.scatter_(2, expand_row_index(index, self.rel_h.shape), rel_h_rows)
             self.rel_w.scatter_(2, expand_row_index(index, self.rel_w.shape), rel_w_rows)
-            rows.view(b, heads, -1, kh, kw).add_(rel_h_rows.unsqueeze(-1)).add_(
-                rel_w_rows.unsqueeze(-2)
-            )
+            self.rel_pos.add_to(rows, rel_h_rows, rel_w_rows, counted=False)
             cols += self.rel_h.gather(3, expand_col_index(key_index // kw, cols.shape))
             cols += self.rel_w.gather(3, expand_col_index(key_index % kw, cols.shape))
             # Counted as the method defines it: terms and adds over the full matrix.
@@ -473,19 +472,12 @@ class EventfulBlock(QueryKeyEventfulBlock):
         if counted:
             self.count("matmul", logits.numel() * q.shape[-1])
         if self.rel_pos is not None:
-            kh, kw = self.rel_pos.key_size
-            grid = logits.view(*logits.shape[:3], kh, kw)
-            grid.add_(self.rel_h_t.transpose(-1, -2).unsqueeze(-1))
-            grid.add_(self.rel_w_t.transpose(-1, -2).unsqueeze(-2))
-            if counted:
-                self.count("add", 2 * logits.numel())
+            rel_h, rel_w = self.rel_h_t.transpose(-1, -2), self.rel_w_t.transpose(-1, -2)
+            self.rel_pos.add_to(logits, rel_h, rel_w, counted=counted)
         return logits
 
     def eventful_attention(self, qkv: Tensor, index: Tensor | None) -> Tensor:
-        q, k, v = split_heads(qkv, self.heads)
-        if self.pool_size is not None:
-            k = pool_grid(k, self.attention_size, self.pool_size)
-            v = pool_grid(v, self.attention_size, self.pool_size)
+        q, k, v = self.split_qkv(qkv)
         dtype = self.cast_dtype or qkv.dtype
         if self.output is None or index is None:
             out = self._flush(q, k, v, dtype)
@@ -535,9 +527,7 @@ class EventfulBlock(QueryKeyEventfulBlock):
         if self.rel_pos is not None:
             kh, kw = self.rel_pos.key_size
             rel_h_rows, rel_w_rows = self.rel_pos.terms_for_rows(q_rows, index)
-            rows.view(b, heads, -1, kh, kw).add_(rel_h_rows.unsqueeze(-1)).add_(
-                rel_w_rows.unsqueeze(-2)
-            )
+            self.rel_pos.add_to(rows, rel_h_rows, rel_w_rows, counted=False)
             # Old terms of unchanged rows equal the new ones; updated rows are
             # recomputed exactly below, so one term serves both.
             self.rel_h_t.scatter_(

@@ -164,12 +164,16 @@ class RelativePosition(Counted, nn.Module):
         rel_w = torch.einsum("bhrc,brkc->bhrk", q_rows, table_w[rows % width])
         return rel_h, rel_w
 
-    def add_to(self, logits: Tensor, rel_h: Tensor, rel_w: Tensor) -> Tensor:
-        """logits (B, H, Nq, kh * kw) + terms, in place; counts the two adds."""
+    def add_to(self, logits: Tensor, rel_h: Tensor, rel_w: Tensor, counted: bool = True) -> Tensor:
+        """logits (B, H, Nq, kh * kw) + terms (B, H, Nq, kh / kw), in place.
+
+        Counts the two adds unless ``counted`` is False (the caller counts).
+        """
         kh, kw = self.key_size
         grid = logits.view(*logits.shape[:3], kh, kw)
         grid.add_(rel_h.unsqueeze(-1)).add_(rel_w.unsqueeze(-2))
-        self.count("add", 2 * logits.numel())
+        if counted:
+            self.count("add", 2 * logits.numel())
         return logits
 
     def forward(self, logits: Tensor, q: Tensor) -> Tensor:
