@@ -37,10 +37,12 @@ from eventful_pl.gates import DeltaGate, STGTGate, TokenBuffer, TokenGate
 from eventful_pl.indexing import (
     expand_col_index,
     expand_row_index,
+    flat_row_index,
     gather_rows,
     gather_tokens,
     scatter_rows_,
 )
+from eventful_pl.linear import linear
 from eventful_pl.policies import TokenPolicy
 from eventful_pl.position import RelativePosition
 from eventful_pl.state import StreamState
@@ -178,9 +180,10 @@ class Block(Counted, nn.Module):
             self.rel_pos = None
 
     # Counted primitives.
-    def linear(self, layer: nn.Linear, x: Tensor) -> Tensor:
-        """``layer(x)``, counting ``in-elements x out_features`` plus the bias."""
-        out = F.linear(x, layer.weight, layer.bias)
+    def linear(self, layer: nn.Linear, x: Tensor, gelu: bool = False) -> Tensor:
+        """``layer(x)`` (then exact GELU if ``gelu``), counting ``in-elements x
+        out_features`` plus the bias (GELU is not counted, as in DESIGN section 5)."""
+        out = linear(x, layer.weight, layer.bias, gelu=gelu)
         self.count("linear", x.numel() * layer.out_features)
         if layer.bias is not None:
             self.count("bias", out.numel())
@@ -196,6 +199,8 @@ class Block(Counted, nn.Module):
         return out
 
     def mlp(self, x: Tensor) -> Tensor:
+        if isinstance(self.act, nn.GELU) and self.act.approximate == "none":
+            return self.linear(self.fc2, self.linear(self.fc1, x, gelu=True))
         return self.linear(self.fc2, self.act(self.linear(self.fc1, x)))
 
     def check_tokens(self, x: Tensor) -> None:
@@ -508,22 +513,26 @@ class EventfulBlock(QueryKeyEventfulBlock):
         if self.pool_size is not None:
             key_index = pool_token_index(index, self.attention_size, self.pool_size)
         m = key_index.shape[1]
+        # One flat row index serves every key-major state (keys, V and A references).
+        key_rows = flat_row_index(key_index, heads, k.shape[2])
         q_rows = gather_tokens(qkv[..., : self.dim], index)
         q_rows = q_rows.view(b, -1, heads, d).transpose(1, 2)
-        # (B * H, d, N): the scaled queries, transposed for key-major products.
-        q_scaled_t = (q / self.scale).contiguous().view(b * heads, n, d).transpose(1, 2)
+        # (B * H, d, N): the scaled queries in one pass, transposed for key-major products.
+        q_scaled = torch.empty((b, heads, n, d), dtype=q.dtype, device=q.device)
+        q_scaled_t = torch.div(q, self.scale, out=q_scaled).view(b * heads, n, d).transpose(1, 2)
         if self.pool_size is None:
             kv_new = gather_tokens(qkv[..., self.dim :], key_index)
             kv_new = kv_new.view(b, m, 2, heads, d).permute(2, 0, 3, 1, 4)
             k_new, v_new = kv_new[0].contiguous(), kv_new[1]
         else:
             k_new, v_new = gather_rows(k, key_index), gather_rows(v, key_index)
-        k_old = gather_rows(self.keys, key_index)
-        scatter_rows_(self.keys, key_index, k_new)
+        k_old = gather_rows(self.keys, key_index, key_rows)
+        scatter_rows_(self.keys, key_index, k_new, key_rows)
 
-        # Logits of the updated query rows (all keys) and of the updated key
-        # columns (all queries, stored key-major (B * H, m, N)), before and after.
-        rows = self.matmul(q_rows / self.scale, k.transpose(-2, -1))
+        # Logits of the updated query rows (all keys; the key state now equals
+        # k and is contiguous) and of the updated key columns (all queries,
+        # stored key-major (B * H, m, N)), before and after.
+        rows = self.matmul(q_rows / self.scale, self.keys.transpose(-2, -1))
         if self.rel_pos is not None:
             kh, kw = self.rel_pos.key_size
             rel_h_rows, rel_w_rows = self.rel_pos.terms_for_rows(q_rows, index)
@@ -551,11 +560,10 @@ class EventfulBlock(QueryKeyEventfulBlock):
         cols_new = cols_new.view(b, heads, m, n)
         cols_old = cols_old.view(b, heads, m, n)
 
-        self.log_norm = self._update_log_norm(q, k, rows, cols_old, cols_new, index)
-        a_new = cols_new.sub_(self.log_norm.unsqueeze(-2)).exp_().to(dtype)
+        a_new = self._update_softmax(q, rows, cols_old, cols_new, index, key_index).to(dtype)
         v_new = v_new.to(dtype).contiguous()
-        v_new, v_delta = self.v_gate.update_selected(v_new, key_index)
-        a_new, a_delta = self.a_gate.update_selected(a_new, key_index)
+        v_new, v_delta = self.v_gate.update_selected(v_new, key_index, flat_rows=key_rows)
+        a_new, a_delta = self.a_gate.update_selected(a_new, key_index, flat_rows=key_rows)
         out = self.output.view(b * heads, n, d)
         out.baddbmm_(a_new.view(b * heads, m, n).transpose(1, 2), v_delta.view(b * heads, m, d))
         out.baddbmm_(
@@ -565,33 +573,40 @@ class EventfulBlock(QueryKeyEventfulBlock):
         self.count("accumulator", v_new.numel() + 2 * out.numel())
         return self.output
 
-    def _update_log_norm(
+    def _update_softmax(
         self,
         q: Tensor,
-        k: Tensor,
         rows: Tensor,
         cols_old: Tensor,
         cols_new: Tensor,
         index: Tensor,
+        key_index: Tensor,
     ) -> Tensor:
-        """New row log-normalisers (B, H, N) from the changed logits only.
+        """Updates the row log-normalisers (B, H, N) in place from the changed
+        logits only; returns the new softmax columns of the updated keys (B, H, m, N).
 
         rows (B, H, r, Nk): full new rows of the updated queries. cols_old,
-        cols_new (B, H, m, N): old and new logits of the updated key columns.
+        cols_new (B, H, m, N): old and new logits of the updated key columns
+        (both overwritten). Updated rows get their exact normaliser; every
+        other row's normaliser is multiplied by ``kept + added``, the mass it
+        keeps outside the old columns plus that of the new ones.
         """
         b, heads, n, _ = q.shape
-        log_norm = self.log_norm.unsqueeze(-2)
-        removed = cols_old.sub_(log_norm).exp_().sum(dim=-2)
-        added = (cols_new - log_norm).exp_().sum(dim=-2)
-        updated = torch.zeros(b, 1, n, dtype=torch.bool, device=q.device)
-        updated.scatter_(2, index.unsqueeze(1), True)
-        kept = torch.where(updated, 1.0, 1.0 - removed)
-        added = torch.where(updated, 0.0, added)
-        if bool(((kept < self.min_kept_mass) | ~torch.isfinite(added)).any()):
-            return torch.logsumexp(self._full_logits(q, k, counted=False), dim=-1)
-        new = self.log_norm + (kept + added).log_()
-        exact = torch.logsumexp(rows, dim=-1)
-        return new.scatter_(2, index.unsqueeze(1).expand(b, heads, -1), exact)
+        log_norm = self.log_norm
+        removed = cols_old.sub_(log_norm.unsqueeze(-2)).exp_().sum(dim=-2)
+        row_index = index.unsqueeze(1).expand(b, heads, -1)
+        log_norm.scatter_(2, row_index, torch.logsumexp(rows, dim=-1))
+        # Exact for updated rows; relative to the old normaliser for the others.
+        probs = cols_new.sub_(log_norm.unsqueeze(-2)).exp_()
+        kept = removed.neg_().add_(1.0).scatter_(2, row_index, 1.0)
+        total = probs.sum(dim=-2).add_(kept).scatter_(2, row_index, 1.0)
+        if bool((kept < self.min_kept_mass).any()) or not bool(torch.isfinite(total).all()):
+            logits = self._full_logits(q, self.keys, counted=False)
+            log_norm.copy_(torch.logsumexp(logits, dim=-1))
+            cols = logits.gather(3, expand_col_index(key_index, logits.shape))
+            return cols.transpose(-1, -2).sub_(log_norm.unsqueeze(-2)).exp_().contiguous()
+        log_norm.add_(total.log())
+        return probs.div_(total.unsqueeze(-2))
 
 
 BLOCK_VARIANTS: dict[str, type[Block]] = {

@@ -168,20 +168,26 @@ class DeltaGate(Counted, StreamState, nn.Module):
         return (*self.update_selected(c_sel, index, expanded), index)
 
     def update_selected(
-        self, c_sel: Tensor, index: Tensor, expanded: Tensor | None = None
+        self,
+        c_sel: Tensor,
+        index: Tensor,
+        expanded: Tensor | None = None,
+        flat_rows: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Incremental update from already-selected tokens.
 
         ``c_sel`` holds the current values of the tokens in ``index`` (the
         caller computed only those); returns ``(c_sel, e_sel)`` and writes them
         into the reference. Avoids touching the unselected tokens at all.
+        ``flat_rows``: ``flat_row_index(index, H, N)`` for a 4-D row gate, if
+        the caller already has it.
         """
         if self.p is None:
             raise RuntimeError("DeltaGate.update_selected called before a flush")
         self.count("gate", self.p.numel())
         if self.structure == "row" and self.p.ndim == 4 and self.p.is_contiguous():
-            e_sel = c_sel - gather_rows(self.p, index)
-            scatter_rows_(self.p, index, c_sel)
+            e_sel = c_sel - gather_rows(self.p, index, flat_rows)
+            scatter_rows_(self.p, index, c_sel, flat_rows)
             return c_sel, e_sel
         if expanded is None:
             expanded = self._expand(index, tuple(self.p.shape))

@@ -49,22 +49,28 @@ def flat_row_index(index: Tensor, heads: int, rows: int) -> Tensor:
     return (base + index.unsqueeze(1)).reshape(-1)
 
 
-def gather_rows(x: Tensor, index: Tensor) -> Tensor:
+def gather_rows(x: Tensor, index: Tensor, flat: Tensor | None = None) -> Tensor:
     """Selects the same rows of every head: x (B, H, R, C), index (B, m) -> (B, H, m, C).
 
     Contiguous rows are copied whole (``index_select``), which is much faster
-    than an element-wise ``gather``.
+    than an element-wise ``gather``. ``flat``: ``flat_row_index(index, H, R)``
+    if the caller already has it.
     """
     b, h, r, c = x.shape
     if not x.is_contiguous():
         return x.gather(2, expand_row_index(index, x.shape))
-    flat = flat_row_index(index, h, r)
+    if flat is None:
+        flat = flat_row_index(index, h, r)
     return x.view(b * h * r, c).index_select(0, flat).view(b, h, index.shape[1], c)
 
 
-def scatter_rows_(dst: Tensor, index: Tensor, src: Tensor) -> Tensor:
-    """In place ``dst[b, h, index[b]] = src[b, h]``: dst (B, H, R, C) contiguous."""
+def scatter_rows_(dst: Tensor, index: Tensor, src: Tensor, flat: Tensor | None = None) -> Tensor:
+    """In place ``dst[b, h, index[b]] = src[b, h]``: dst (B, H, R, C) contiguous.
+
+    ``flat``: ``flat_row_index(index, H, R)`` if the caller already has it.
+    """
     b, h, r, c = dst.shape
-    flat = flat_row_index(index, h, r)
+    if flat is None:
+        flat = flat_row_index(index, h, r)
     dst.view(b * h * r, c).index_copy_(0, flat, src.reshape(-1, c))
     return dst
