@@ -46,6 +46,7 @@ from eventful_pl.linear import linear
 from eventful_pl.policies import TokenPolicy
 from eventful_pl.position import RelativePosition
 from eventful_pl.state import StreamState
+from eventful_pl.workspace import Workspaces
 
 LN_EPS = 1e-6
 MATMUL_2_CASTS = {None: None, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -193,8 +194,8 @@ class Block(Counted, nn.Module):
         self.count("add", a.numel())
         return a + b
 
-    def matmul(self, a: Tensor, b: Tensor) -> Tensor:
-        out = a @ b
+    def matmul(self, a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
+        out = a @ b if out is None else torch.matmul(a, b, out=out)
         self.count("matmul", out.numel() * a.shape[-1])
         return out
 
@@ -462,6 +463,7 @@ class EventfulBlock(QueryKeyEventfulBlock):
         self.keys: Tensor | None = None
         self.rel_h_t: Tensor | None = None
         self.rel_w_t: Tensor | None = None
+        self.workspaces = Workspaces()
 
     def reset_state(self) -> None:
         super().reset_state()
@@ -532,7 +534,14 @@ class EventfulBlock(QueryKeyEventfulBlock):
         # Logits of the updated query rows (all keys; the key state now equals
         # k and is contiguous) and of the updated key columns (all queries,
         # stored key-major (B * H, m, N)), before and after.
-        rows = self.matmul(q_rows / self.scale, self.keys.transpose(-2, -1))
+        scratch = self.workspaces
+        rows = self.matmul(
+            q_rows / self.scale,
+            self.keys.transpose(-2, -1),
+            out=scratch.get("rows", (b, heads, q_rows.shape[2], k.shape[2]), q),
+        )
+        cols_new = scratch.get("cols_new", (b * heads, m, n), q)
+        cols_old = scratch.get("cols_old", (b * heads, m, n), q)
         if self.rel_pos is not None:
             kh, kw = self.rel_pos.key_size
             rel_h_rows, rel_w_rows = self.rel_pos.terms_for_rows(q_rows, index)
@@ -545,17 +554,21 @@ class EventfulBlock(QueryKeyEventfulBlock):
             self.rel_w_t.scatter_(
                 3, expand_col_index(index, self.rel_w_t.shape), rel_w_rows.transpose(-1, -2)
             )
-            rel = gather_rows(self.rel_h_t, key_index // kw)
-            rel += gather_rows(self.rel_w_t, key_index % kw)
-            rel = rel.view(b * heads, m, n)
-            cols_new = torch.baddbmm(rel, k_new.view(b * heads, m, d), q_scaled_t)
+            rel = gather_rows(self.rel_h_t, key_index // kw, out=cols_old)
+            rel_w = gather_rows(self.rel_w_t, key_index % kw, out=cols_new)
+            rel = rel.add_(rel_w).view(b * heads, m, n)
+            k_new_flat = k_new.view(b * heads, m, d)
+            if cols_new is None:
+                cols_new = torch.baddbmm(rel, k_new_flat, q_scaled_t)
+            else:
+                torch.baddbmm(rel, k_new_flat, q_scaled_t, out=cols_new)
             cols_old = rel.baddbmm_(k_old.view(b * heads, m, d), q_scaled_t)
             # Counted as the method defines it: terms and adds over the full matrix.
             self.count("einsum", b * heads * n * (kh + kw) * d)
             self.count("add", 2 * b * heads * n * k.shape[2])
         else:
-            cols_new = torch.bmm(k_new.view(b * heads, m, d), q_scaled_t)
-            cols_old = torch.bmm(k_old.view(b * heads, m, d), q_scaled_t)
+            cols_new = torch.bmm(k_new.view(b * heads, m, d), q_scaled_t, out=cols_new)
+            cols_old = torch.bmm(k_old.view(b * heads, m, d), q_scaled_t, out=cols_old)
         self.count("matmul", cols_new.numel() * d)
         cols_new = cols_new.view(b, heads, m, n)
         cols_old = cols_old.view(b, heads, m, n)
@@ -595,7 +608,7 @@ class EventfulBlock(QueryKeyEventfulBlock):
         log_norm = self.log_norm
         removed = cols_old.sub_(log_norm.unsqueeze(-2)).exp_().sum(dim=-2)
         row_index = index.unsqueeze(1).expand(b, heads, -1)
-        log_norm.scatter_(2, row_index, torch.logsumexp(rows, dim=-1))
+        log_norm.scatter_(2, row_index, logsumexp_(rows))
         # Exact for updated rows; relative to the old normaliser for the others.
         probs = cols_new.sub_(log_norm.unsqueeze(-2)).exp_()
         kept = removed.neg_().add_(1.0).scatter_(2, row_index, 1.0)
@@ -607,6 +620,17 @@ class EventfulBlock(QueryKeyEventfulBlock):
             return cols.transpose(-1, -2).sub_(log_norm.unsqueeze(-2)).exp_().contiguous()
         log_norm.add_(total.log())
         return probs.div_(total.unsqueeze(-2))
+
+
+def logsumexp_(x: Tensor) -> Tensor:
+    """``torch.logsumexp(x, dim=-1)`` computed in place in ``x`` (overwritten).
+
+    Shapes: x (..., K) -> (...). Rows whose maximum is infinite give the
+    maximum (as ``torch.logsumexp`` does).
+    """
+    peak = x.amax(dim=-1, keepdim=True)
+    shift = torch.where(torch.isfinite(peak), peak, 0.0)
+    return x.sub_(shift).exp_().sum(dim=-1).log_().add_(shift.squeeze(-1))
 
 
 BLOCK_VARIANTS: dict[str, type[Block]] = {

@@ -23,6 +23,7 @@ from eventful_pl.indexing import (
 )
 from eventful_pl.policies import TokenPolicy
 from eventful_pl.state import StreamState
+from eventful_pl.workspace import Workspaces
 
 
 def _require_policy(policy: TokenPolicy | None, gate: nn.Module) -> TokenPolicy:
@@ -133,6 +134,7 @@ class DeltaGate(Counted, StreamState, nn.Module):
         self.structure = structure
         self.policy = policy
         self.p: Tensor | None = None
+        self.workspaces = Workspaces()
 
     def reset_state(self) -> None:
         self.p = None
@@ -186,7 +188,9 @@ class DeltaGate(Counted, StreamState, nn.Module):
             raise RuntimeError("DeltaGate.update_selected called before a flush")
         self.count("gate", self.p.numel())
         if self.structure == "row" and self.p.ndim == 4 and self.p.is_contiguous():
-            e_sel = c_sel - gather_rows(self.p, index, flat_rows)
+            scratch = self.workspaces.get("delta", tuple(c_sel.shape), c_sel)
+            old = gather_rows(self.p, index, flat_rows, out=scratch)
+            e_sel = c_sel - old if scratch is None else torch.sub(c_sel, old, out=old)
             scatter_rows_(self.p, index, c_sel, flat_rows)
             return c_sel, e_sel
         if expanded is None:

@@ -49,19 +49,29 @@ def flat_row_index(index: Tensor, heads: int, rows: int) -> Tensor:
     return (base + index.unsqueeze(1)).reshape(-1)
 
 
-def gather_rows(x: Tensor, index: Tensor, flat: Tensor | None = None) -> Tensor:
+def gather_rows(
+    x: Tensor, index: Tensor, flat: Tensor | None = None, out: Tensor | None = None
+) -> Tensor:
     """Selects the same rows of every head: x (B, H, R, C), index (B, m) -> (B, H, m, C).
 
     Contiguous rows are copied whole (``index_select``), which is much faster
     than an element-wise ``gather``. ``flat``: ``flat_row_index(index, H, R)``
-    if the caller already has it.
+    if the caller already has it. ``out``: a contiguous (B, H, m, C) tensor to
+    write into.
     """
     b, h, r, c = x.shape
     if not x.is_contiguous():
-        return x.gather(2, expand_row_index(index, x.shape))
+        expanded = expand_row_index(index, x.shape)
+        if out is None:
+            return x.gather(2, expanded)
+        return torch.gather(x, 2, expanded, out=out.view(expanded.shape))
     if flat is None:
         flat = flat_row_index(index, h, r)
-    return x.view(b * h * r, c).index_select(0, flat).view(b, h, index.shape[1], c)
+    rows = x.view(b * h * r, c)
+    if out is None:
+        return rows.index_select(0, flat).view(b, h, index.shape[1], c)
+    torch.index_select(rows, 0, flat, out=out.view(-1, c))
+    return out
 
 
 def scatter_rows_(dst: Tensor, index: Tensor, src: Tensor, flat: Tensor | None = None) -> Tensor:

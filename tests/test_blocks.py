@@ -114,3 +114,13 @@ def test_full_block_normaliser_update_matches_exact_recompute():
         for frame in video_stream(8, 2, 36, DIM, change=3.0):
             torch.testing.assert_close(incremental(frame), exact(frame), rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(incremental.log_norm, exact.log_norm, rtol=1e-5, atol=1e-5)
+
+
+def test_in_place_logsumexp_matches_torch():
+    from eventful_pl.blocks import logsumexp_
+
+    x = torch.randn(2, 3, 5, 7) * 30
+    x[0, 0, 0] = float("-inf")
+    x[0, 0, 1, 2] = float("inf")
+    expected = torch.logsumexp(x, dim=-1)
+    torch.testing.assert_close(logsumexp_(x.clone()), expected)

@@ -13,6 +13,8 @@ from tests.helpers import (
     video_stream,
 )
 
+pytestmark = pytest.mark.usefixtures("grad_mode")
+
 EVENTFUL_VARIANTS = ["tokenwise", "query_key", "full"]
 
 

@@ -12,6 +12,8 @@ import torch
 
 from eventful_pl.compat import reference_block
 
+pytestmark = pytest.mark.usefixtures("grad_mode")
+
 DATA = Path(__file__).parent / "data"
 GOLDEN_FILES = [
     "global_classtoken.pt",

@@ -7,6 +7,8 @@ from eventful_pl import OpCounter, attach_counter, reset_stream_state
 from eventful_pl.policies import TopRPolicy
 from tests.helpers import DIM, make_backbones, make_pair, video_stream
 
+pytestmark = pytest.mark.usefixtures("grad_mode")
+
 VARIANTS = ["tokenwise", "query_key", "full"]
 
 
