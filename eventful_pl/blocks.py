@@ -517,11 +517,11 @@ class EventfulBlock(QueryKeyEventfulBlock):
         m = key_index.shape[1]
         # One flat row index serves every key-major state (keys, V and A references).
         key_rows = flat_row_index(key_index, heads, k.shape[2])
-        q_rows = gather_tokens(qkv[..., : self.dim], index)
-        q_rows = q_rows.view(b, -1, heads, d).transpose(1, 2)
-        # (B * H, d, N): the scaled queries in one pass, transposed for key-major products.
+        # (B, H, N, d) scaled queries in one pass; (B * H, d, N) for key-major products.
         q_scaled = torch.empty((b, heads, n, d), dtype=q.dtype, device=q.device)
-        q_scaled_t = torch.div(q, self.scale, out=q_scaled).view(b * heads, n, d).transpose(1, 2)
+        torch.div(q, self.scale, out=q_scaled)
+        q_scaled_t = q_scaled.view(b * heads, n, d).transpose(1, 2)
+        q_rows = gather_rows(q_scaled, index)  # (B, H, r, d), scaled
         if self.pool_size is None:
             kv_new = gather_tokens(qkv[..., self.dim :], key_index)
             kv_new = kv_new.view(b, m, 2, heads, d).permute(2, 0, 3, 1, 4)
@@ -536,7 +536,7 @@ class EventfulBlock(QueryKeyEventfulBlock):
         # stored key-major (B * H, m, N)), before and after.
         scratch = self.workspaces
         rows = self.matmul(
-            q_rows / self.scale,
+            q_rows,
             self.keys.transpose(-2, -1),
             out=scratch.get("rows", (b, heads, q_rows.shape[2], k.shape[2]), q),
         )
@@ -544,7 +544,7 @@ class EventfulBlock(QueryKeyEventfulBlock):
         cols_old = scratch.get("cols_old", (b * heads, m, n), q)
         if self.rel_pos is not None:
             kh, kw = self.rel_pos.key_size
-            rel_h_rows, rel_w_rows = self.rel_pos.terms_for_rows(q_rows, index)
+            rel_h_rows, rel_w_rows = self.rel_pos.terms_for_rows(q_rows * self.scale, index)
             self.rel_pos.add_to(rows, rel_h_rows, rel_w_rows, counted=False)
             # Old terms of unchanged rows equal the new ones; updated rows are
             # recomputed exactly below, so one term serves both.
@@ -628,8 +628,7 @@ def logsumexp_(x: Tensor) -> Tensor:
     Shapes: x (..., K) -> (...). Rows whose maximum is infinite give the
     maximum (as ``torch.logsumexp`` does).
     """
-    peak = x.amax(dim=-1, keepdim=True)
-    shift = torch.where(torch.isfinite(peak), peak, 0.0)
+    shift = x.amax(dim=-1, keepdim=True).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
     return x.sub_(shift).exp_().sum(dim=-1).log_().add_(shift.squeeze(-1))
 
 

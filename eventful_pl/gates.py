@@ -16,6 +16,7 @@ from eventful_pl.counting import Counted
 from eventful_pl.indexing import (
     expand_col_index,
     expand_row_index,
+    flat_token_index,
     gather_rows,
     gather_tokens,
     scatter_rows_,
@@ -69,8 +70,9 @@ class TokenGate(Counted, StreamState, nn.Module):
             return c, None
         self.count("gate", self.p.numel())
         index = _require_policy(self.policy, self).select(self.error_norms(c))
-        c_sel = gather_tokens(c, index)
-        scatter_tokens_(self.p, index, c_sel)
+        flat = flat_token_index(index, c.shape[1])
+        c_sel = gather_tokens(c, index, flat)
+        scatter_tokens_(self.p, index, c_sel, flat)
         return c_sel, index
 
 

@@ -15,17 +15,25 @@ def flat_token_index(index: Tensor, num_tokens: int) -> Tensor:
     return (index + offsets.unsqueeze(1)).reshape(-1)
 
 
-def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
-    """Selects tokens per item: x (B, N, D), index (B, k) -> (B, k, D)."""
+def gather_tokens(x: Tensor, index: Tensor, flat: Tensor | None = None) -> Tensor:
+    """Selects tokens per item: x (B, N, D), index (B, k) -> (B, k, D).
+
+    ``flat``: ``flat_token_index(index, N)`` if the caller already has it.
+    """
     b, n, d = x.shape
-    flat = flat_token_index(index, n)
+    if flat is None:
+        flat = flat_token_index(index, n)
     return x.reshape(b * n, d).index_select(0, flat).view(b, index.shape[1], d)
 
 
-def scatter_tokens_(dst: Tensor, index: Tensor, src: Tensor) -> Tensor:
-    """In place ``dst[b, index[b]] = src[b]``: dst (B, N, D), src (B, k, D)."""
+def scatter_tokens_(dst: Tensor, index: Tensor, src: Tensor, flat: Tensor | None = None) -> Tensor:
+    """In place ``dst[b, index[b]] = src[b]``: dst (B, N, D), src (B, k, D).
+
+    ``flat``: ``flat_token_index(index, N)`` if the caller already has it.
+    """
     b, n, d = dst.shape
-    flat = flat_token_index(index, n)
+    if flat is None:
+        flat = flat_token_index(index, n)
     dst.view(b * n, d).index_copy_(0, flat, src.reshape(-1, d))
     return dst
 
