@@ -1,0 +1,1 @@
+"""Models built from the eventful core: factorized ViViT, ViTDet, timm ViTs."""
