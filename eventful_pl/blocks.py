@@ -518,8 +518,11 @@ class EventfulBlock(QueryKeyEventfulBlock):
         # One flat row index serves every key-major state (keys, V and A references).
         key_rows = flat_row_index(key_index, heads, k.shape[2])
         # (B, H, N, d) scaled queries in one pass; (B * H, d, N) for key-major products.
-        q_scaled = torch.empty((b, heads, n, d), dtype=q.dtype, device=q.device)
-        torch.div(q, self.scale, out=q_scaled)
+        if torch.is_grad_enabled():
+            q_scaled = (q / self.scale).contiguous()
+        else:
+            q_scaled = torch.empty((b, heads, n, d), dtype=q.dtype, device=q.device)
+            torch.div(q, self.scale, out=q_scaled)
         q_scaled_t = q_scaled.view(b * heads, n, d).transpose(1, 2)
         q_rows = gather_rows(q_scaled, index)  # (B, H, r, d), scaled
         if self.pool_size is None:

@@ -62,7 +62,8 @@ class TokenGate(Counted, StreamState, nn.Module):
         """L2 norms (B, N) of ``c - p``, computed in a reused workspace."""
         if self._error is None or self._error.shape != c.shape or self._error.dtype != c.dtype:
             self._error = torch.empty_like(self.p)
-        return torch.sub(c, self.p, out=self._error).norm(dim=-1)
+        # Selection only: no gradient flows through the error norms.
+        return torch.sub(c.detach(), self.p, out=self._error).norm(dim=-1)
 
     def forward(self, c: Tensor) -> tuple[Tensor, Tensor | None]:
         if self.p is None:
@@ -72,7 +73,7 @@ class TokenGate(Counted, StreamState, nn.Module):
         index = _require_policy(self.policy, self).select(self.error_norms(c))
         flat = flat_token_index(index, c.shape[1])
         c_sel = gather_tokens(c, index, flat)
-        scatter_tokens_(self.p, index, c_sel, flat)
+        scatter_tokens_(self.p, index, c_sel.detach(), flat)
         return c_sel, index
 
 
@@ -88,7 +89,7 @@ class STGTGate(TokenGate):
             return c, None
         self.count("gate", c.numel())
         index = _require_policy(self.policy, self).select(self.error_norms(c))
-        self.p.copy_(c)
+        self.p.copy_(c.detach())
         return gather_tokens(c, index), index
 
 
@@ -107,8 +108,18 @@ class TokenBuffer(Counted, StreamState, nn.Module):
         self.b = None
 
     def forward(self, y: Tensor, index: Tensor | None) -> Tensor:
+        tracked = torch.is_grad_enabled() and (
+            y.requires_grad or (self.b is not None and self.b.requires_grad)
+        )
         if self.b is None or index is None:
-            self.b = y.detach()
+            self.b = y if tracked else y.detach()
+            return self.b
+        if tracked:
+            # Under autograd the state is replaced, never modified in place, so
+            # earlier frames' graphs stay valid and gradients reach every frame.
+            b, n, d = self.b.shape
+            flat = flat_token_index(index, n)
+            self.b = self.b.reshape(b * n, d).index_copy(0, flat, y.reshape(-1, d)).view(b, n, d)
             return self.b
         return scatter_tokens_(self.b, index, y)
 

@@ -124,3 +124,27 @@ def test_in_place_logsumexp_matches_torch():
     x[0, 0, 1, 2] = float("inf")
     expected = torch.logsumexp(x, dim=-1)
     torch.testing.assert_close(logsumexp_(x.clone()), expected)
+
+
+@pytest.mark.parametrize("variant", ["tokenwise"])
+def test_eventful_blocks_run_under_autograd(variant):
+    """Inputs and weights that require grad: incremental frames run and backpropagate."""
+    from eventful_pl.backbone import ViTBackbone
+    from eventful_pl.policies import TopRPolicy
+
+    torch.manual_seed(0)
+    model = ViTBackbone(
+        dim=32,
+        depth=2,
+        heads=4,
+        input_size=4,
+        class_token=True,
+        block_variant=variant,
+        policy=TopRPolicy(5),
+    )
+    for t in range(3):
+        x = (torch.randn(2, 16, 32) * (1 + t)).requires_grad_()
+        out = model(x)
+    out.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert model.blocks[0].fc1.weight.grad is not None

@@ -1,0 +1,239 @@
+"""Factorized ViViT: preprocessing, r = N equivalence, view independence, counts, checkpoints."""
+
+import pytest
+import torch
+
+from eventful_pl.checkpoints import CheckpointMismatchError
+from eventful_pl.counting import count_ops
+from eventful_pl.models.vivit import VIVIT_PRESETS, ViViTPreprocessing, create_vivit
+from eventful_pl.models.vivit_convert import (
+    load_original_vivit,
+    load_tadaconv_vivit,
+    load_vivit_checkpoint,
+)
+from eventful_pl.policies import TopRPolicy
+
+
+def tiny(**overrides):
+    torch.manual_seed(0)
+    return create_vivit("vivit_tiny", **overrides).eval()
+
+
+def moving_video(batch=1, frames=10, size=(72, 80), seed=0):
+    """uint8 video (B, T, 3, H, W): a bright square moving over noise."""
+    gen = torch.Generator().manual_seed(seed)
+    video = torch.randint(0, 60, (batch, frames, 3, *size), generator=gen, dtype=torch.uint8)
+    for t in range(frames):
+        video[:, t, :, 10 + 2 * t : 30 + 2 * t, 5 + 3 * t : 25 + 3 * t] = 250
+    return video
+
+
+def test_preprocessing_views_shapes_and_values():
+    prep = ViViTPreprocessing(
+        frames=4, size=32, temporal_stride=2, temporal_views=3, spatial_views=3, mean=0.5, std=0.25
+    )
+    video = torch.full((2, 20, 3, 32, 64), 255, dtype=torch.uint8)
+    views = prep(video)
+    assert views.shape == (2, 9, 4, 3, 32, 32)
+    torch.testing.assert_close(views, torch.full_like(views, 2.0))  # (1 - 0.5) / 0.25
+    assert prep.temporal_starts(20) == [0, 6, 12]
+
+
+def test_preprocessing_crops_cover_the_long_edge_and_pad_short_videos():
+    prep = ViViTPreprocessing(
+        frames=4, size=8, temporal_stride=1, spatial_views=3, mean=0.0, std=1.0
+    )
+    video = torch.zeros(1, 2, 1, 8, 24)
+    video[..., :8] = 1.0
+    video[..., 16:] = 3.0
+    video[:, 1] += 10.0
+    views = prep(video)  # too short: the last frame repeats
+    assert views.shape == (1, 3, 4, 1, 8, 8)
+    left, middle, right = views[0, 0], views[0, 1], views[0, 2]
+    assert torch.all(left[1:] == 11.0) and torch.all(middle[0] == 0.0)
+    assert torch.all(right[0] == 3.0) and torch.all(right[3] == 13.0)
+
+
+def test_forward_equals_split_halves():
+    model = tiny()
+    video = moving_video(batch=2)
+    logits = model(video)
+    assert logits.shape == (2, VIVIT_PRESETS["vivit_tiny"]["num_classes"])
+    features = model.spatial_features(video)
+    assert features.shape == (2, model.num_views, model.steps, model.dim)
+    torch.testing.assert_close(model.classify_features(features), logits)
+
+
+@pytest.mark.parametrize("variant", ["tokenwise", "query_key", "full"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_r_equals_n_matches_dense(variant, batch):
+    dense = tiny()
+    n = dense.spatial.num_tokens
+    eventful = tiny(spatial_variant=variant, policy=TopRPolicy(n))
+    eventful.load_state_dict(dense.state_dict())
+    video = moving_video(batch=batch)
+    torch.testing.assert_close(
+        eventful.spatial_features(video), dense.spatial_features(video), rtol=1e-5, atol=1e-5
+    )
+    torch.testing.assert_close(eventful(video), dense(video), rtol=1e-5, atol=1e-5)
+
+
+def test_views_are_independent_streams():
+    model = tiny(spatial_variant="full", policy=TopRPolicy(5))
+    a, b = moving_video(seed=1), moving_video(seed=2)
+    both = model(torch.cat([a, b]))
+    torch.testing.assert_close(both[1:], model(b), rtol=1e-5, atol=1e-5)
+    views = model.preprocessing(a)[0]  # (V, T, C, h, w)
+    together = model.spatial_forward(views)
+    alone = model.spatial_forward(views[1:])
+    torch.testing.assert_close(together[1:], alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.spatial_forward(views), together)  # reset per call
+
+
+def test_dense_counts_match_hand_computation():
+    model = tiny()
+    cfg = VIVIT_PRESETS["vivit_tiny"]
+    d, classes = cfg["dim"], cfg["num_classes"]
+    views = cfg["temporal_views"] * cfg["spatial_views"]
+    steps = cfg["frames"] // 2
+
+    def backbone(n, depth):
+        per_block = 12 * n * d * d + 9 * n * d + 2 * n * n * d + 2 * n * d
+        return {
+            "linear": depth * 12 * n * d * d,
+            "bias": depth * 9 * n * d,
+            "matmul": depth * 2 * n * n * d,
+            "add": depth * 2 * n * d + n * d,
+            "total": depth * per_block + n * d,
+        }
+
+    spatial = backbone(1 + (cfg["image_size"] // 16) ** 2, cfg["spatial_depth"])
+    temporal = backbone(1 + steps, cfg["temporal_depth"])
+    with torch.no_grad(), count_ops(model) as counter:
+        model(moving_video())
+    counts = counter.as_flops_dict()
+    for kind in ("linear", "bias", "matmul", "add"):
+        expected = views * (steps * spatial[kind] + temporal[kind])
+        expected += views * {"linear": d * classes, "bias": classes}.get(kind, 0)
+        assert counts[f"{kind}_flops"] == expected, kind
+
+
+def _tadaconv_state_dict(model, epic=False):
+    """Our weights under TAdaConv's key names (the real layout, written out by hand)."""
+    sd = model.state_dict()
+    block = {
+        "norm1": "norm",
+        "qkv": "attn.to_qkv",
+        "proj": "attn.proj",
+        "norm2": "norm_ffn",
+        "fc1": "ffn.net.0",
+        "fc2": "ffn.net.3",
+    }
+    out = {
+        "backbone.stem.conv1.weight": sd["embedding.conv.weight"],
+        "backbone.stem.conv1.bias": sd["embedding.conv.bias"],
+        "backbone.cls_token": sd["spatial.class_token"],
+        "backbone.pos_embd": sd["spatial.position_encoding.encoding"],
+        "backbone.cls_token_out": sd["temporal.class_token"],
+        "backbone.temp_embd": sd["temporal.position_encoding.encoding"],
+    }
+    for half, prefix in (("spatial", "layers"), ("temporal", "layers_temporal")):
+        norm = "norm" if half == "spatial" else "norm_out"
+        for p in ("weight", "bias"):
+            out[f"backbone.{norm}.{p}"] = sd[f"{half}.norm.{p}"]
+        for key, value in sd.items():
+            if key.startswith(f"{half}.blocks."):
+                _, _, i, name, p = key.split(".")
+                out[f"backbone.{prefix}.{i}.{block[name]}.{p}"] = value
+    head = "head.linear1" if epic else "head.linear"
+    out[f"{head}.weight"], out[f"{head}.bias"] = sd["classifier.weight"], sd["classifier.bias"]
+    if epic:
+        out["head.linear2.weight"] = torch.randn(300, model.dim)
+        out["head.linear2.bias"] = torch.randn(300)
+    return out
+
+
+@pytest.mark.parametrize("epic", [False, True])
+def test_tadaconv_checkpoint_round_trip(tmp_path, epic):
+    source = tiny()
+    path = tmp_path / "vivit.pyth"
+    torch.save({"model_state": _tadaconv_state_dict(source, epic)}, path)
+    target = create_vivit("vivit_tiny").eval()
+    load_tadaconv_vivit(target, path)
+    video = moving_video()
+    torch.testing.assert_close(target(video), source(video))
+    assert load_vivit_checkpoint(create_vivit("vivit_tiny"), path) == "tadaconv"
+
+
+def test_tadaconv_mismatch_names_the_keys(tmp_path):
+    sd = _tadaconv_state_dict(tiny())
+    del sd["backbone.layers.1.attn.proj.weight"]
+    sd["backbone.extra_thing"] = torch.zeros(3)
+    path = tmp_path / "broken.pth"
+    torch.save(sd, path)
+    with pytest.raises(CheckpointMismatchError) as error:
+        load_tadaconv_vivit(create_vivit("vivit_tiny"), path)
+    message = str(error.value)
+    assert "spatial.blocks.1.proj.weight" in message and "backbone.extra_thing" in message
+    assert str(path) in message
+
+
+def _original_state_dict(model):
+    sd = model.state_dict()
+    names = {
+        "norm1": "input_layer_norm",
+        "qkv": "qkv",
+        "proj": "projection",
+        "norm2": "mlp_layer_norm",
+        "fc1": "mlp_1",
+        "fc2": "mlp_2",
+    }
+    out = {
+        "embedding.conv.weight": sd["embedding.conv.weight"],
+        "embedding.conv.bias": sd["embedding.conv.bias"],
+        "classifier.weight": sd["classifier.weight"],
+        "classifier.bias": sd["classifier.bias"],
+    }
+    for half in ("spatial", "temporal"):
+        out[f"{half}_model.class_token"] = sd[f"{half}.class_token"]
+        out[f"{half}_model.backbone.position_encoding.encoding"] = sd[
+            f"{half}.position_encoding.encoding"
+        ]
+        for p in ("weight", "bias"):
+            out[f"{half}_model.layer_norm.{p}"] = sd[f"{half}.norm.{p}"]
+        for key, value in sd.items():
+            if key.startswith(f"{half}.blocks."):
+                _, _, i, name, p = key.split(".")
+                out[f"{half}_model.backbone.blocks.{i}.{names[name]}.{p}"] = value
+    return out
+
+
+def test_original_layout_round_trip_and_temporal_only(tmp_path):
+    source = tiny()
+    full = _original_state_dict(source)
+    target = create_vivit("vivit_tiny").eval()
+    load_original_vivit(target, full)
+    video = moving_video()
+    torch.testing.assert_close(target(video), source(video))
+    # A fine-tuned temporal file: temporal model + classifier only.
+    temporal = {k: v for k, v in full.items() if k.startswith(("temporal_model", "classifier"))}
+    path = tmp_path / "temporal.pth"
+    torch.save(temporal, path)
+    partial = create_vivit("vivit_tiny").eval()
+    partial.load_state_dict(
+        {
+            k: v
+            for k, v in source.state_dict().items()
+            if not k.startswith(("temporal.", "classifier."))
+        },
+        strict=False,
+    )
+    assert load_vivit_checkpoint(partial, path) == "eventful-transformer"
+    torch.testing.assert_close(partial(video), source(video))
+
+
+def test_unknown_preset_and_bad_tubelet():
+    with pytest.raises(ValueError, match="unknown ViViT preset"):
+        create_vivit("vivit_huge")
+    with pytest.raises(ValueError, match="tubelet"):
+        create_vivit("vivit_tiny", frames=7)
