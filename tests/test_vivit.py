@@ -237,3 +237,29 @@ def test_unknown_preset_and_bad_tubelet():
         create_vivit("vivit_huge")
     with pytest.raises(ValueError, match="tubelet"):
         create_vivit("vivit_tiny", frames=7)
+
+
+def test_count_vivit_matches_a_full_counted_forward():
+    from eventful_pl.gflops import count_vivit
+
+    model = tiny(spatial_variant="full", policy=TopRPolicy(5))
+    video = moving_video()
+    report = count_vivit(model, r_values=[3, 9], thresholds=[0.5], video=video)
+    assert report["unit"] == "GFlops" and report["per"] == "video"
+    names = [s["name"] for s in report["settings"]]
+    assert names == ["dense", "r=3", "r=9", "threshold=0.5"]
+    dense = tiny()
+    for setting, policy in zip(report["settings"], [None, TopRPolicy(3), TopRPolicy(9)]):
+        reference = dense if policy is None else model
+        if policy is not None:
+            model.set_policy(policy)
+        with torch.no_grad(), count_ops(reference) as counter:
+            reference(video)
+        assert setting["total"] == pytest.approx(counter.total / 1e9, rel=1e-12)
+        for kind, value in setting["by_kind"].items():
+            assert value == pytest.approx(counter.counts[kind] / 1e9, rel=1e-12, abs=0)
+    totals = [s["total"] for s in report["settings"]]
+    assert totals[1] < totals[2] < totals[0]
+    assert model.spatial.blocks[0].qkv_gate.policy.r == 9  # restored to the last set
+    with pytest.raises(ValueError, match="video"):
+        count_vivit(model, thresholds=[1.0])

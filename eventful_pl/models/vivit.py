@@ -210,6 +210,8 @@ class FactorizedViViT(Counted, nn.Module):
         drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
+        #: The constructor arguments (to build a twin, e.g. a dense one for counting).
+        self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         image_size = to_pair(image_size)
         tubelet = tuple(int(s) for s in tubelet)
         if len(tubelet) != 3:
