@@ -308,39 +308,40 @@ class FactorizedViViT(Counted, nn.Module):
         return self.classify_features(self.spatial_features(video))
 
 
+#: ViViT-B, 32 frames per view in 16 tubelet steps (the TAdaConv checkpoints).
+_VIVIT_B = dict(frames=32, temporal_position_size=16)
+
 #: Named presets (keyword arguments of :class:`FactorizedViViT`).
 VIVIT_PRESETS: dict[str, dict] = {
-    # Kinetics-400: 224 x 224, temporal stride 2, 400 classes (TAdaConv ViViT Fact. Enc.).
-    "vivit_b_kinetics400": dict(
-        num_classes=400,
-        frames=32,
-        image_size=224,
-        temporal_stride=2,
-        spatial_position_size=14,
-        temporal_position_size=16,
-    ),
+    # Kinetics-400: 224 x 224, temporal stride 2, 400 classes.
+    "vivit_b_kinetics400": {
+        **_VIVIT_B,
+        "num_classes": 400,
+        "image_size": 224,
+        "temporal_stride": 2,
+        "spatial_position_size": 14,
+    },
     # EPIC-Kitchens-100 verbs: 320 x 320, stride 1, 97 classes; 20 x 20 position grid.
-    "vivit_b_epic_kitchens": dict(
-        num_classes=97,
-        frames=32,
-        image_size=320,
-        temporal_stride=1,
-        spatial_position_size=20,
-        temporal_position_size=16,
-    ),
+    "vivit_b_epic_kitchens": {
+        **_VIVIT_B,
+        "num_classes": 97,
+        "image_size": 320,
+        "temporal_stride": 1,
+        "spatial_position_size": 20,
+    },
     # A tiny model for tests and the demo (2 CPU cores).
-    "vivit_tiny": dict(
-        num_classes=4,
-        frames=8,
-        image_size=64,
-        dim=64,
-        spatial_depth=2,
-        temporal_depth=1,
-        heads=4,
-        temporal_stride=1,
-        temporal_views=2,
-        spatial_views=1,
-    ),
+    "vivit_tiny": {
+        "num_classes": 4,
+        "frames": 8,
+        "image_size": 64,
+        "dim": 64,
+        "spatial_depth": 2,
+        "temporal_depth": 1,
+        "heads": 4,
+        "temporal_stride": 1,
+        "temporal_views": 2,
+        "spatial_views": 1,
+    },
 }
 
 
