@@ -263,3 +263,21 @@ def test_count_vivit_matches_a_full_counted_forward():
     assert model.spatial.blocks[0].qkv_gate.policy.r == 9  # restored to the last set
     with pytest.raises(ValueError, match="video"):
         count_vivit(model, thresholds=[1.0])
+
+
+@pytest.mark.parametrize("name", sorted(VIVIT_PRESETS))
+def test_every_preset_builds_with_its_geometry(name):
+    cfg = VIVIT_PRESETS[name]
+    model = create_vivit(name)
+    assert model.classifier.out_features == cfg["num_classes"]
+    assert model.steps == cfg["frames"] // 2
+    grid = cfg["image_size"] // 16
+    assert model.spatial.num_tokens == 1 + grid * grid
+    assert model.num_views == cfg.get("temporal_views", 4) * cfg.get("spatial_views", 3)
+    tokens = torch.zeros(1, grid * grid, model.dim)
+    with torch.no_grad():
+        assert model.spatial.position_encoding(torch.cat([tokens[:, :1], tokens], 1)).shape == (
+            1,
+            1 + grid * grid,
+            model.dim,
+        )
