@@ -1,0 +1,1 @@
+"""LightningDataModules for the paper's datasets, read in their published layouts."""

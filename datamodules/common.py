@@ -1,0 +1,70 @@
+"""Shared data-module helpers: format errors, skip accounting, rank sharding."""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TypeVar
+
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+class DataFormatError(ValueError):
+    """A dataset file is malformed; the message names the file (and line)."""
+
+    def __init__(self, path: str | Path, message: str, line: int | None = None) -> None:
+        where = f"{path}" if line is None else f"{path}, line {line}"
+        super().__init__(f"{where}: {message}")
+        self.path = Path(path)
+        self.line = line
+
+
+class SkipLog:
+    """Counts items a dataset skipped (missing, unreadable), by reason.
+
+    ``skip`` warns once per reason (not once per item); ``summary`` gives one
+    line with the totals, for the data module's setup message.
+    """
+
+    def __init__(self, dataset: str) -> None:
+        self.dataset = dataset
+        self.reasons: Counter[str] = Counter()
+        self.examples: dict[str, str] = {}
+
+    def skip(self, reason: str, item: str | Path) -> None:
+        if reason not in self.reasons:
+            warnings.warn(
+                f"{self.dataset}: skipping {item} ({reason}); further items skipped for "
+                "this reason are counted in the summary",
+                stacklevel=2,
+            )
+            self.examples[reason] = str(item)
+        self.reasons[reason] += 1
+
+    @property
+    def total(self) -> int:
+        return sum(self.reasons.values())
+
+    def summary(self, found: int) -> str:
+        """E.g. ``"kinetics400 train: 980 items, 20 skipped (missing: 15, unreadable: 5)"``."""
+        detail = ", ".join(f"{reason}: {n}" for reason, n in sorted(self.reasons.items()))
+        text = f"{self.dataset}: {found} items, {self.total} skipped"
+        return text + (f" ({detail})" if detail else "")
+
+
+def rank_and_world_size() -> tuple[int, int]:
+    """This process's rank and the world size (0, 1 without torch.distributed)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard(items: Sequence[T], rank: int, world_size: int) -> list[T]:
+    """Items ``rank, rank + world, ...``: distinct per rank, none repeated, none lost."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"invalid rank {rank} for world_size {world_size}")
+    return list(items[rank::world_size])
