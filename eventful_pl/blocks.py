@@ -499,7 +499,11 @@ class EventfulBlock(QueryKeyEventfulBlock):
             self.rel_w_t = rel_w.transpose(-1, -2).contiguous()
         logits = self._full_logits(q, k, counted=True)
         self.log_norm = torch.logsumexp(logits, dim=-1)
-        probs = logits.sub_(self.log_norm.unsqueeze(-1)).exp_().to(dtype)
+        if torch.is_grad_enabled():  # logsumexp's backward needs the logits
+            probs = (logits - self.log_norm.unsqueeze(-1)).exp().to(dtype)
+            self.log_norm = self.log_norm.detach()
+        else:
+            probs = logits.sub_(self.log_norm.unsqueeze(-1)).exp_().to(dtype)
         v = v.to(dtype)
         self.keys = k.contiguous().clone()
         self.v_gate.flush(v)

@@ -1,4 +1,8 @@
-"""Operation counts of whole models per video (ViViT), by kind, in GFlops (DESIGN section 5).
+"""Operation counts of whole models, by kind, in GFlops (DESIGN section 5).
+
+ViViT is counted per video (all views, spatial + temporal + classifier),
+ViTDet per frame (backbone only: first frame, later frames, and their average
+over a video).
 
 For a static policy (dense, top-r) the count of a ViViT video follows from
 three measured pieces, because every view and every later step has the same
@@ -10,6 +14,7 @@ over a full forward (tested).
 Example::
 
     report = count_vivit(model, r_values=[50, 100], thresholds=[0.5], video=video)
+    report = count_vitdet(detector, r_values=[256], video_length=100)
     print(json.dumps(report))
 """
 
@@ -23,6 +28,7 @@ from torch import Tensor
 
 from eventful_pl.counting import OP_KINDS, OpCounter, count_ops
 from eventful_pl.gates import TokenGate
+from eventful_pl.models.vitdet import ViTDet
 from eventful_pl.models.vivit import FactorizedViViT
 from eventful_pl.policies import ThresholdPolicy, TopRPolicy
 
@@ -117,3 +123,116 @@ def count_vivit(
             model.set_policy(saved)
         model.reset()
     return {"unit": "GFlops", "per": "video", "settings": settings}
+
+
+@torch.no_grad()
+def _static_frame_counts(model: ViTDet) -> tuple[dict[str, int], dict[str, int]]:
+    """Backbone counts of a first (flush) and a later frame for a static policy."""
+    backbone = model.backbone
+    tokens = torch.randn(2, 1, backbone.input_size[0] * backbone.input_size[1], backbone.dim)
+    backbone.reset()
+    with count_ops(backbone) as first:
+        backbone(tokens[0])
+    with count_ops(backbone) as later:
+        backbone(tokens[1])
+    backbone.reset()
+    return dict(first.counts), dict(later.counts)
+
+
+@torch.no_grad()
+def _video_frame_counts(model: ViTDet, video: Tensor) -> list[dict[str, int]]:
+    """Backbone counts of each frame of ``video`` (T, 3, H, W), one stream."""
+    if video.ndim != 4 or video.shape[1] != 3 or len(video) < 1:
+        raise ValueError(f"count video must have shape (T, 3, H, W), got {tuple(video.shape)}")
+    model.reset()
+    frames = []
+    for frame in video:  # frames of one stream, in order
+        pixels = model.preprocessing(frame[None]).tensors
+        with count_ops(model.backbone) as counter:
+            model.backbone_forward(pixels)
+        frames.append(dict(counter.counts))
+    model.reset()
+    return frames
+
+
+def _frame_report(
+    name: str,
+    r: int | None,
+    threshold: float | None,
+    first: dict[str, int],
+    later: dict[str, int],
+    average: dict[str, float],
+) -> dict:
+    report = _report(name, r, threshold, average)
+    report["first_frame"] = sum(first.values()) / 1e9
+    report["later_frame"] = sum(later.values()) / 1e9
+    return report
+
+
+def _static_frame_report(
+    name: str, r: int | None, model: ViTDet, video_length: int
+) -> dict[str, Any]:
+    first, later = _static_frame_counts(model)
+    average = {
+        kind: (first.get(kind, 0) + (video_length - 1) * later.get(kind, 0)) / video_length
+        for kind in OP_KINDS
+    }
+    return _frame_report(name, r, None, first, later, average)
+
+
+def count_vitdet(
+    model: ViTDet,
+    r_values: Sequence[int] = (),
+    thresholds: Sequence[float] = (),
+    video: Tensor | None = None,
+    video_length: int | None = None,
+    include_dense: bool = True,
+) -> dict[str, Any]:
+    """GFlops per frame of ``model``'s backbone: dense, and with its gates set to
+    each top-r and threshold.
+
+    ``total`` (and ``by_kind``) is the average over a video of ``video_length``
+    frames (default: the length of ``video``), first frame included;
+    ``first_frame`` and ``later_frame`` are the totals of the first (flush) and
+    of a later frame (for thresholds: the mean over the video's later frames).
+    Thresholds need ``video`` (T, 3, H, W): their counts depend on the content.
+    The model's own policy is restored afterwards.
+
+    Returns ``{"unit": "GFlops", "per": "frame", "settings": [{"name", "r",
+    "threshold", "total", "by_kind", "first_frame", "later_frame"}, ...]}``.
+    """
+    if thresholds and video is None:
+        raise ValueError("thresholds: a video is needed to count a threshold policy")
+    if video_length is None:
+        video_length = len(video) if video is not None else 1
+    if video_length < 1:
+        raise ValueError(f"video_length must be at least 1, got {video_length}")
+    gates = [m for m in model.backbone.modules() if isinstance(m, TokenGate)]
+    saved = gates[0].policy if gates else None
+    eventful = bool(gates)
+    if (r_values or thresholds) and not eventful:
+        raise ValueError("r_values/thresholds need an eventful model (variant != 'dense')")
+    settings = []
+    try:
+        if include_dense:
+            dense = model
+            if eventful:  # the same configuration with a dense backbone
+                dense = ViTDet(**{**model.config, "variant": "dense", "policy": None})
+            settings.append(_static_frame_report("dense", None, dense, video_length))
+        for r in r_values:
+            model.set_policy(TopRPolicy(int(r)))
+            settings.append(_static_frame_report(f"r={r}", int(r), model, video_length))
+        for h in thresholds:
+            model.set_policy(ThresholdPolicy(float(h)))
+            frames = _video_frame_counts(model, video)
+            later = frames[1:] or frames
+            later_mean = {k: sum(f.get(k, 0) for f in later) / len(later) for k in OP_KINDS}
+            average = {k: sum(f.get(k, 0) for f in frames) / len(frames) for k in OP_KINDS}
+            settings.append(
+                _frame_report(f"threshold={h}", None, float(h), frames[0], later_mean, average)
+            )
+    finally:
+        if eventful:
+            model.set_policy(saved)
+        model.reset()
+    return {"unit": "GFlops", "per": "frame", "settings": settings}

@@ -1,0 +1,171 @@
+"""Checkpoints for :class:`~eventful_pl.models.vitdet.ViTDet`.
+
+- detectron2 ViTDet-B (``.pkl`` pickled numpy as the model zoo publishes, or
+  ``.pth``; COCO with 80 classes or VID with 30): ``backbone.net.*``,
+  ``backbone.simfp_{2,3,4,5}.*``, ``proposal_generator.rpn_head.*``,
+  ``roi_heads.box_head.*``, ``roi_heads.box_predictor.*``. The absolute position
+  embedding's class-token slot is dropped, the box predictor's background class
+  moves from last (detectron2) to first (torchvision) and gets zero box deltas,
+  and the mask head of COCO Mask R-CNN files is ignored.
+- The original eventful-transformer code's layout (``embedding.conv``,
+  ``backbone.blocks.N.{input_layer_norm, qkv, relative_position.{y,x}_embedding,
+  projection, mlp_layer_norm, mlp_1, mlp_2}``, ``pyramid.stages.*`` and the
+  detectron2 head names).
+- Ours (a :class:`ViTDet` state dict, or a Lightning checkpoint of a module
+  holding one as ``model``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from eventful_pl.checkpoints import RenameRule, load_converted, read_checkpoint, rename_keys
+from eventful_pl.models.vitdet import ViTDet
+
+# Feature pyramid: detectron2 ``simfp_{2,3,4,5}.{i}[.norm]`` -> our stage layer index.
+_PYRAMID = {
+    "2": {"0": "0", "1": "1", "3": "3", "4": "4", "4.norm": "5", "5": "6", "5.norm": "7"},
+    "3": {"0": "0", "1": "1", "1.norm": "2", "2": "3", "2.norm": "4"},
+    "4": {"0": "0", "0.norm": "1", "1": "2", "1.norm": "3"},
+    "5": {"1": "1", "1.norm": "2", "2": "3", "2.norm": "4"},
+}
+_PYRAMID_RULES: list[RenameRule] = [
+    (
+        rf"^backbone\.simfp_{level}\.{re.escape(src)}\.(weight|bias)$",
+        rf"pyramid.stages.{int(level) - 2}.{dst}.\1",
+    )
+    for level, layers in _PYRAMID.items()
+    for src, dst in layers.items()
+]
+
+_BOX_HEAD = "head.roi_heads.box_head."
+_HEAD_RULES: list[RenameRule] = [
+    (r"^proposal_generator\.rpn_head\.conv\.", "head.rpn.head.conv.0.0."),
+    (r"^proposal_generator\.rpn_head\.objectness_logits\.", "head.rpn.head.cls_logits."),
+    (r"^proposal_generator\.rpn_head\.anchor_deltas\.", "head.rpn.head.bbox_pred."),
+    *[
+        (rf"^roi_heads\.box_head\.conv{i + 1}\.weight$", f"{_BOX_HEAD}convs.{3 * i}.weight")
+        for i in range(8)
+    ],
+    *[
+        (rf"^roi_heads\.box_head\.conv{i + 1}\.norm\.", f"{_BOX_HEAD}convs.{3 * i + 1}.")
+        for i in range(8)
+    ],
+    *[(rf"^roi_heads\.box_head\.fc{i + 1}\.", f"{_BOX_HEAD}fcs.{2 * i}.") for i in range(4)],
+    (r"^roi_heads\.box_predictor\.", "head.roi_heads.box_predictor."),
+    (r"^roi_heads\.mask_head\.", None),  # COCO Mask R-CNN: no mask branch here
+    (r"^pixel_(mean|std)$", None),  # our preprocessing holds these
+]
+
+_DETECTRON2_BLOCK = {
+    r"norm1\.": "norm1.",
+    r"attn\.qkv\.": "qkv.",
+    r"attn\.rel_pos_h$": "rel_pos.height",
+    r"attn\.rel_pos_w$": "rel_pos.width",
+    r"attn\.proj\.": "proj.",
+    r"norm2\.": "norm2.",
+    r"mlp\.fc1\.": "fc1.",
+    r"mlp\.fc2\.": "fc2.",
+}
+
+DETECTRON2_RULES: list[RenameRule] = [
+    (r"^backbone\.net\.patch_embed\.proj\.", "embedding.proj."),
+    (r"^backbone\.net\.pos_embed$", "backbone.position_encoding.encoding"),
+    *[
+        (rf"^backbone\.net\.blocks\.(\d+)\.{k}", rf"backbone.blocks.\1.{v}")
+        for k, v in _DETECTRON2_BLOCK.items()
+    ],
+    *_PYRAMID_RULES,
+    *_HEAD_RULES,
+]
+
+_ORIGINAL_BLOCK = {
+    r"input_layer_norm\.": "norm1.",
+    r"qkv\.": "qkv.",
+    r"relative_position\.y_embedding$": "rel_pos.height",
+    r"relative_position\.x_embedding$": "rel_pos.width",
+    r"projection\.": "proj.",
+    r"mlp_layer_norm\.": "norm2.",
+    r"mlp_1\.": "fc1.",
+    r"mlp_2\.": "fc2.",
+}
+
+ORIGINAL_RULES: list[RenameRule] = [
+    (r"^embedding\.conv\.", "embedding.proj."),
+    (r"^backbone\.position_encoding\.encoding$", "backbone.position_encoding.encoding"),
+    *[
+        (rf"^backbone\.blocks\.(\d+)\.{k}", rf"backbone.blocks.\1.{v}")
+        for k, v in _ORIGINAL_BLOCK.items()
+    ],
+    (r"^pyramid\.stages\.", "pyramid.stages."),
+    *_HEAD_RULES,
+]
+
+_PREDICTOR = "head.roi_heads.box_predictor."
+
+
+def _background_first(state_dict: dict[str, Tensor]) -> None:
+    """detectron2's predictor (background score last, no background deltas) ->
+    torchvision's (background first, zero background deltas), in place."""
+    for part in ("weight", "bias"):
+        key = f"{_PREDICTOR}cls_score.{part}"
+        if key in state_dict:
+            scores = state_dict[key]
+            state_dict[key] = torch.cat([scores[-1:], scores[:-1]])
+        key = f"{_PREDICTOR}bbox_pred.{part}"
+        if key in state_dict:
+            deltas = state_dict[key]
+            state_dict[key] = torch.cat([deltas.new_zeros((4, *deltas.shape[1:])), deltas])
+
+
+def _drop_class_slot(state_dict: dict[str, Tensor], model: ViTDet) -> None:
+    """Drops the class-token slot of a (1, 1 + h * w, D) position embedding."""
+    key = "backbone.position_encoding.encoding"
+    if key in state_dict:
+        expected = model.backbone.position_encoding.encoding.shape[1]
+        if state_dict[key].shape[1] == expected + 1:
+            state_dict[key] = state_dict[key][:, 1:]
+
+
+def _state_dict(source: str | os.PathLike | Mapping[str, Tensor]) -> tuple[dict, str]:
+    if isinstance(source, Mapping):
+        return dict(source), "(state dict)"
+    return read_checkpoint(source), str(source)
+
+
+def _load(model: ViTDet, source, rules: list[RenameRule], fmt: str) -> None:
+    state_dict, name = _state_dict(source)
+    renamed, unmatched = rename_keys(state_dict, rules)
+    _drop_class_slot(renamed, model)
+    _background_first(renamed)
+    load_converted(model, renamed, f"{name} ({fmt} layout)", unmatched)
+
+
+def load_detectron2_vitdet(model: ViTDet, source: str | os.PathLike | Mapping[str, Tensor]) -> None:
+    """Loads a detectron2 ViTDet checkpoint (``.pkl``/``.pth`` file or state dict)."""
+    _load(model, source, DETECTRON2_RULES, "detectron2")
+
+
+def load_original_vitdet(model: ViTDet, source: str | os.PathLike | Mapping[str, Tensor]) -> None:
+    """Loads a ViTDet checkpoint saved by the original eventful-transformer code."""
+    _load(model, source, ORIGINAL_RULES, "eventful-transformer")
+
+
+def load_vitdet_checkpoint(model: ViTDet, source: str | os.PathLike | Mapping[str, Tensor]) -> str:
+    """Detects the layout (detectron2, original eventful-transformer, or ours) and
+    loads it. Returns the layout name."""
+    state_dict, name = _state_dict(source)
+    if any(k.startswith("backbone.net.") for k in state_dict):
+        load_detectron2_vitdet(model, state_dict)
+        return "detectron2"
+    if any(k.startswith(("embedding.conv.", "proposal_generator.")) for k in state_dict):
+        load_original_vitdet(model, state_dict)
+        return "eventful-transformer"
+    state_dict = {k.removeprefix("model."): v for k, v in state_dict.items()}
+    load_converted(model, state_dict, f"{name} (eventful-pl layout)")
+    return "eventful-pl"
