@@ -115,7 +115,7 @@ class ViTBackbone(Counted, nn.Module):
             self.input_size,
             self.num_prefix_tokens,
         )
-        rates = torch.linspace(0, drop_path_rate, depth).tolist() if depth else []
+        rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         blocks = []
         for i, variant in enumerate(variants):
             windowed = i in window_block_indices

@@ -4,7 +4,8 @@ ViViT is counted per video (all views, spatial + temporal + classifier),
 ViTDet per frame (backbone only: first frame, later frames, and their average
 over a video).
 
-For a static policy (dense, top-r) the count of a ViViT video follows from
+The dense count runs a twin of the model on the ``meta`` device (shapes only,
+no arithmetic). For a static policy (dense, top-r) the count of a ViViT video follows from
 three measured pieces, because every view and every later step has the same
 shapes: ``views x (first step + (steps - 1) x later step + temporal +
 classifier)``. Data-dependent policies (thresholds) are counted by running the
@@ -55,7 +56,8 @@ def _add(*parts: dict[str, int]) -> dict[str, int]:
 def _static_video_counts(model: FactorizedViViT) -> dict[str, int]:
     """Per-video counts for a static policy, from one view's first and second steps."""
     grid = model.spatial.input_size
-    tokens = torch.randn(2, 1, grid[0] * grid[1], model.dim)
+    device = model.classifier.weight.device
+    tokens = torch.randn(2, 1, grid[0] * grid[1], model.dim, device=device)
     model.spatial.reset()
     with count_ops(model.spatial) as first:
         model.spatial(tokens[0])
@@ -63,7 +65,7 @@ def _static_video_counts(model: FactorizedViViT) -> dict[str, int]:
         model.spatial(tokens[1])
     model.spatial.reset()
     with count_ops(model) as temporal:
-        model.temporal_forward(torch.randn(1, model.steps, model.dim))
+        model.temporal_forward(torch.randn(1, model.steps, model.dim, device=device))
     per_view = _add(_scaled(first, 1), _scaled(later, model.steps - 1), _scaled(temporal, 1))
     return {kind: n * model.num_views for kind, n in per_view.items()}
 
@@ -102,8 +104,8 @@ def count_vivit(
     settings = []
     try:
         if include_dense:
-            dense = model
-            if eventful:  # the same configuration with dense spatial blocks
+            # The same configuration with dense spatial blocks, shapes only.
+            with torch.device("meta"):
                 dense = FactorizedViViT(
                     **{**model.config, "spatial_variant": "dense", "policy": None}
                 )
@@ -129,7 +131,9 @@ def count_vivit(
 def _static_frame_counts(model: ViTDet) -> tuple[dict[str, int], dict[str, int]]:
     """Backbone counts of a first (flush) and a later frame for a static policy."""
     backbone = model.backbone
-    tokens = torch.randn(2, 1, backbone.input_size[0] * backbone.input_size[1], backbone.dim)
+    grid = backbone.input_size
+    device = backbone.blocks[0].qkv.weight.device
+    tokens = torch.randn(2, 1, grid[0] * grid[1], backbone.dim, device=device)
     backbone.reset()
     with count_ops(backbone) as first:
         backbone(tokens[0])
@@ -215,8 +219,8 @@ def count_vitdet(
     settings = []
     try:
         if include_dense:
-            dense = model
-            if eventful:  # the same configuration with a dense backbone
+            # The same configuration with a dense backbone, shapes only.
+            with torch.device("meta"):
                 dense = ViTDet(**{**model.config, "variant": "dense", "policy": None})
             settings.append(_static_frame_report("dense", None, dense, video_length))
         for r in r_values:

@@ -6,6 +6,7 @@ import torch
 from eventful_pl.attention import pool_token_index, window_partition, window_unpartition
 from eventful_pl.blocks import build_block
 from eventful_pl.indexing import gather_tokens, scatter_tokens_
+from eventful_pl.policies import TopRPolicy
 from tests.helpers import DIM, HEADS, make_pair, video_stream
 
 
@@ -148,3 +149,25 @@ def test_eventful_blocks_run_under_autograd(variant):
     out.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
     assert model.blocks[0].fc1.weight.grad is not None
+
+
+@pytest.mark.parametrize("variant", ["tokenwise", "query_key", "full"])
+@pytest.mark.parametrize(
+    "options",
+    [dict(relative_embedding_size=4), dict(pool_size=2), dict(matmul_2_cast="bfloat16")],
+    ids=["relpos", "pooled", "bf16"],
+)
+def test_flush_frame_gradients_equal_the_dense_block(variant, options):
+    """Training an eventful model on single frames (each a flush) is dense training."""
+    dense, eventful = make_pair(variant, input_size=(6, 6), policy=TopRPolicy(5), **options)
+    x = torch.randn(2, 36, DIM)
+    grads = []
+    for block in (dense, eventful):
+        inputs = x.clone().requires_grad_(True)
+        block(inputs).square().sum().backward()
+        grads.append((inputs.grad, block.qkv.weight.grad, block.fc1.weight.grad))
+    for got, want in zip(grads[1], grads[0]):
+        if "matmul_2_cast" in options:  # bf16 A and V round differently: compare norms
+            assert (got - want).norm() < 1e-2 * want.norm()
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

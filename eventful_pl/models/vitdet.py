@@ -17,6 +17,7 @@ the RPN and box-head losses.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -98,7 +99,7 @@ class SimpleFeaturePyramid(nn.Module):
                 LayerNorm2d(out_channels, eps=LN_EPS),
             ]
             stages.append(nn.Sequential(*layers))
-            self.names.append(f"p{int(round(torch.tensor(patch_stride / scale).log2().item()))}")
+            self.names.append(f"p{round(math.log2(patch_stride / scale))}")
         self.stages = nn.ModuleList(stages)
         last = int(self.names[-1][1:])
         self.names.append(f"p{last + 1}")
