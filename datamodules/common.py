@@ -68,3 +68,41 @@ def shard(items: Sequence[T], rank: int, world_size: int) -> list[T]:
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"invalid rank {rank} for world_size {world_size}")
     return list(items[rank::world_size])
+
+
+def read_csv_rows(path: str | Path, required: Sequence[str]) -> list[tuple[int, dict[str, str]]]:
+    """Rows of a CSV file with a header, as ``(line number, {column: text})``.
+
+    Raises DataFormatError naming the file (line 1) if a ``required`` column is
+    absent from the header, and naming the line if a row lacks a value for one.
+    Line numbers count physical lines (1 = header), as an editor shows them.
+    """
+    import csv
+
+    path = Path(path)
+    try:
+        handle = path.open(newline="", encoding="utf-8")
+    except OSError as error:
+        raise DataFormatError(path, f"cannot read annotation file ({error})") from error
+    with handle:
+        reader = csv.DictReader(handle)
+        header = reader.fieldnames or []
+        absent = [name for name in required if name not in header]
+        if absent:
+            raise DataFormatError(path, f"missing column(s) {absent}; header is {header}", 1)
+        rows = []
+        for row in reader:
+            line = reader.line_num
+            empty = [name for name in required if row.get(name) in (None, "")]
+            if empty:
+                raise DataFormatError(path, f"no value for column(s) {empty}", line)
+            rows.append((line, row))
+    return rows
+
+
+def parse_int(path: str | Path, line: int, column: str, text: str) -> int:
+    """``int(text)``, or DataFormatError naming the file, line and column."""
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise DataFormatError(path, f"{column} must be an integer, got {text!r}", line) from None

@@ -1,0 +1,250 @@
+"""Kinetics-400 read in its published layout (annotation CSVs + clip files), with decord.
+
+Layout (the CVDF / ``kinetics-dataset`` copy; the others below are found too)::
+
+    root/annotations/train.csv        # label,youtube_id,time_start,time_end,split
+    root/annotations/val.csv
+    root/train/<youtube_id>_<time_start:06d>_<time_end:06d>.mp4
+    root/val/...
+
+Also accepted: annotation files directly in ``root`` (or ``annotation_dir``) named
+``{split}.csv``, ``kinetics400_{split}.csv`` or ``kinetics-400_{split}.csv``
+(``val`` and ``validate`` are aliases); clips in ``root/{split}/`` or
+``root/videos/{split}/``, directly or in per-class subfolders (the ActivityNet
+downloader), with extension ``.mp4``, ``.mkv``, ``.webm``, ``.avi`` or ``.mov``.
+
+Label index = position of the class name in the sorted list of the training
+split's class names (``classes`` overrides). Missing and unreadable clips are
+skipped with one warning per reason and counted (``summaries``).
+
+Usage::
+
+    from datamodules.kinetics import KineticsDataModule
+
+    data = KineticsDataModule("/data/kinetics400", batch_size=16, frames=32, stride=2)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))  # video (16, 32, 3, 224, 224) uint8
+    print(data.summaries["train"])  # "kinetics400 train: 234619 items, 1225 skipped (...)"
+
+In LightningCLI YAML::
+
+    data:
+      class_path: datamodules.kinetics.KineticsDataModule
+      init_args: {root: /data/kinetics400, batch_size: 16, frames: 32, stride: 2}
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from datamodules.common import DataFormatError, parse_int, read_csv_rows
+from datamodules.transforms import ClipSampling
+from datamodules.video import ClipDataModule, ClipItem
+
+COLUMNS = ("label", "youtube_id", "time_start", "time_end")
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov")
+_ALIASES = {"val": ("val", "validate"), "validate": ("validate", "val")}
+
+
+@dataclass(frozen=True)
+class KineticsRow:
+    """One annotation row; ``line`` is its line in ``file``."""
+
+    label: str
+    youtube_id: str
+    time_start: int
+    time_end: int
+    file: Path
+    line: int
+
+    @property
+    def clip(self) -> str:
+        """The clip's file name without extension."""
+        return f"{self.youtube_id}_{self.time_start:06d}_{self.time_end:06d}"
+
+
+def read_annotations(path: str | Path) -> list[KineticsRow]:
+    """Rows of a Kinetics annotation CSV; DataFormatError names file and line of a bad row."""
+    path = Path(path)
+    rows = []
+    for line, row in read_csv_rows(path, COLUMNS):
+        start = parse_int(path, line, "time_start", row["time_start"])
+        end = parse_int(path, line, "time_end", row["time_end"])
+        if end < start:
+            raise DataFormatError(path, f"time_end {end} < time_start {start}", line)
+        rows.append(
+            KineticsRow(row["label"].strip(), row["youtube_id"].strip(), start, end, path, line)
+        )
+    return rows
+
+
+def find_annotation_file(root: Path, split: str, annotation_dir: Path | None = None) -> Path:
+    """The annotation CSV of ``split`` (see module docstring); FileNotFoundError lists the tries."""
+    folders = [annotation_dir] if annotation_dir is not None else [root / "annotations", root]
+    names = _ALIASES.get(split, (split,))
+    tried = []
+    for folder in folders:
+        for name in names:
+            for pattern in ("{}.csv", "kinetics400_{}.csv", "kinetics-400_{}.csv"):
+                candidate = folder / pattern.format(name)
+                if candidate.is_file():
+                    return candidate
+                tried.append(str(candidate))
+    raise FileNotFoundError(f"Kinetics {split!r}: no annotation file; tried {tried}")
+
+
+def find_video_dir(root: Path, split: str) -> Path:
+    """The folder holding the clips of ``split``; FileNotFoundError lists the tries."""
+    tried = []
+    for name in _ALIASES.get(split, (split,)):
+        for candidate in (root / name, root / "videos" / name):
+            if candidate.is_dir():
+                return candidate
+            tried.append(str(candidate))
+    raise FileNotFoundError(f"Kinetics {split!r}: no video folder; tried {tried}")
+
+
+def index_videos(folder: Path) -> dict[str, Path]:
+    """Clip name (file stem) -> path of every video under ``folder`` (one directory walk)."""
+    found: dict[str, Path] = {}
+    for directory, subdirs, files in os.walk(folder):
+        subdirs.sort()
+        for name in sorted(files):
+            stem, ext = os.path.splitext(name)
+            if ext.lower() in VIDEO_EXTENSIONS and stem not in found:
+                found[stem] = Path(directory) / name
+    return found
+
+
+def kinetics_items(
+    rows: Sequence[KineticsRow], classes: Sequence[str], videos: dict[str, Path], folder: Path
+) -> list[ClipItem]:
+    """Clip items (label = index in ``classes``); clips not on disk point to their expected path."""
+    index = {name: i for i, name in enumerate(classes)}
+    items = []
+    for row in rows:
+        if row.label not in index:
+            raise DataFormatError(row.file, f"label {row.label!r} is not a known class", row.line)
+        path = videos.get(row.clip, folder / f"{row.clip}.mp4")
+        items.append(ClipItem(row.clip, path, index[row.label]))
+    return items
+
+
+class KineticsDataModule(ClipDataModule):
+    """Kinetics-400 clips for ViViT: random training clips, whole evaluation clips.
+
+    Train batches: ``{"video": (B, frames, 3, crop_size, crop_size) uint8,
+    "label": (B,) int64, "id": [B]}`` (Lightning's default sampler shards them
+    under DDP). Evaluation batches (val/test): whole clips for the model's
+    multi-view preprocessing, ``{"video": (B, T, 3, H, W) uint8, "length": (B,),
+    "label": (B,), "id": [B], "skipped": [...]}``, short side ``eval_short_side``;
+    each rank gets its own shard (:func:`datamodules.common.shard`), nothing repeated.
+
+    Args:
+        root: Dataset root (see module docstring for the layouts).
+        train_split: Training split (folder / annotation name).
+        val_split: Validation split.
+        test_split: Test split (None: the validation split).
+        annotation_dir: Folder of the annotation CSVs (default: ``root/annotations``
+            or ``root``).
+        classes: Class names in label order (default: sorted names of the
+            training split's annotation file).
+        batch_size: Training clips per batch.
+        eval_batch_size: Evaluation clips per batch (clips of one batch must share
+            a frame size; 1 avoids padding).
+        num_workers: DataLoader workers.
+        frames: Frames per training clip.
+        stride: Frame step within a training clip.
+        crop_size: Training crop side.
+        scale_range: Training short side = ``crop_size * s``, ``s ~ U(scale_range)``.
+        flip_prob: Horizontal flip probability in training.
+        eval_short_side: Short side of evaluation frames (None: ``crop_size``;
+            0: keep the decoded size).
+        train_limit: Use only this many training clips (a fixed random subset,
+            e.g. the paper's ~40k-video subset); None: all.
+        seed: Seed of the training subset.
+        probe: Open every clip at setup to skip unreadable ones (else only missing
+            files are skipped at setup; a clip failing later is replaced/reported).
+        probe_workers: Threads opening clips at setup.
+        probe_cache: JSON file keeping probe results between runs (optional).
+        decode_threads: decord threads per reader.
+        pin_memory: DataLoader ``pin_memory``.
+        rank: This process's rank (default: from torch.distributed).
+        world_size: Number of ranks (default: from torch.distributed).
+    """
+
+    name = "kinetics400"
+
+    def __init__(
+        self,
+        root: str,
+        train_split: str = "train",
+        val_split: str = "val",
+        test_split: str | None = None,
+        annotation_dir: str | None = None,
+        classes: list[str] | None = None,
+        batch_size: int = 16,
+        eval_batch_size: int = 1,
+        num_workers: int = 4,
+        frames: int = 32,
+        stride: int = 2,
+        crop_size: int = 224,
+        scale_range: tuple[float, float] = (256 / 224, 320 / 224),
+        flip_prob: float = 0.5,
+        eval_short_side: int | None = None,
+        train_limit: int | None = None,
+        seed: int = 0,
+        probe: bool = True,
+        probe_workers: int = 8,
+        probe_cache: str | None = None,
+        decode_threads: int = 1,
+        pin_memory: bool = False,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        short = crop_size if eval_short_side is None else (eval_short_side or None)
+        super().__init__(
+            root,
+            train_split,
+            val_split,
+            test_split,
+            batch_size,
+            eval_batch_size,
+            num_workers,
+            ClipSampling(frames, stride, crop_size, tuple(scale_range), flip_prob, short),
+            train_limit=train_limit,
+            seed=seed,
+            probe=probe,
+            probe_workers=probe_workers,
+            probe_cache=probe_cache,
+            decode_threads=decode_threads,
+            open_readers=1,
+            pin_memory=pin_memory,
+            rank=rank,
+            world_size=world_size,
+        )
+        self.save_hyperparameters()
+        self.annotation_dir = Path(annotation_dir) if annotation_dir else None
+        self._classes = list(classes) if classes else None
+
+    # ----------------------------------------------------------------- indexing
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names in label order (sorted names of the training split by default)."""
+        if self._classes is None:
+            path = find_annotation_file(self.root, self.train_split, self.annotation_dir)
+            self._classes = sorted({row.label for row in read_annotations(path)})
+        return self._classes
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def load_items(self, split: str) -> list[ClipItem]:
+        rows = read_annotations(find_annotation_file(self.root, split, self.annotation_dir))
+        folder = find_video_dir(self.root, split)
+        return kinetics_items(rows, self.classes, index_videos(folder), folder)

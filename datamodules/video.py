@@ -1,0 +1,641 @@
+"""Reading videos with decord, and the clip dataset shared by Kinetics and EPIC-Kitchens.
+
+Videos are read where they lie (no frame extraction): ``decord.VideoReader``
+indexes the container and ``get_batch`` decodes only the frames a clip needs.
+
+Usage::
+
+    from datamodules.video import ClipItem, VideoClipDataset, probe_video, read_frames
+
+    info = probe_video("clip.mp4")                 # VideoInfo(num_frames=300, fps=30.0)
+    frames = read_frames("clip.mp4", [0, 2, 4])    # (3, C, H, W) uint8
+
+    items = [ClipItem("abc_000010_000020", Path("clip.mp4"), label=3)]
+    dataset = VideoClipDataset(items, "train", ClipSampling(frames=32, stride=2), "demo")
+    dataset[0]  # {"video": (32, C, 224, 224) uint8, "label": 3, "id": "abc_000010_000020"}
+
+An item is a whole video or a segment of one (``start``/``stop`` in frames or
+seconds). Training items give ``frames`` frames at ``stride`` from a random
+start inside the segment with a random crop/flip; evaluation items give every
+frame of the segment, short side resized to ``eval_short_side``. Items that
+cannot be read are skipped (and counted) at setup by :func:`filter_readable`;
+a video that fails later is replaced by another item in training and reported
+in the batch's ``skipped`` list in evaluation, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import decord
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from datamodules.common import SkipLog, rank_and_world_size, shard
+from datamodules.transforms import (
+    ClipSampling,
+    TrainClipTransform,
+    resize,
+    short_side_size,
+    train_clip_indices,
+)
+
+Mode = Literal["train", "eval"]
+
+
+class VideoReadError(RuntimeError):
+    """A video file is missing, cannot be opened or cannot be decoded (names the file)."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = Path(path)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """Container facts read from the file: frame count and average frame rate."""
+
+    num_frames: int
+    fps: float
+
+
+def open_video(path: str | Path, num_threads: int = 1) -> decord.VideoReader:
+    """Opens ``path`` with ``decord.VideoReader`` on the CPU; raises VideoReadError."""
+    path = Path(path)
+    if not path.is_file():
+        raise VideoReadError(path, "file not found")
+    try:
+        reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=num_threads)
+    except (RuntimeError, decord.DECORDError) as error:
+        raise VideoReadError(path, f"cannot open video ({_first_line(error)})") from error
+    if len(reader) == 0:
+        raise VideoReadError(path, "video has no frames")
+    return reader
+
+
+def probe_video(path: str | Path) -> VideoInfo:
+    """Frame count and fps of ``path`` (opens the container, decodes nothing)."""
+    reader = open_video(path)
+    return VideoInfo(num_frames=len(reader), fps=float(reader.get_avg_fps()))
+
+
+def read_frames(
+    video: str | Path | decord.VideoReader,
+    indices: Sequence[int],
+    short_side: int | None = None,
+    chunk: int = 64,
+    path: str | Path | None = None,
+) -> Tensor:
+    """Decodes the frames ``indices`` -> ``(len(indices), C, H, W) uint8``.
+
+    Repeated indices are decoded once. With ``short_side`` the frames are
+    resized (bilinear, antialiased) ``chunk`` frames at a time, so a long clip
+    never holds all its full-size frames at once. ``path`` names an open
+    reader's file in errors.
+    """
+    if isinstance(video, (str, Path)):
+        path, reader = video, open_video(video)
+    else:
+        reader = video
+    wanted = np.asarray(indices, dtype=np.int64)
+    if wanted.size == 0:
+        raise ValueError("read_frames needs at least one frame index")
+    if wanted.min() < 0 or wanted.max() >= len(reader):
+        raise IndexError(
+            f"frame indices outside [0, {len(reader)}): {wanted.min()}..{wanted.max()}"
+        )
+    unique, inverse = np.unique(wanted, return_inverse=True)
+    parts = []
+    for begin in range(0, unique.size, chunk):
+        try:
+            array = reader.get_batch(unique[begin : begin + chunk].tolist()).asnumpy()
+        except (RuntimeError, decord.DECORDError) as error:
+            raise VideoReadError(
+                path or "<video>", f"cannot decode frames ({_first_line(error)})"
+            ) from error
+        frames = torch.from_numpy(array).permute(0, 3, 1, 2)  # (t, C, H, W), channels-last
+        if short_side is not None:
+            frames = resize(frames, short_side_size(*frames.shape[-2:], short_side))
+        parts.append(frames)
+    frames = torch.cat(parts) if len(parts) > 1 else parts[0]
+    if unique.size != wanted.size or not np.array_equal(unique, wanted):
+        frames = frames[torch.from_numpy(inverse.reshape(-1))]
+    return frames.contiguous()
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(error).__name__
+
+
+class ReaderCache:
+    """The last few opened readers of this process (segments of one long video share one).
+
+    Args:
+        size: Readers kept open.
+        num_threads: Decoder threads per reader (1 suits DataLoader workers).
+    """
+
+    def __init__(self, size: int = 2, num_threads: int = 1) -> None:
+        self.size = max(1, size)
+        self.num_threads = num_threads
+        self._readers: dict[Path, decord.VideoReader] = {}
+
+    def get(self, path: Path) -> decord.VideoReader:
+        reader = self._readers.pop(path, None)
+        if reader is None:
+            reader = open_video(path, self.num_threads)
+        self._readers[path] = reader  # most recent last
+        while len(self._readers) > self.size:
+            self._readers.pop(next(iter(self._readers)))
+        return reader
+
+    def drop(self, path: Path) -> None:
+        self._readers.pop(path, None)
+
+
+# ---------------------------------------------------------------------------- items
+
+
+@dataclass(frozen=True)
+class ClipItem:
+    """One dataset item: a video, or a segment of it.
+
+    ``start``/``stop`` bound the segment: 0-based frame numbers (``stop``
+    exclusive) when ``unit == "frame"``, seconds when ``unit == "second"``
+    (converted with the video's real fps); None means the video's start/end.
+    """
+
+    id: str
+    path: Path
+    label: int
+    start: float | None = None
+    stop: float | None = None
+    unit: Literal["frame", "second"] = "frame"
+
+    def frame_range(self, info: VideoInfo) -> tuple[int, int]:
+        """The segment as frame numbers ``[first, stop)`` clipped to the video.
+
+        Raises ValueError if the segment lies outside the video.
+        """
+        scale = info.fps if self.unit == "second" else 1.0
+        first = 0 if self.start is None else int(round(self.start * scale))
+        stop = info.num_frames if self.stop is None else int(round(self.stop * scale))
+        if self.unit == "second" and self.stop is not None:
+            stop = max(stop, first + 1)  # a timestamp pair shorter than one frame
+        first, stop = max(0, first), min(info.num_frames, stop)
+        if stop <= first:
+            raise ValueError(
+                f"segment [{self.start}, {self.stop}) {self.unit}s lies outside the video "
+                f"({info.num_frames} frames at {info.fps:g} fps)"
+            )
+        return first, stop
+
+
+def _probe_one(path: Path) -> VideoInfo | VideoReadError:
+    try:
+        return probe_video(path)
+    except VideoReadError as error:
+        return error
+
+
+def probe_videos(
+    paths: Iterable[Path], workers: int = 8, cache_file: str | Path | None = None
+) -> dict[Path, VideoInfo | VideoReadError]:
+    """Opens every video (in ``workers`` threads): its info, or the error it gave.
+
+    With ``cache_file`` (JSON), results are kept by path, size and modification
+    time, so a second run only opens new or changed files.
+    """
+    paths = list(dict.fromkeys(paths))
+    cache = _load_probe_cache(cache_file)
+    results: dict[Path, VideoInfo | VideoReadError] = {}
+    todo: list[Path] = []
+    stamps: dict[Path, list[int]] = {}
+    for path in paths:
+        try:
+            stat = path.stat()
+        except OSError:
+            results[path] = VideoReadError(path, "file not found")
+            continue
+        stamps[path] = [stat.st_size, stat.st_mtime_ns]
+        hit = cache.get(str(path))
+        if hit is not None and hit[:2] == stamps[path]:
+            value = hit[2]
+            results[path] = (
+                VideoInfo(int(value[0]), float(value[1]))
+                if isinstance(value, list)
+                else VideoReadError(path, value)
+            )
+        else:
+            todo.append(path)
+    if todo:
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            for path, result in zip(todo, pool.map(_probe_one, todo)):
+                results[path] = result
+        if cache_file is not None:
+            for path in todo:
+                result = results[path]
+                value = (
+                    [result.num_frames, result.fps]
+                    if isinstance(result, VideoInfo)
+                    else result.reason
+                )
+                cache[str(path)] = [*stamps[path], value]
+            _write_json_atomic(Path(cache_file), cache)
+    return {path: results[path] for path in paths}
+
+
+def _load_probe_cache(cache_file: str | Path | None) -> dict[str, Any]:
+    if cache_file is None or not Path(cache_file).is_file():
+        return {}
+    try:
+        data = json.loads(Path(cache_file).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        warnings.warn(f"ignoring unreadable probe cache {cache_file}: {error}", stacklevel=3)
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def filter_readable(
+    items: Sequence[ClipItem],
+    skip_log: SkipLog,
+    probe: bool = True,
+    workers: int = 8,
+    cache_file: str | Path | None = None,
+) -> list[ClipItem]:
+    """The items whose video exists (and, with ``probe``, opens and holds the segment).
+
+    Every dropped item is counted in ``skip_log`` by reason (``missing``,
+    ``unreadable``, ``segment outside video``); the log warns once per reason.
+    """
+    kept: list[ClipItem] = []
+    if not probe:
+        for item in items:
+            if item.path.is_file():
+                kept.append(item)
+            else:
+                skip_log.skip("missing", item.path)
+        return kept
+    infos = probe_videos([item.path for item in items], workers, cache_file)
+    for item in items:
+        info = infos[item.path]
+        if isinstance(info, VideoReadError):
+            reason = "missing" if info.reason == "file not found" else "unreadable"
+            skip_log.skip(reason, info)
+            continue
+        try:
+            item.frame_range(info)
+        except ValueError as error:
+            skip_log.skip("segment outside video", f"{item.id} in {item.path}: {error}")
+            continue
+        kept.append(item)
+    return kept
+
+
+# -------------------------------------------------------------------------- dataset
+
+
+class VideoClipDataset(Dataset):
+    """Clips of video items, decoded on access.
+
+    Args:
+        items: The videos/segments (already filtered by :func:`filter_readable`).
+        mode: ``"train"`` (random clip of ``frames`` at ``stride``, random crop and
+            flip) or ``"eval"`` (every frame of the segment, short side resized).
+        sampling: Clip sampling settings.
+        name: Dataset name for warnings (e.g. ``"kinetics400 val"``).
+        decode_threads: decord decoder threads per reader.
+        open_readers: Readers kept open per process (long videos with many segments).
+        max_retries: Training: other items tried when a video fails to decode.
+
+    Items: ``{"video": (T, C, H, W) uint8, "label": int, "id": str}``; T = ``frames``
+    and H = W = ``crop_size`` in training, T = segment length in evaluation. An
+    evaluation item that fails to decode is ``{"video": None, "label": -1, "id": ...}``
+    (see :func:`collate_eval`).
+    """
+
+    def __init__(
+        self,
+        items: Sequence[ClipItem],
+        mode: Mode,
+        sampling: ClipSampling,
+        name: str,
+        decode_threads: int = 1,
+        open_readers: int = 2,
+        max_retries: int = 10,
+    ) -> None:
+        if mode not in ("train", "eval"):
+            raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
+        self.items = list(items)
+        self.mode = mode
+        self.sampling = sampling
+        self.name = name
+        self.decode_threads = decode_threads
+        self.open_readers = open_readers
+        self.max_retries = max_retries
+        self.transform = TrainClipTransform(sampling)
+        #: Items that failed to decode in this process (after setup).
+        self.skip_log = SkipLog(f"{name} (while loading)")
+        self._readers: ReaderCache | None = None
+        self._bad: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def readers(self) -> ReaderCache:
+        if self._readers is None:  # made lazily: one per DataLoader worker process
+            self._readers = ReaderCache(self.open_readers, self.decode_threads)
+        return self._readers
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_readers"] = None  # decord readers do not pickle (spawned workers)
+        return state
+
+    def load(self, item: ClipItem, generator: torch.Generator | None = None) -> Tensor:
+        """Decodes one item's clip (see class docstring); raises VideoReadError."""
+        reader = self.readers.get(item.path)
+        try:
+            info = VideoInfo(len(reader), float(reader.get_avg_fps()))
+            try:
+                first, stop = item.frame_range(info)
+            except ValueError as error:
+                raise VideoReadError(item.path, f"{item.id}: {error}") from error
+            if self.mode == "train":
+                s = self.sampling
+                indices = train_clip_indices(first, stop, s.frames, s.stride, generator)
+                return self.transform(read_frames(reader, indices, path=item.path), generator)
+            short = self.sampling.eval_short_side
+            return read_frames(reader, range(first, stop), short, path=item.path)
+        except VideoReadError:
+            self.readers.drop(item.path)
+            raise
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if self.mode == "eval":
+            item = self.items[index]
+            try:
+                video = self.load(item)
+            except VideoReadError as error:
+                self.skip_log.skip("unreadable", error)
+                return {"video": None, "label": -1, "id": item.id}
+            return {"video": video, "label": item.label, "id": item.id}
+        for _ in range(self.max_retries + 1):
+            item = self.items[index]
+            try:
+                return {"video": self.load(item), "label": item.label, "id": item.id}
+            except VideoReadError as error:
+                self.skip_log.skip("unreadable", error)
+                self._bad.add(index)
+                if len(self._bad) >= len(self.items):
+                    break
+                while index in self._bad:
+                    index = int(torch.randint(len(self.items), ()))
+        raise VideoReadError(
+            self.items[index].path, f"{self.name}: too many unreadable videos in a row"
+        )
+
+
+class LocalShardSampler(DistributedSampler):
+    """Every index, in order, of a dataset that already holds only this rank's shard.
+
+    Being a ``DistributedSampler``, Lightning keeps it instead of injecting its
+    own, which would split the shard again and pad it with repeated items.
+
+    Args:
+        dataset: This rank's shard.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        super().__init__(dataset, num_replicas=1, rank=0, shuffle=False, drop_last=False)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(len(self.dataset)))
+
+
+def collate_train(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Training items -> ``{"video": (B, T, C, h, w) uint8, "label": (B,) int64, "id": [B]}``."""
+    return {
+        "video": torch.stack([item["video"] for item in batch]),
+        "label": torch.tensor([item["label"] for item in batch], dtype=torch.long),
+        "id": [item["id"] for item in batch],
+    }
+
+
+def collate_eval(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Evaluation items -> one batch of whole clips.
+
+    Returns ``{"video": (B, T_max, C, H, W) uint8, "length": (B,) int64,
+    "label": (B,) int64, "id": [B], "skipped": [ids that failed to decode]}``.
+    Clips shorter than ``T_max`` repeat their last frame (use ``length`` to cut
+    them back; with batch size 1 there is no padding). Frames of one batch must
+    share H x W. If every item failed, ``video`` has B = 0.
+    """
+    good = [item for item in batch if item["video"] is not None]
+    skipped = [item["id"] for item in batch if item["video"] is None]
+    if not good:
+        return {
+            "video": torch.empty(0, 0, 3, 0, 0, dtype=torch.uint8),
+            "length": torch.empty(0, dtype=torch.long),
+            "label": torch.empty(0, dtype=torch.long),
+            "id": [],
+            "skipped": skipped,
+        }
+    sizes = {tuple(item["video"].shape[1:]) for item in good}
+    if len(sizes) > 1:
+        raise ValueError(
+            f"evaluation clips of one batch differ in frame size {sorted(sizes)} "
+            f"({[item['id'] for item in good]}); use eval_batch_size=1"
+        )
+    lengths = [item["video"].shape[0] for item in good]
+    longest = max(lengths)
+    videos = [
+        torch.cat([v, v[-1:].expand(longest - len(v), *v.shape[1:])]) if len(v) < longest else v
+        for v in (item["video"] for item in good)
+    ]
+    return {
+        "video": torch.stack(videos),
+        "length": torch.tensor(lengths, dtype=torch.long),
+        "label": torch.tensor([item["label"] for item in good], dtype=torch.long),
+        "id": [item["id"] for item in good],
+        "skipped": skipped,
+    }
+
+
+# ---------------------------------------------------------------------- data module
+
+
+class ClipDataModule(L.LightningDataModule):
+    """Shared machinery of the video data modules: setup, skipping, sharding, loaders.
+
+    A subclass lists a split's items in :meth:`load_items`; this class skips
+    missing/unreadable videos (``summaries`` says how many), shards evaluation
+    splits by rank and makes the loaders. Train batches come from
+    :func:`collate_train`, evaluation batches from :func:`collate_eval`.
+
+    Args:
+        root: Dataset root.
+        train_split: Training split name.
+        val_split: Validation split name.
+        test_split: Test split name (None: the validation split).
+        batch_size: Training clips per batch.
+        eval_batch_size: Evaluation clips per batch.
+        num_workers: DataLoader workers.
+        sampling: Clip sampling settings.
+        train_limit: Use only this many training items (fixed random subset).
+        seed: Seed of the training subset.
+        probe: Open every video at setup to skip unreadable ones.
+        probe_workers: Threads opening videos at setup.
+        probe_cache: JSON file keeping probe results between runs.
+        decode_threads: decord threads per reader.
+        open_readers: Readers kept open per worker.
+        pin_memory: DataLoader ``pin_memory``.
+        rank: This process's rank (default: from torch.distributed).
+        world_size: Number of ranks (default: from torch.distributed).
+    """
+
+    name = "video"
+
+    def __init__(
+        self,
+        root: str,
+        train_split: str,
+        val_split: str,
+        test_split: str | None,
+        batch_size: int,
+        eval_batch_size: int,
+        num_workers: int,
+        sampling: ClipSampling,
+        train_limit: int | None = None,
+        seed: int = 0,
+        probe: bool = True,
+        probe_workers: int = 8,
+        probe_cache: str | None = None,
+        decode_threads: int = 1,
+        open_readers: int = 2,
+        pin_memory: bool = False,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.root = Path(root)
+        self.train_split, self.val_split = train_split, val_split
+        self.test_split = test_split or val_split
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.sampling = sampling
+        self.train_limit, self.seed = train_limit, seed
+        self.probe, self.probe_workers, self.probe_cache = probe, probe_workers, probe_cache
+        self.decode_threads, self.open_readers = decode_threads, open_readers
+        self.rank, self.world_size = rank, world_size
+        #: What setup found and skipped, by split (also logged on rank 0).
+        self.summaries: dict[str, str] = {}
+        #: Datasets by role: "train", "val", "test".
+        self.datasets: dict[str, VideoClipDataset] = {}
+
+    def load_items(self, split: str) -> list[ClipItem]:
+        """Every item listed for ``split`` (videos may be missing or unreadable)."""
+        raise NotImplementedError
+
+    def rank_and_world_size(self) -> tuple[int, int]:
+        """The explicit ``rank``/``world_size`` arguments, else torch.distributed's."""
+        if self.rank is not None or self.world_size is not None:
+            return self.rank or 0, self.world_size or 1
+        return rank_and_world_size()
+
+    def build_dataset(self, split: str, mode: Mode) -> VideoClipDataset:
+        """The dataset of ``split``: every item (train) or this rank's shard (eval)."""
+        items = self.load_items(split)
+        name = f"{self.name} {split}"
+        if mode == "eval":
+            rank, world = self.rank_and_world_size()
+            items = shard(items, rank, world)
+            if world > 1:
+                name += f" (rank {rank} of {world})"
+        elif self.train_limit is not None and self.train_limit < len(items):
+            order = torch.randperm(len(items), generator=torch.Generator().manual_seed(self.seed))
+            items = [items[i] for i in sorted(order[: self.train_limit].tolist())]
+        log = SkipLog(name)
+        items = filter_readable(items, log, self.probe, self.probe_workers, self.probe_cache)
+        summary = log.summary(len(items))
+        self.summaries[split if mode == "train" else f"{split} (eval)"] = summary
+        rank_zero_info(summary)
+        if not items:
+            raise RuntimeError(f"{summary}: no readable videos under {self.root}")
+        return VideoClipDataset(
+            items, mode, self.sampling, name, self.decode_threads, self.open_readers
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        roles = {
+            "fit": [("train", self.train_split), ("val", self.val_split)],
+            "validate": [("val", self.val_split)],
+            "test": [("test", self.test_split)],
+            "predict": [("test", self.test_split)],
+        }.get(stage or "fit")
+        if roles is None:
+            raise ValueError(f"unknown stage {stage!r}")
+        for role, split in roles:
+            if role not in self.datasets:
+                self.datasets[role] = self.build_dataset(
+                    split, "train" if role == "train" else "eval"
+                )
+
+    def _dataset(self, role: str) -> VideoClipDataset:
+        if role not in self.datasets:
+            raise RuntimeError(f"{type(self).__name__}: call setup() before the {role} dataloader")
+        return self.datasets[role]
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training clips; under DDP Lightning adds its DistributedSampler."""
+        return DataLoader(
+            self._dataset("train"),
+            batch_size=self.batch_size,
+            shuffle=True,
+            num_workers=self.num_workers,
+            collate_fn=collate_train,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def eval_dataloader(self, role: str) -> DataLoader:
+        """This rank's shard of an evaluation split, in order, each item once."""
+        dataset = self._dataset(role)
+        return DataLoader(
+            dataset,
+            batch_size=self.eval_batch_size,
+            sampler=LocalShardSampler(dataset),
+            num_workers=self.num_workers,
+            collate_fn=collate_eval,
+            pin_memory=self.pin_memory,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self.eval_dataloader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self.eval_dataloader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.eval_dataloader("test")
