@@ -61,6 +61,7 @@ from datamodules.vid_annotations import (
     VID_CLASSES,
     VID_WNIDS,
     FrameAnnotation,
+    FrameSelector,
     IndexStats,
     VideoAnnotation,
     index_ilsvrc_det,
@@ -426,7 +427,9 @@ class ImageNetVIDDataModule(L.LightningDataModule):
     def _path(self, value: str | None) -> Path | None:
         return None if value is None else self.root / value
 
-    def _vid_videos(self, key: str, split: str, select: Any) -> tuple[list[VideoAnnotation], Any]:
+    def _vid_videos(
+        self, key: str, split: str, select: FrameSelector
+    ) -> tuple[list[VideoAnnotation], IndexStats]:
         if self.layout == "coco":
             return load_coco_vid(
                 self._path(self.annotation_files[key]), self.vid_image_root, select=select
@@ -500,7 +503,8 @@ class ImageNetVIDDataModule(L.LightningDataModule):
             skips.summary(len(segments))
             + f"; {len(videos)} videos, {frames} frames, segment_length {self.segment_length}"
             + f"; this rank ({rank} of {world}) has {len(mine)} segments"
-            + f"; {stats.degenerate_boxes} empty boxes dropped"
+            + f"; {stats.other_class_boxes} boxes of other classes and"
+            + f" {stats.degenerate_boxes} empty boxes dropped"
         )
         return dataset
 

@@ -115,8 +115,8 @@ class IndexStats:
 
 
 @dataclass
-class _Boxes:
-    """Accumulates validated boxes of one image."""
+class ImageBoxes:
+    """The validated boxes of one image, as parsed (lists; :meth:`frame` makes arrays)."""
 
     width: int
     height: int
@@ -137,6 +137,7 @@ class _Boxes:
         self.track_ids.append(track_id)
 
     def frame(self, path: Path, image_id: str, **video: Any) -> FrameAnnotation:
+        """The record for the image at ``path`` (``video``: ``video_id``, ``frame_index``)."""
         return FrameAnnotation(
             path=path,
             image_id=image_id,
@@ -192,7 +193,7 @@ def _xml_number(element: ET.Element, tag: str, path: Path, where: str) -> float:
 
 def parse_voc_xml(
     path: str | Path, *, other_classes: bool, stats: IndexStats | None = None
-) -> _Boxes:
+) -> ImageBoxes:
     """Reads one PASCAL-VOC style XML file (ILSVRC VID or DET).
 
     Args:
@@ -200,6 +201,9 @@ def parse_voc_xml(
         other_classes: whether objects outside the 30 VID WordNet ids are
             expected (DET: dropped and counted) or a format error (VID).
         stats: counters to add dropped boxes to.
+
+    Returns:
+        the image size and its boxes of the 30 classes, clipped to the image.
 
     Raises:
         DataFormatError: unparseable XML (with its line), a missing ``<size>``,
@@ -219,7 +223,7 @@ def parse_voc_xml(
         raise DataFormatError(path, "missing <size>")
     width = int(_xml_number(size, "width", path, "<size>"))
     height = int(_xml_number(size, "height", path, "<size>"))
-    out = _Boxes(width, height, stats)
+    out = ImageBoxes(width, height, stats)
     for index, obj in enumerate(root.findall("object")):
         where = f"object {index}"
         name = (obj.findtext("name") or "").strip()
@@ -380,7 +384,14 @@ def index_ilsvrc_vid(
         except OSError:
             stats.missing.append(("missing annotation folder", str(folder)))
             continue
-        by_number = {_frame_number(n[:-4]): n for n in names}
+        by_number = {}
+        for name in names:
+            number = _frame_number(name[:-4])
+            if number < 0 or number in by_number:
+                raise DataFormatError(
+                    folder / name, "VID annotation file name is not a unique frame number"
+                )
+            by_number[number] = name
         listed = wanted.get(snippet) if lists else None
         if listed is not None:
             numbers = sorted(listed)
@@ -546,12 +557,16 @@ def _parse_coco(
     data = _read_json(path)
     labels_of = _category_labels(path, data.get("categories"))
     stats = IndexStats()
-    images: dict[Any, _Boxes] = {}
+    images: dict[Any, ImageBoxes] = {}
     for index, image in enumerate(data["images"]):
         _require(path, image, ("id", "file_name", "width", "height"), f"images[{index}]")
         if image["id"] in images:
             raise DataFormatError(path, f"images[{index}]: duplicate image id {image['id']!r}")
-        images[image["id"]] = _Boxes(int(image["width"]), int(image["height"]), stats)
+        try:
+            size = int(image["width"]), int(image["height"])
+        except (TypeError, ValueError):
+            raise DataFormatError(path, f"images[{index}]: width/height are not integers") from None
+        images[image["id"]] = ImageBoxes(*size, stats)
     for index, ann in enumerate(data["annotations"]):
         where = f"annotations[{index}]"
         _require(path, ann, ("image_id", "bbox", "category_id"), where)
@@ -624,7 +639,7 @@ def load_coco_vid(
     for frame, raw in zip(frames, data["images"]):
         file_name = PurePosixPath(str(raw["file_name"]))
         name = _video_name(file_name, raw.get("video_id"), names)
-        key = raw.get("video_id", name)
+        key = raw["video_id"] if raw.get("video_id") is not None else name
         video_names.setdefault(key, name)
         frame.video_id = video_names[key]
         frame_id = raw.get("frame_id")

@@ -11,6 +11,7 @@ import shutil
 import warnings
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -692,3 +693,46 @@ def test_segment_dataset_item_types(synth):
     assert isinstance(item["frame_indices"], list) and isinstance(item["segment_index"], int)
     assert all(isinstance(t["boxes"], torch.Tensor) for t in item["targets"])
     assert np.array_equal(item["targets"][0]["boxes"].numpy(), dataset.segments[-1].frames[0].boxes)
+
+
+class SegmentRecorder(L.LightningModule):
+    """Writes the segments each rank's validation loop received to ``<folder>/rank<k>.json``."""
+
+    def __init__(self, folder: str) -> None:
+        super().__init__()
+        self.folder = folder
+        self.seen: list[list] = []
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def validation_step(self, batch, batch_index):
+        for item in batch:
+            self.seen.append([item["video_id"], item["segment_index"], item["frame_indices"]])
+
+    def on_validation_epoch_end(self):
+        Path(self.folder, f"rank{self.global_rank}.json").write_text(json.dumps(self.seen))
+
+
+def test_ddp_validation_sees_every_segment_once(synth, tmp_path):
+    """Two real processes (gloo): each segment is validated once, whole, by one rank."""
+    dm = make_dm(synth, segment_length=3, eval_batch_size=2)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        strategy="ddp_spawn",
+        devices=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.validate(SegmentRecorder(str(tmp_path)), datamodule=dm)
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0 and rank1
+    seen = sorted(map(tuple, (s[:2] for s in rank0 + rank1)))
+    videos = synth.split_videos("val")
+    expected = sorted((v, i) for v, frames in videos.items() for i in range(-(-len(frames) // 3)))
+    assert seen == expected  # each once
+    for video_id, index, frame_indices in rank0 + rank1:
+        n = len(videos[video_id])
+        assert frame_indices == list(range(3 * index, min(3 * index + 3, n)))
