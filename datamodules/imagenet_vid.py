@@ -11,9 +11,14 @@ the COCO-style JSON conversion are read as they are (see
     images, targets = next(iter(dm.train_dataloader()))
     # images: list of uint8 (3, H_i, W_i); targets: list of {"boxes" (n_i, 4) float32
     # xyxy pixels, "labels" (n_i,) int64 in 0..29, "track_ids" (n_i,) int64, "image_id" str}
-    for segment in dm.val_dataloader():      # batch = list of segments (eval_batch_size)
-        for item in segment:                 # {"video_id", "segment_index", "frame_indices",
-            ...                              #  "frames": [(3, H, W) uint8], "targets": [...]}
+    for batch in dm.val_dataloader():  # a list of eval_batch_size segment items
+        for segment in batch:
+            model.reset()  # one segment = one stream
+            for frame, target in zip(segment["frames"], segment["targets"]):
+                detections = model([frame])
+
+A segment item is ``{"video_id": str, "segment_index": int, "frame_indices":
+list[int], "frames": list of uint8 (3, H, W), "targets": list of target dicts}``.
 
 LightningCLI YAML::
 
@@ -322,7 +327,8 @@ class ImageNetVIDDataModule(L.LightningDataModule):
             ``ImageSets/DET/DET_train_30classes.txt``); default walks
             ``Annotations/DET/train``.
         include_det: train on DET images of the 30 classes as well.
-        frame_stride: keep every k-th VID training frame per snippet.
+        frame_stride: keep every k-th VID training frame per snippet (of the
+            frames an image set lists, when one is used).
         frames_per_snippet: keep at most this many (evenly spaced) VID training
             frames per snippet, after ``frame_stride``.
         keep_empty_frames: keep VID training frames without objects (negatives).

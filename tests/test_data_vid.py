@@ -736,3 +736,28 @@ def test_ddp_validation_sees_every_segment_once(synth, tmp_path):
     for video_id, index, frame_indices in rank0 + rank1:
         n = len(videos[video_id])
         assert frame_indices == list(range(3 * index, min(3 * index + 3, n)))
+
+
+def test_det_image_set_list(synth, tmp_path):
+    listed = [i for i in synth.det_images if drawn(synth, i)][:2]
+    other = next(i for i in synth.det_images if not drawn(synth, i))
+    path = tmp_path / "DET_train_30classes.txt"
+    lines = [f"{Path(i).with_suffix('').as_posix()} 1" for i in [*listed, other]]
+    path.write_text("\n".join([*lines, "train/ILSVRC2014_train_0000/absent 1"]) + "\n")
+    det, stats = index_ilsvrc_det(synth.root, image_set=path)
+    assert [f.image_id for f in det] == listed  # the other-class image is filtered out
+    assert [reason for reason, _ in stats.missing] == ["missing annotation"]
+    path.write_text("train/x 1 oops\n")
+    with pytest.raises(DataFormatError, match="line 1"):
+        index_ilsvrc_det(synth.root, image_set=path)
+
+
+def test_explicit_image_set_option(synth, tmp_path):
+    path = tmp_path / "VID_val_subset.txt"
+    path.write_text("val/ILSVRC2015_val_00000002 1 3 9\nILSVRC2015_val_00000000/000001 7\n")
+    dm = make_dm(synth, vid_val_image_set=str(path), segment_length=None)
+    setup_quietly(dm, "validate")
+    assert [(s.video_id, [f.frame_index for f in s.frames]) for s in dm.eval_dataset.segments] == [
+        ("val/ILSVRC2015_val_00000000", [1]),
+        ("val/ILSVRC2015_val_00000002", [3]),
+    ]
