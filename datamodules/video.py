@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -282,31 +282,38 @@ def filter_readable(
     probe: bool = True,
     workers: int = 8,
     cache_file: str | Path | None = None,
+    on_skip: Callable[[ClipItem, str, str], None] | None = None,
 ) -> list[ClipItem]:
     """The items whose video exists (and, with ``probe``, opens and holds the segment).
 
     Every dropped item is counted in ``skip_log`` by reason (``missing``,
     ``unreadable``, ``segment outside video``); the log warns once per reason.
+    ``on_skip(item, reason, message)`` is called for each dropped item.
     """
     kept: list[ClipItem] = []
+
+    def drop(item: ClipItem, reason: str, message: str) -> None:
+        skip_log.skip(reason, message)
+        if on_skip is not None:
+            on_skip(item, reason, message)
+
     if not probe:
         for item in items:
             if item.path.is_file():
                 kept.append(item)
             else:
-                skip_log.skip("missing", item.path)
+                drop(item, "missing", f"{item.path}: file not found")
         return kept
     infos = probe_videos([item.path for item in items], workers, cache_file)
     for item in items:
         info = infos[item.path]
         if isinstance(info, VideoReadError):
-            reason = "missing" if info.reason == "file not found" else "unreadable"
-            skip_log.skip(reason, info)
+            drop(item, "missing" if info.reason == "file not found" else "unreadable", str(info))
             continue
         try:
             item.frame_range(info)
         except ValueError as error:
-            skip_log.skip("segment outside video", f"{item.id} in {item.path}: {error}")
+            drop(item, "segment outside video", f"{item.id} in {item.path}: {error}")
             continue
         kept.append(item)
     return kept

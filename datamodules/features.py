@@ -1,0 +1,633 @@
+"""Cache of the frozen eventful ViViT spatial model's outputs, for temporal fine-tuning.
+
+During temporal fine-tuning (DESIGN section 6) the spatial model is frozen, so
+its per-view outputs ``FactorizedViViT.spatial_features(video) -> (V, T', D)``
+are computed once per (dataset, split, r) and read back as ``(features, label)``.
+
+Layout of one cache (``feature_cache_dir(root, dataset, split, r)``)::
+
+    <root>/<dataset>/<split>/r<r>/manifest.json   # model config, r, weight hash, items
+    <root>/<dataset>/<split>/r<r>/<id>.pt         # {"features": (V, T', D), "label", "id"}
+    <root>/<dataset>/<split>/r<r>/<id>.skip       # JSON: why the video was skipped
+
+Every entry is written to a temporary file and moved into place with
+``os.replace``: a killed run leaves no half entry, and the next run resumes,
+skipping the entries already there. The manifest records what made the
+cache; a cache made by another model, r, weights, dataset, split, frame size
+or item list is refused with :class:`FeatureCacheMismatch`. Under DDP each
+rank writes its own shard (:func:`datamodules.common.shard`) of the entries.
+
+Usage::
+
+    from datamodules.features import FeatureDataModule, write_datamodule_features
+    from datamodules.kinetics import KineticsDataModule
+    from eventful_pl.models.vivit import create_vivit
+
+    model = create_vivit("vivit_b_kinetics400", spatial_variant="full")  # + checkpoint
+    data = KineticsDataModule("/data/kinetics400")
+    write_datamodule_features(data, "val", model, r=24, cache_root="/cache")
+    features = FeatureDataModule("/cache", "kinetics400", r=24, val_split="val")
+    features.setup("validate")
+    x, y = next(iter(features.val_dataloader()))  # (B, V, T', D) float32, (B,) int64
+
+Command line: ``python -m datamodules.features --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.common import SkipLog, rank_and_world_size, shard
+from datamodules.transforms import ClipSampling
+from datamodules.video import (
+    ClipDataModule,
+    ClipItem,
+    LocalShardSampler,
+    VideoClipDataset,
+    filter_readable,
+)
+from eventful_pl.models.vivit import FactorizedViViT
+from eventful_pl.policies import TopRPolicy
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+#: Constructor arguments of FactorizedViViT that change the spatial outputs.
+SPATIAL_KEYS = (
+    "frames",
+    "image_size",
+    "tubelet",
+    "dim",
+    "spatial_depth",
+    "heads",
+    "mlp_ratio",
+    "spatial_position_size",
+    "temporal_stride",
+    "temporal_views",
+    "spatial_views",
+    "mean",
+    "std",
+    "spatial_variant",
+    "spatial_kwargs",
+)
+#: Manifest fields a cache must match to be reused or read.
+CHECKED = ("format", "dataset", "split", "r", "spatial_config", "spatial_hash", "short_side")
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class FeatureCacheMismatch(RuntimeError):
+    """A feature cache was made with other settings than the ones asked for."""
+
+
+class FeatureCacheIncomplete(RuntimeError):
+    """A feature cache lacks entries (its writer was interrupted)."""
+
+
+# ------------------------------------------------------------------------ manifest
+
+
+def feature_cache_dir(root: str | Path, dataset: str, split: str, r: int | None) -> Path:
+    """``root/dataset/split/r<r>`` (``dense`` when r is None)."""
+    return Path(root) / dataset / split / (f"r{r}" if r is not None else "dense")
+
+
+def entry_key(item_id: str) -> str:
+    """A file-name-safe key for an item id (unsafe ids get a hash suffix)."""
+    key = re.sub(r"[^A-Za-z0-9_.-]", "_", item_id)
+    if key != item_id or key.startswith("."):
+        key = f"{key.lstrip('.')}-{hashlib.sha1(item_id.encode()).hexdigest()[:10]}"
+    return key
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Tensor):
+        return value.tolist()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
+
+
+def spatial_config(model: FactorizedViViT) -> dict[str, Any]:
+    """The constructor arguments that shape the spatial outputs (JSON form)."""
+    return {key: _jsonable(model.config.get(key)) for key in SPATIAL_KEYS}
+
+
+def spatial_weights_hash(model: FactorizedViViT) -> str:
+    """SHA-256 of the tubelet embedding and spatial ViT weights (names, shapes, values)."""
+    digest = hashlib.sha256()
+    for prefix, module in (("embedding.", model.embedding), ("spatial.", model.spatial)):
+        for name, tensor in sorted(module.state_dict().items()):
+            value = tensor.detach().cpu().contiguous()
+            digest.update(f"{prefix}{name}:{value.dtype}:{tuple(value.shape)}".encode())
+            digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
+
+
+def make_manifest(
+    model: FactorizedViViT,
+    r: int | None,
+    dataset: str,
+    split: str,
+    items: Sequence[ClipItem],
+    short_side: int | None,
+    dtype: str,
+) -> dict[str, Any]:
+    """What a cache records about how it was made (see module docstring)."""
+    return {
+        "format": FORMAT,
+        "dataset": dataset,
+        "split": split,
+        "r": r,
+        "spatial_config": spatial_config(model),
+        "spatial_hash": spatial_weights_hash(model),
+        "short_side": short_side,
+        "dtype": dtype,
+        "feature_shape": [model.num_views, model.steps, model.dim],
+        "model_config": _jsonable(model.config),
+        "items": [[item.id, item.label] for item in items],
+    }
+
+
+def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
+    """The manifest of a cache; FileNotFoundError if the folder holds no cache."""
+    path = Path(cache_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no feature cache at {cache_dir} ({MANIFEST} not found); write it first "
+            "(write_feature_cache / python -m datamodules.features)"
+        )
+    return json.loads(path.read_text())
+
+
+def check_manifest(
+    found: Mapping[str, Any], expected: Mapping[str, Any], cache_dir: str | Path
+) -> None:
+    """Raises FeatureCacheMismatch naming every field of ``expected`` that differs."""
+    differences = []
+    for key, want in expected.items():
+        have = found.get(key)
+        if key == "items":
+            have_ids = {i for i, _ in have or []}
+            want_ids = {i for i, _ in want}
+            if have != want:
+                differences.append(
+                    f"items: {len(want_ids - have_ids)} not in the cache, "
+                    f"{len(have_ids - want_ids)} only in the cache"
+                    + (", labels or order differ" if have_ids == want_ids else "")
+                )
+        elif key == "spatial_config" and have != want:
+            keys = sorted(
+                k for k in set(have or {}) | set(want) if (have or {}).get(k) != want.get(k)
+            )
+            detail = ", ".join(
+                f"{k}: cache {(have or {}).get(k)!r} vs {want.get(k)!r}" for k in keys
+            )
+            differences.append(f"spatial_config ({detail})")
+        elif have != want:
+            differences.append(f"{key}: cache {have!r} vs {want!r}")
+    if differences:
+        raise FeatureCacheMismatch(
+            f"feature cache {cache_dir} was made with other settings: "
+            + "; ".join(differences)
+            + ". Use another cache root or delete the folder to rebuild it."
+        )
+
+
+def check_model(cache_dir: str | Path, model: FactorizedViViT) -> None:
+    """Refuses (FeatureCacheMismatch) a cache made by another spatial model or weights."""
+    expected = {
+        "spatial_config": spatial_config(model),
+        "spatial_hash": spatial_weights_hash(model),
+    }
+    check_manifest(read_manifest(cache_dir), expected, cache_dir)
+
+
+def _write_atomic(path: Path, write) -> None:
+    """Calls ``write(file)`` on a temporary file, then moves it to ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _ensure_manifest(cache_dir: Path, manifest: dict[str, Any]) -> None:
+    path = cache_dir / MANIFEST
+    if path.is_file():
+        wanted = {k: manifest[k] for k in (*CHECKED, "dtype", "items")}
+        check_manifest(json.loads(path.read_text()), wanted, cache_dir)
+        return
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(manifest, indent=1).encode()
+    _write_atomic(path, lambda f: f.write(text))
+
+
+# -------------------------------------------------------------------------- writer
+
+
+@dataclass
+class CacheReport:
+    """What one rank's writer did: entries written now, found done, skipped (by reason)."""
+
+    path: Path
+    shard_size: int
+    written: int = 0
+    existing: int = 0
+    skipped: Counter = field(default_factory=Counter)
+
+    def summary(self) -> str:
+        detail = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items()))
+        return (
+            f"feature cache {self.path}: {self.shard_size} items in this shard, "
+            f"{self.written} written, {self.existing} already there, "
+            f"{sum(self.skipped.values())} skipped" + (f" ({detail})" if detail else "")
+        )
+
+
+def write_feature_cache(
+    model: FactorizedViViT,
+    items: Sequence[ClipItem],
+    cache_dir: str | Path,
+    dataset: str,
+    split: str,
+    r: int | None,
+    short_side: int | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16",
+    num_workers: int = 0,
+    probe_workers: int = 8,
+) -> CacheReport:
+    """Writes this rank's share of ``items`` as spatial features ``(V, T', D)``.
+
+    Args:
+        model: The ViViT whose spatial half makes the features (it stays on its
+            device and is left with the policy ``TopRPolicy(r)``).
+        items: Every item of the split (all ranks pass the same list).
+        cache_dir: The cache folder (see :func:`feature_cache_dir`).
+        dataset: Dataset name recorded in the manifest.
+        split: Split name recorded in the manifest.
+        r: Tokens per frame of the eventful spatial model (None: leave the policy).
+        short_side: Short side the whole clips are resized to before the model's
+            preprocessing (None: the model's crop short side; 0: decoded size).
+        rank: This rank (default: torch.distributed's).
+        world_size: Number of ranks (default: torch.distributed's).
+        dtype: Storage dtype of the features.
+        num_workers: DataLoader workers decoding the videos.
+        probe_workers: Threads opening videos before decoding.
+
+    Items already written (or recorded as skipped) are not computed again.
+    Raises FeatureCacheMismatch if the folder holds a cache made otherwise.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if short_side is None:
+        short_side = min(model.preprocessing.size)
+    if rank is None and world_size is None:
+        rank, world_size = rank_and_world_size()
+    rank, world_size = rank or 0, world_size or 1
+    cache_dir = Path(cache_dir)
+    items = list({item.id: item for item in reversed(items)}.values())[::-1]  # unique ids
+    _ensure_manifest(cache_dir, make_manifest(model, r, dataset, split, items, short_side, dtype))
+
+    mine = shard(items, rank, world_size)
+    report = CacheReport(cache_dir, len(mine))
+    todo = []
+    for item in mine:
+        key = entry_key(item.id)
+        (cache_dir / f".{key}.pt.tmp").unlink(missing_ok=True)  # left by a killed run
+        if (cache_dir / f"{key}.pt").is_file() or (cache_dir / f"{key}.skip").is_file():
+            report.existing += 1
+        else:
+            todo.append(item)
+
+    def record_skip(item: ClipItem, reason: str, message: str) -> None:
+        text = json.dumps({"id": item.id, "reason": reason, "message": message}).encode()
+        _write_atomic(cache_dir / f"{entry_key(item.id)}.skip", lambda f: f.write(text))
+        report.skipped[reason] += 1
+
+    name = f"{dataset} {split} features"
+    readable = filter_readable(todo, SkipLog(name), True, probe_workers, on_skip=record_skip)
+    if not readable:
+        rank_zero_info(report.summary())
+        return report
+    sampling = ClipSampling(eval_short_side=short_side or None)
+    videos = VideoClipDataset(readable, "eval", sampling, name, open_readers=2)
+    loader = DataLoader(videos, batch_size=None, num_workers=num_workers)
+    by_id = {item.id: item for item in readable}
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    if r is not None:
+        model.set_policy(TopRPolicy(r))
+    try:
+        with torch.inference_mode():
+            for sample in loader:
+                item = by_id[sample["id"]]
+                if sample["video"] is None:
+                    record_skip(item, "unreadable", f"{item.path}: cannot decode")
+                    continue
+                video = sample["video"].to(device)[None]  # (1, T, C, H, W) uint8
+                features = model.spatial_features(video)[0].to(DTYPES[dtype]).cpu()
+                entry = {"features": features.contiguous(), "label": item.label, "id": item.id}
+                _write_atomic(
+                    cache_dir / f"{entry_key(item.id)}.pt", lambda f, e=entry: torch.save(e, f)
+                )
+                report.written += 1
+    finally:
+        model.train(was_training)
+    rank_zero_info(report.summary())
+    return report
+
+
+def write_datamodule_features(
+    datamodule: ClipDataModule,
+    split: str,
+    model: FactorizedViViT,
+    r: int | None,
+    cache_root: str | Path,
+    **kwargs: Any,
+) -> CacheReport:
+    """:func:`write_feature_cache` for a split of a video data module.
+
+    The cache goes to ``feature_cache_dir(cache_root, datamodule.name, split, r)``;
+    clips are resized like the data module's evaluation clips; the rank comes
+    from the data module. ``kwargs`` go to :func:`write_feature_cache`.
+    """
+    rank, world = datamodule.rank_and_world_size()
+    kwargs.setdefault("rank", rank)
+    kwargs.setdefault("world_size", world)
+    kwargs.setdefault("short_side", datamodule.sampling.eval_short_side or 0)
+    return write_feature_cache(
+        model,
+        datamodule.load_items(split),
+        feature_cache_dir(cache_root, datamodule.name, split, r),
+        datamodule.name,
+        split,
+        r,
+        **kwargs,
+    )
+
+
+# -------------------------------------------------------------------------- reader
+
+
+class FeatureDataset(Dataset):
+    """Cached spatial features: ``(features, label)`` per item.
+
+    Args:
+        cache_dir: A cache folder (see :func:`feature_cache_dir`).
+        views: ``"all"``: features ``(V, T', D)``; ``"random"``: one random view
+            ``(1, T', D)`` per access (an augmentation for training).
+        expect: Manifest fields the cache must have (e.g. ``{"r": 24}``);
+            FeatureCacheMismatch otherwise.
+        rank: Keep this rank's shard of the items ...
+        world_size: ... out of this many (1: every item).
+
+    Items: ``(features float32, label int)``. Raises FeatureCacheIncomplete if
+    an entry of the manifest was never written.
+    """
+
+    def __init__(
+        self,
+        cache_dir: str | Path,
+        views: Literal["all", "random"] = "all",
+        expect: Mapping[str, Any] | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if views not in ("all", "random"):
+            raise ValueError(f"views must be 'all' or 'random', got {views!r}")
+        self.cache_dir = Path(cache_dir)
+        self.views = views
+        self.manifest = read_manifest(self.cache_dir)
+        if expect:
+            check_manifest(self.manifest, expect, self.cache_dir)
+        names = set(os.listdir(self.cache_dir))
+        items, absent = [], []
+        self.skip_log = SkipLog(
+            f"{self.manifest['dataset']} {self.manifest['split']} features (r={self.manifest['r']})"
+        )
+        for item_id, label in self.manifest["items"]:
+            key = entry_key(item_id)
+            if f"{key}.pt" in names:
+                items.append((key, int(label)))
+            elif f"{key}.skip" in names:
+                reason = json.loads((self.cache_dir / f"{key}.skip").read_text())["reason"]
+                self.skip_log.reasons[reason] += 1  # warned when written
+            else:
+                absent.append(item_id)
+        if absent:
+            raise FeatureCacheIncomplete(
+                f"feature cache {self.cache_dir} is incomplete: {len(absent)} of "
+                f"{len(self.manifest['items'])} entries not written (e.g. {absent[:3]}); "
+                "run the writer again to finish it (it resumes)"
+            )
+        self.items = shard(items, rank, world_size)
+        self.skip_log.dataset += f" (rank {rank} of {world_size})" if world_size > 1 else ""
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def summary(self) -> str:
+        return self.skip_log.summary(len(self.items))
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        key, label = self.items[index]
+        entry = torch.load(self.cache_dir / f"{key}.pt", map_location="cpu", weights_only=True)
+        features = entry["features"].float()  # (V, T', D)
+        if self.views == "random":
+            view = int(torch.randint(features.shape[0], ()))
+            features = features[view : view + 1]
+        return features, label
+
+
+class FeatureDataModule(L.LightningDataModule):
+    """Cached spatial features for temporal fine-tuning (one cache per split and r).
+
+    Batches: ``(features (B, V, T', D) float32, label (B,) int64)`` (V = 1 in
+    training with ``train_views="random"``). Evaluation splits are sharded by
+    rank (nothing repeated); training uses Lightning's sampler. At setup under
+    a Trainer, the caches are checked against the trainer's FactorizedViViT
+    (spatial config and weights), so features of another model are refused.
+
+    Args:
+        cache_root: Root the caches were written under.
+        dataset: Dataset name (e.g. ``kinetics400``, ``epic_kitchens100``).
+        r: Top-r of the eventful spatial model that made the cache (None: dense).
+        train_split: Training split.
+        val_split: Validation split.
+        test_split: Test split (None: the validation split).
+        batch_size: Training items per batch.
+        eval_batch_size: Evaluation items per batch.
+        num_workers: DataLoader workers.
+        train_views: ``"all"`` views or one ``"random"`` view per training item.
+        check_trainer_model: Check the caches against the trainer's model at setup.
+        pin_memory: DataLoader ``pin_memory``.
+        rank: This process's rank (default: from torch.distributed).
+        world_size: Number of ranks (default: from torch.distributed).
+    """
+
+    def __init__(
+        self,
+        cache_root: str,
+        dataset: str,
+        r: int | None,
+        train_split: str = "train",
+        val_split: str = "val",
+        test_split: str | None = None,
+        batch_size: int = 16,
+        eval_batch_size: int = 64,
+        num_workers: int = 2,
+        train_views: Literal["all", "random"] = "all",
+        check_trainer_model: bool = True,
+        pin_memory: bool = False,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.cache_root, self.dataset, self.r = Path(cache_root), dataset, r
+        self.train_split, self.val_split = train_split, val_split
+        self.test_split = test_split or val_split
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.train_views, self.check_trainer_model = train_views, check_trainer_model
+        self.rank, self.world_size = rank, world_size
+        self.datasets: dict[str, FeatureDataset] = {}
+        #: What setup found and skipped, by split.
+        self.summaries: dict[str, str] = {}
+
+    def cache_dir(self, split: str) -> Path:
+        return feature_cache_dir(self.cache_root, self.dataset, split, self.r)
+
+    def _trainer_model(self) -> FactorizedViViT | None:
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer else None
+        if module is None:
+            return None
+        return next((m for m in module.modules() if isinstance(m, FactorizedViViT)), None)
+
+    def setup(self, stage: str | None = None) -> None:
+        roles = {
+            "fit": [("train", self.train_split), ("val", self.val_split)],
+            "validate": [("val", self.val_split)],
+            "test": [("test", self.test_split)],
+            "predict": [("test", self.test_split)],
+        }[stage or "fit"]
+        if self.rank is not None or self.world_size is not None:
+            rank, world = self.rank or 0, self.world_size or 1
+        else:
+            rank, world = rank_and_world_size()
+        model = self._trainer_model() if self.check_trainer_model else None
+        for role, split in roles:
+            if role in self.datasets:
+                continue
+            expect = {"dataset": self.dataset, "split": split, "r": self.r}
+            if model is not None:
+                expect.update(spatial_config=spatial_config(model))
+                expect.update(spatial_hash=spatial_weights_hash(model))
+            if role == "train":
+                dataset = FeatureDataset(self.cache_dir(split), self.train_views, expect)
+            else:
+                dataset = FeatureDataset(self.cache_dir(split), "all", expect, rank, world)
+            self.datasets[role] = dataset
+            self.summaries[split] = dataset.summary()
+            rank_zero_info(dataset.summary())
+
+    def _dataset(self, role: str) -> FeatureDataset:
+        if role not in self.datasets:
+            raise RuntimeError(f"FeatureDataModule: call setup() before the {role} dataloader")
+        return self.datasets[role]
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self._dataset("train"),
+            batch_size=self.batch_size,
+            shuffle=True,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def _eval_loader(self, role: str) -> DataLoader:
+        dataset = self._dataset(role)
+        return DataLoader(
+            dataset,
+            batch_size=self.eval_batch_size,
+            sampler=LocalShardSampler(dataset),
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+
+# ---------------------------------------------------------------------- command line
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Writes one feature cache from the command line (``--help``)."""
+    parser = argparse.ArgumentParser(
+        description="Cache the frozen eventful ViViT spatial features of a video split."
+    )
+    parser.add_argument("--data", choices=("kinetics", "epic"), required=True)
+    parser.add_argument("--root", required=True, help="dataset root")
+    parser.add_argument("--split", required=True, help="e.g. train, val, validation")
+    parser.add_argument("--cache-root", required=True)
+    parser.add_argument("--preset", required=True, help="ViViT preset, e.g. vivit_b_kinetics400")
+    parser.add_argument("--checkpoint", help="ViViT checkpoint (TAdaConv / original / ours)")
+    parser.add_argument("--r", type=int, required=True, help="top-r tokens per frame")
+    parser.add_argument("--variant", default="full", help="spatial block variant")
+    parser.add_argument("--dtype", default="float16", choices=sorted(DTYPES))
+    parser.add_argument("--workers", type=int, default=4, help="decoding workers")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--clip-bounds", default="frames", choices=("frames", "timestamps"))
+    args = parser.parse_args(argv)
+
+    from eventful_pl.models.vivit import create_vivit
+    from eventful_pl.models.vivit_convert import load_vivit_checkpoint
+
+    model = create_vivit(args.preset, spatial_variant=args.variant, policy=TopRPolicy(args.r))
+    if args.checkpoint:
+        load_vivit_checkpoint(model, args.checkpoint)
+    model = model.to(args.device).eval()
+    if args.data == "kinetics":
+        from datamodules.kinetics import KineticsDataModule
+
+        data: ClipDataModule = KineticsDataModule(args.root)
+    else:
+        from datamodules.epic_kitchens import EpicKitchensDataModule
+
+        data = EpicKitchensDataModule(args.root, clip_bounds=args.clip_bounds)
+    data.sampling = ClipSampling(eval_short_side=min(model.preprocessing.size))
+    report = write_datamodule_features(
+        data, args.split, model, args.r, args.cache_root, dtype=args.dtype, num_workers=args.workers
+    )
+    print(report.summary())
+
+
+if __name__ == "__main__":
+    main()
