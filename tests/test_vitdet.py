@@ -314,9 +314,9 @@ def assert_same_detections(a, b, images):
                 torch.testing.assert_close(got[key], want[key])
 
 
-@pytest.mark.parametrize("fmt", ["pkl", "pth"])
-def test_detectron2_checkpoint_round_trip(tmp_path, fmt):
-    source = tiny()
+@pytest.mark.parametrize(("fmt", "classes"), [("pkl", 3), ("pth", 3), ("pkl", 80)])
+def test_detectron2_checkpoint_round_trip(tmp_path, fmt, classes):
+    source = tiny(num_classes=classes)  # 80: a COCO model
     with torch.no_grad():
         for p in source.head.roi_heads.box_predictor.parameters():
             p.normal_(std=0.5)  # distinct class scores
@@ -328,7 +328,7 @@ def test_detectron2_checkpoint_round_trip(tmp_path, fmt):
             pickle.dump({"model": {k: v.numpy() for k, v in state.items()}, "__author__": "x"}, f)
     else:
         torch.save({"model": state, "iteration": 10}, path)
-    target = tiny()
+    target = tiny(num_classes=classes)
     torch.manual_seed(1)
     for p in target.parameters():
         torch.nn.init.normal_(p)
