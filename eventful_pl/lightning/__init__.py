@@ -1,0 +1,1 @@
+"""LightningModules, evaluation sweeps and callbacks for eventful models."""
