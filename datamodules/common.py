@@ -106,3 +106,13 @@ def parse_int(path: str | Path, line: int, column: str, text: str) -> int:
         return int(text.strip())
     except ValueError:
         raise DataFormatError(path, f"{column} must be an integer, got {text!r}", line) from None
+
+
+WORKER_START_METHODS = ("spawn", "forkserver", "fork")
+
+
+def check_start_method(method: str, option: str) -> str:
+    """``method`` if it is a multiprocessing start method, else a ValueError naming ``option``."""
+    if method not in WORKER_START_METHODS:
+        raise ValueError(f"{option} must be one of {WORKER_START_METHODS}, got {method!r}")
+    return method

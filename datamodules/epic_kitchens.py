@@ -174,6 +174,8 @@ class EpicKitchensDataModule(ClipDataModule):
         decode_threads: decord threads per reader.
         open_readers: Videos kept open per worker (segments of one video share it).
         pin_memory: DataLoader ``pin_memory``.
+        worker_start_method: How DataLoader workers start (``"spawn"``, the
+            default, or ``"forkserver"``; ``"fork"`` can deadlock with decord).
         rank: This process's rank (default: from torch.distributed).
         world_size: Number of ranks (default: from torch.distributed).
     """
@@ -206,6 +208,7 @@ class EpicKitchensDataModule(ClipDataModule):
         decode_threads: int = 1,
         open_readers: int = 2,
         pin_memory: bool = False,
+        worker_start_method: str = "spawn",
         rank: int | None = None,
         world_size: int | None = None,
     ) -> None:
@@ -229,6 +232,7 @@ class EpicKitchensDataModule(ClipDataModule):
             decode_threads=decode_threads,
             open_readers=open_readers,
             pin_memory=pin_memory,
+            worker_start_method=worker_start_method,
             rank=rank,
             world_size=world_size,
         )

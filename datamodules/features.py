@@ -332,7 +332,11 @@ def write_feature_cache(
         return report
     sampling = ClipSampling(eval_short_side=short_side or None)
     videos = VideoClipDataset(readable, "eval", sampling, name, open_readers=2)
-    loader = DataLoader(videos, batch_size=None, num_workers=num_workers)
+    # spawn: decord's probe threads in this process make forked workers deadlock.
+    context = "spawn" if num_workers > 0 else None
+    loader = DataLoader(
+        videos, batch_size=None, num_workers=num_workers, multiprocessing_context=context
+    )
     by_id = {item.id: item for item in readable}
     device = next(model.parameters()).device
     was_training = model.training

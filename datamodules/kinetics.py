@@ -172,6 +172,8 @@ class KineticsDataModule(ClipDataModule):
         probe_cache: JSON file keeping probe results between runs (optional).
         decode_threads: decord threads per reader.
         pin_memory: DataLoader ``pin_memory``.
+        worker_start_method: How DataLoader workers start (``"spawn"``, the
+            default, or ``"forkserver"``; ``"fork"`` can deadlock with decord).
         rank: This process's rank (default: from torch.distributed).
         world_size: Number of ranks (default: from torch.distributed).
     """
@@ -202,6 +204,7 @@ class KineticsDataModule(ClipDataModule):
         probe_cache: str | None = None,
         decode_threads: int = 1,
         pin_memory: bool = False,
+        worker_start_method: str = "spawn",
         rank: int | None = None,
         world_size: int | None = None,
     ) -> None:
@@ -223,6 +226,7 @@ class KineticsDataModule(ClipDataModule):
             decode_threads=decode_threads,
             open_readers=1,
             pin_memory=pin_memory,
+            worker_start_method=worker_start_method,
             rank=rank,
             world_size=world_size,
         )

@@ -42,7 +42,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from datamodules.common import SkipLog, rank_and_world_size, shard
+from datamodules.common import SkipLog, check_start_method, rank_and_world_size, shard
 from datamodules.transforms import (
     ClipSampling,
     TrainClipTransform,
@@ -119,12 +119,13 @@ def read_frames(
     unique, inverse = np.unique(wanted, return_inverse=True)
     parts = []
     for begin in range(0, unique.size, chunk):
+        wanted_chunk = unique[begin : begin + chunk].tolist()
         try:
-            array = reader.get_batch(unique[begin : begin + chunk].tolist()).asnumpy()
-        except (RuntimeError, decord.DECORDError) as error:
-            raise VideoReadError(
-                path or "<video>", f"cannot decode frames ({_first_line(error)})"
-            ) from error
+            array = reader.get_batch(wanted_chunk).asnumpy()
+        except (RuntimeError, decord.DECORDError):
+            # decord 0.6 cannot batch some frame widths (e.g. 48, 72: it pads
+            # rows to 4 bytes per pixel, dmlc/decord#336); read frame by frame.
+            array = _read_one_by_one(reader, wanted_chunk, path)
         frames = torch.from_numpy(array).permute(0, 3, 1, 2)  # (t, C, H, W), channels-last
         if short_side is not None:
             frames = resize(frames, short_side_size(*frames.shape[-2:], short_side))
@@ -133,6 +134,29 @@ def read_frames(
     if unique.size != wanted.size or not np.array_equal(unique, wanted):
         frames = frames[torch.from_numpy(inverse.reshape(-1))]
     return frames.contiguous()
+
+
+def _read_one_by_one(
+    reader: decord.VideoReader, indices: Sequence[int], path: str | Path | None
+) -> np.ndarray:
+    """Frames ``indices`` -> ``(T, H, W, 3) uint8``, one ``reader[i]`` call each.
+
+    Undoes decord's row padding: a frame it reports as ``(H, W, 4)`` holds
+    rows of ``W * 4`` bytes whose first ``W * 3`` are the RGB pixels.
+    """
+    frames = []
+    for index in indices:
+        try:
+            frame = reader[index].asnumpy()
+        except (RuntimeError, decord.DECORDError) as error:
+            raise VideoReadError(
+                path or "<video>", f"cannot decode frame {index} ({_first_line(error)})"
+            ) from error
+        if frame.shape[-1] == 4:
+            height, width = frame.shape[:2]
+            frame = frame.reshape(height, -1)[:, : width * 3].reshape(height, width, 3)
+        frames.append(frame)
+    return np.stack(frames)
 
 
 def _first_line(error: BaseException) -> str:
@@ -518,6 +542,9 @@ class ClipDataModule(L.LightningDataModule):
         decode_threads: decord threads per reader.
         open_readers: Readers kept open per worker.
         pin_memory: DataLoader ``pin_memory``.
+        worker_start_method: How DataLoader workers start: ``"spawn"`` (default)
+            or ``"forkserver"``. ``"fork"`` can deadlock: decord's reader and
+            probe threads in the parent leave locks held in forked children.
         rank: This process's rank (default: from torch.distributed).
         world_size: Number of ranks (default: from torch.distributed).
     """
@@ -542,11 +569,13 @@ class ClipDataModule(L.LightningDataModule):
         decode_threads: int = 1,
         open_readers: int = 2,
         pin_memory: bool = False,
+        worker_start_method: str = "spawn",
         rank: int | None = None,
         world_size: int | None = None,
     ) -> None:
         super().__init__()
         self.root = Path(root)
+        self.worker_start_method = check_start_method(worker_start_method, "worker_start_method")
         self.train_split, self.val_split = train_split, val_split
         self.test_split = test_split or val_split
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
@@ -624,6 +653,7 @@ class ClipDataModule(L.LightningDataModule):
             collate_fn=collate_train,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
+            multiprocessing_context=self._worker_context(),
         )
 
     def eval_dataloader(self, role: str) -> DataLoader:
@@ -636,7 +666,11 @@ class ClipDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             collate_fn=collate_eval,
             pin_memory=self.pin_memory,
+            multiprocessing_context=self._worker_context(),
         )
+
+    def _worker_context(self) -> str | None:
+        return self.worker_start_method if self.num_workers > 0 else None
 
     def val_dataloader(self) -> DataLoader:
         return self.eval_dataloader("val")

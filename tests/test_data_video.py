@@ -67,6 +67,18 @@ def test_read_frames_gives_the_written_frames(clips, codec):
     assert torch.equal(read_frames(path, picks), video[picks])
 
 
+@pytest.mark.parametrize("size", [(40, 48), (72, 72)])
+def test_widths_decord_cannot_batch_are_read_frame_by_frame(tmp_path, size):
+    """decord 0.6 pads rows of some widths to 4 bytes per pixel and fails get_batch."""
+    frames = moving_square(0, 12, size, np.random.default_rng(1))
+    write_video(tmp_path / "odd.mp4", frames)
+    picks = [7, 2, 2, 11]
+    video = read_frames(tmp_path / "odd.mp4", picks)
+    assert video.shape == (4, 3, *size)
+    expected = torch.from_numpy(frames[picks]).permute(0, 3, 1, 2).float()
+    assert (video.float() - expected).abs().mean() < 8
+
+
 def test_probe_and_resize(clips):
     path, _ = clips["h264"]
     assert probe_video(path) == VideoInfo(num_frames=20, fps=25.0)
