@@ -1,0 +1,138 @@
+"""The evaluation protocol shared by the eventful LightningModules: a sweep of
+test-time settings, per-setting metrics, and operation counts.
+
+A subclass evaluates every batch under each setting of :attr:`EventfulEvalModule.sweep`
+(dense model, top-r values or thresholds), updates that setting's metric and
+adds the operations it counted to :attr:`EventfulEvalModule.ops_meter`. At the
+end of a validation/test epoch this class computes every setting's metrics
+(torchmetrics syncs them over DDP ranks), sums the operation counts over ranks
+and logs ``{stage}/{setting}/{metric}`` (plus ``{stage}/{metric}`` of the first
+setting, for checkpoint monitoring).
+
+What callbacks read afterwards (e.g. :class:`eventful_pl.lightning.callbacks.GFlopsCallback`,
+in ``on_validation_end``/``on_test_end``):
+
+- ``eval_stage``: ``"val"`` or ``"test"``;
+- ``eval_results``: ``{setting: {metric: value}}``, synced over ranks;
+- ``eval_gflops``: ``{setting: {"total": ..., kind: ...}}``, GFlops per
+  ``ops_meter.unit`` (video or frame), synced over ranks;
+- ``sweep``: the settings, in order; ``model``: the network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics import Metric, MetricCollection
+
+from eventful_pl.lightning.sweep import EvalSetting, OpsMeter, build_sweep
+
+STAGES = ("val", "test")
+
+
+def metric_key(name: str) -> str:
+    """A ModuleDict-safe key for setting ``name`` (``threshold=0.2`` -> ``threshold=0_2``)."""
+    return name.replace(".", "_")
+
+
+class EventfulEvalModule(L.LightningModule):
+    """Base LightningModule: sweep settings, per-setting metrics, operation meter.
+
+    Args:
+        eval_r: Test-time top-r values to sweep in validation and test.
+        eval_thresholds: Test-time thresholds to sweep.
+        unit: What the GFlops are counted per (``"video"`` or ``"frame"``).
+        default_setting: Name of the single setting when nothing is swept.
+    """
+
+    #: Name of the metric monitored by default (logged as ``{stage}/{main_metric}``).
+    main_metric: str = ""
+
+    def __init__(
+        self,
+        eval_r: Sequence[int] | None = None,
+        eval_thresholds: Sequence[float] | None = None,
+        unit: str = "video",
+        default_setting: str = "default",
+    ) -> None:
+        super().__init__()
+        for r in eval_r or ():
+            if int(r) <= 0:
+                raise ValueError(f"eval_r: every r must be positive, got {list(eval_r)}")
+        for h in eval_thresholds or ():
+            if float(h) < 0:
+                raise ValueError(f"eval_thresholds: must be >= 0, got {list(eval_thresholds)}")
+        self.sweep: list[EvalSetting] = build_sweep(
+            eval_r or (), eval_thresholds or (), default_setting
+        )
+        self.ops_meter = OpsMeter(unit)
+        self.eval_stage: str | None = None
+        self.eval_results: dict[str, dict[str, float]] = {}
+        self.eval_gflops: dict[str, dict[str, float]] = {}
+        self.eval_metrics = nn.ModuleDict()
+
+    # ------------------------------------------------------------ for subclasses
+
+    def build_eval_metrics(self) -> None:
+        """Makes each stage's metrics per setting; call at the end of ``__init__``."""
+        for stage in STAGES:
+            self.eval_metrics[stage] = nn.ModuleDict(
+                {metric_key(s.name): self.make_metrics() for s in self.sweep}
+            )
+
+    def make_metrics(self) -> Metric | MetricCollection:
+        """A fresh metric (or collection) for one setting of one stage."""
+        raise NotImplementedError
+
+    def metrics(self, stage: str, setting: EvalSetting) -> Metric | MetricCollection:
+        """The metric of ``setting`` in ``stage`` (``"val"`` or ``"test"``)."""
+        return self.eval_metrics[stage][metric_key(setting.name)]
+
+    @staticmethod
+    def stage_of(trainer_stage: str) -> str:
+        return "test" if trainer_stage == "test" else "val"
+
+    # ----------------------------------------------------------------- hooks
+
+    def _begin_eval(self, stage: str) -> None:
+        self.eval_stage = stage
+        self.ops_meter.reset()
+        for metric in self.eval_metrics[stage].values():
+            metric.reset()
+
+    def _end_eval(self, stage: str) -> None:
+        results: dict[str, dict[str, float]] = {}
+        for setting in self.sweep:
+            metric = self.metrics(stage, setting)
+            computed = metric.compute()
+            if not isinstance(computed, dict):
+                computed = {self.main_metric: computed}
+            values = {k: float(v) for k, v in computed.items() if torch.as_tensor(v).numel() == 1}
+            results[setting.name] = values
+            metric.reset()
+            for key, value in values.items():
+                # Already synced by torchmetrics: every rank logs the same value.
+                self.log(f"{stage}/{setting.name}/{key}", value, sync_dist=False)
+        first = results[self.sweep[0].name]
+        if self.main_metric in first:
+            self.log(f"{stage}/{self.main_metric}", first[self.main_metric], sync_dist=False)
+        names = [s.name for s in self.sweep]
+        synced = self.ops_meter.synced(names, self.device)
+        self.eval_results = results
+        self.eval_gflops = {n: synced.gflops(n) for n in names if synced.units.get(n)}
+        self.ops_meter.reset()
+
+    def on_validation_epoch_start(self) -> None:
+        self._begin_eval("val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._end_eval("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._begin_eval("test")
+
+    def on_test_epoch_end(self) -> None:
+        self._end_eval("test")
