@@ -141,7 +141,9 @@ class EpicKitchensDataModule(ClipDataModule):
     """EPIC-Kitchens-100 verb recognition: random training clips, whole evaluation segments.
 
     Train batches: ``{"video": (B, frames, 3, crop_size, crop_size) uint8,
-    "label": (B,) int64 verb_class, "id": [B] narration_id}``. Evaluation batches:
+    "label": (B,) int64 verb_class, "id": [B] narration_id}`` (with
+    ``train_clips="whole"``: whole segments like the evaluation batches, shuffled).
+    Evaluation batches:
     every frame of each segment, ``{"video": (B, T, 3, H, W) uint8, "length": (B,),
     "label": (B,), "id": [B], "skipped": [...]}`` with short side
     ``eval_short_side``; each rank gets its own shard, nothing repeated.
@@ -178,6 +180,14 @@ class EpicKitchensDataModule(ClipDataModule):
             default, or ``"forkserver"``; ``"fork"`` can deadlock with decord).
         rank: This process's rank (default: from torch.distributed).
         world_size: Number of ranks (default: from torch.distributed).
+        train_clips: ``"random"`` (default): random training clips of ``frames``
+            frames at ``stride`` with random crop and flip. ``"whole"``: whole
+            training segments exactly like evaluation items (short side
+            ``eval_short_side``, no crop/flip, :func:`~datamodules.video.collate_eval`
+            batches with ``"length"``), shuffled, from the whole training split
+            (honouring ``train_limit``): the items the feature cache is written
+            from, for computing the frozen spatial features on the fly. One
+            batch must share a frame size (``batch_size=1`` always works).
     """
 
     name = "epic_kitchens100"
@@ -211,6 +221,7 @@ class EpicKitchensDataModule(ClipDataModule):
         worker_start_method: str = "spawn",
         rank: int | None = None,
         world_size: int | None = None,
+        train_clips: Literal["random", "whole"] = "random",
     ) -> None:
         if clip_bounds not in BOUND_COLUMNS:
             raise ValueError(f"clip_bounds must be 'frames' or 'timestamps', got {clip_bounds!r}")
@@ -235,6 +246,7 @@ class EpicKitchensDataModule(ClipDataModule):
             worker_start_method=worker_start_method,
             rank=rank,
             world_size=world_size,
+            train_clips=train_clips,
         )
         self.save_hyperparameters()
         self.annotation_dir = Path(annotation_dir) if annotation_dir else None

@@ -60,6 +60,8 @@ from datamodules.video import (
     LocalShardSampler,
     VideoClipDataset,
     filter_readable,
+    limit_items,
+    unique_items,
 )
 from eventful_pl.models.vivit import FactorizedViViT
 from eventful_pl.policies import TopRPolicy
@@ -306,7 +308,7 @@ def write_feature_cache(
         rank, world_size = rank_and_world_size()
     rank, world_size = rank or 0, world_size or 1
     cache_dir = Path(cache_dir)
-    items = list({item.id: item for item in reversed(items)}.values())[::-1]  # unique ids
+    items = unique_items(items)  # the first of each id, as the data modules keep
     _ensure_manifest(cache_dir, make_manifest(model, r, dataset, split, items, short_side, dtype))
 
     mine = shard(items, rank, world_size)
@@ -375,7 +377,11 @@ def write_datamodule_features(
 
     The cache goes to ``feature_cache_dir(cache_root, datamodule.name, split, r)``;
     clips are resized like the data module's evaluation clips; the rank comes
-    from the data module. ``kwargs`` go to :func:`write_feature_cache`.
+    from the data module. The items are the data module's
+    :meth:`~datamodules.video.ClipDataModule.split_items` in its order (for its
+    training split, the ``train_limit`` subset), so a :class:`FeatureDataModule`
+    lists them in the same order as the data module's datasets.
+    ``kwargs`` go to :func:`write_feature_cache`.
     """
     rank, world = datamodule.rank_and_world_size()
     kwargs.setdefault("rank", rank)
@@ -383,7 +389,7 @@ def write_datamodule_features(
     kwargs.setdefault("short_side", datamodule.sampling.eval_short_side or 0)
     return write_feature_cache(
         model,
-        datamodule.load_items(split),
+        datamodule.split_items(split, train=split == datamodule.train_split),
         feature_cache_dir(cache_root, datamodule.name, split, r),
         datamodule.name,
         split,
@@ -406,9 +412,15 @@ class FeatureDataset(Dataset):
             FeatureCacheMismatch otherwise.
         rank: Keep this rank's shard of the items ...
         world_size: ... out of this many (1: every item).
+        limit: Keep a fixed random subset of this many manifest items (as the
+            video data modules' ``train_limit``; None: all).
+        seed: Seed of that subset.
 
-    Items: ``(features float32, label int)``. Raises FeatureCacheIncomplete if
-    an entry of the manifest was never written.
+    Items: ``(features float32, label int)``, in manifest order (the order of
+    the video data module's dataset of the split): the ``limit`` subset, then
+    this rank's shard (:func:`datamodules.common.shard`), then without the
+    skipped videos, as the video data modules do. Raises
+    FeatureCacheIncomplete if an entry of the manifest was never written.
     """
 
     def __init__(
@@ -418,6 +430,8 @@ class FeatureDataset(Dataset):
         expect: Mapping[str, Any] | None = None,
         rank: int = 0,
         world_size: int = 1,
+        limit: int | None = None,
+        seed: int = 0,
     ) -> None:
         if views not in ("all", "random"):
             raise ValueError(f"views must be 'all' or 'random', got {views!r}")
@@ -427,36 +441,46 @@ class FeatureDataset(Dataset):
         if expect:
             check_manifest(self.manifest, expect, self.cache_dir)
         names = set(os.listdir(self.cache_dir))
-        items, absent = [], []
-        self.skip_log = SkipLog(
-            f"{self.manifest['dataset']} {self.manifest['split']} features (r={self.manifest['r']})"
-        )
-        for item_id, label in self.manifest["items"]:
-            key = entry_key(item_id)
-            if f"{key}.pt" in names:
-                items.append((key, int(label)))
-            elif f"{key}.skip" in names:
-                reason = json.loads((self.cache_dir / f"{key}.skip").read_text())["reason"]
-                self.skip_log.reasons[reason] += 1  # warned when written
-            else:
-                absent.append(item_id)
+        absent = [
+            item_id
+            for item_id, _ in self.manifest["items"]
+            if f"{entry_key(item_id)}.pt" not in names and f"{entry_key(item_id)}.skip" not in names
+        ]
         if absent:
             raise FeatureCacheIncomplete(
                 f"feature cache {self.cache_dir} is incomplete: {len(absent)} of "
                 f"{len(self.manifest['items'])} entries not written (e.g. {absent[:3]}); "
                 "run the writer again to finish it (it resumes)"
             )
-        self.items = shard(items, rank, world_size)
-        self.skip_log.dataset += f" (rank {rank} of {world_size})" if world_size > 1 else ""
+        name = f"{self.manifest['dataset']} {self.manifest['split']} features"
+        name += f" (r={self.manifest['r']})"
+        self.skip_log = SkipLog(
+            name + (f" (rank {rank} of {world_size})" if world_size > 1 else "")
+        )
+        #: ``(entry key, label, item id)`` of each item, in dataset order.
+        self.items: list[tuple[str, int, str]] = []
+        listed = shard(limit_items(self.manifest["items"], limit, seed), rank, world_size)
+        for item_id, label in listed:
+            key = entry_key(item_id)
+            if f"{key}.pt" in names:
+                self.items.append((key, int(label), item_id))
+            else:
+                reason = json.loads((self.cache_dir / f"{key}.skip").read_text())["reason"]
+                self.skip_log.reasons[reason] += 1  # warned when written
 
     def __len__(self) -> int:
         return len(self.items)
+
+    @property
+    def ids(self) -> list[str]:
+        """The item ids in dataset order."""
+        return [item_id for _, _, item_id in self.items]
 
     def summary(self) -> str:
         return self.skip_log.summary(len(self.items))
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        key, label = self.items[index]
+        key, label, _ = self.items[index]
         entry = torch.load(self.cache_dir / f"{key}.pt", map_location="cpu", weights_only=True)
         features = entry["features"].float()  # (V, T', D)
         if self.views == "random":
@@ -474,6 +498,11 @@ class FeatureDataModule(L.LightningDataModule):
     a Trainer, the caches are checked against the trainer's FactorizedViViT
     (spatial config and weights), so features of another model are refused.
 
+    The datasets list their items in the order of the video data module's
+    datasets of the same splits (same ``train_limit``/``seed``, same rank
+    shards), so with the same seed, training from the cache and from whole
+    videos (``train_clips="whole"``) draws the same items in the same order.
+
     Args:
         cache_root: Root the caches were written under.
         dataset: Dataset name (e.g. ``kinetics400``, ``epic_kitchens100``).
@@ -485,6 +514,11 @@ class FeatureDataModule(L.LightningDataModule):
         eval_batch_size: Evaluation items per batch.
         num_workers: DataLoader workers.
         train_views: ``"all"`` views or one ``"random"`` view per training item.
+        train_limit: Use only this many training items: the same fixed random
+            subset as a video data module's ``train_limit`` with the same
+            ``seed`` (a cache written from such a data module already holds
+            only that subset; then this is a no-op). None: all.
+        seed: Seed of the training subset.
         check_trainer_model: Check the caches against the trainer's model at setup.
         pin_memory: DataLoader ``pin_memory``.
         rank: This process's rank (default: from torch.distributed).
@@ -507,6 +541,8 @@ class FeatureDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         rank: int | None = None,
         world_size: int | None = None,
+        train_limit: int | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -517,6 +553,7 @@ class FeatureDataModule(L.LightningDataModule):
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.train_views, self.check_trainer_model = train_views, check_trainer_model
         self.rank, self.world_size = rank, world_size
+        self.train_limit, self.seed = train_limit, seed
         self.datasets: dict[str, FeatureDataset] = {}
         #: What setup found and skipped, by split.
         self.summaries: dict[str, str] = {}
@@ -550,7 +587,13 @@ class FeatureDataModule(L.LightningDataModule):
                 expect.update(spatial_config=spatial_config(model))
                 expect.update(spatial_hash=spatial_weights_hash(model))
             if role == "train":
-                dataset = FeatureDataset(self.cache_dir(split), self.train_views, expect)
+                dataset = FeatureDataset(
+                    self.cache_dir(split),
+                    self.train_views,
+                    expect,
+                    limit=self.train_limit,
+                    seed=self.seed,
+                )
             else:
                 dataset = FeatureDataset(self.cache_dir(split), "all", expect, rank, world)
             self.datasets[role] = dataset
@@ -609,6 +652,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=4, help="decoding workers")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--clip-bounds", default="frames", choices=("frames", "timestamps"))
+    parser.add_argument(
+        "--train-limit", type=int, help="training split: the data module's train_limit subset"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the train_limit subset")
     args = parser.parse_args(argv)
 
     from eventful_pl.models.vivit import create_vivit
@@ -621,11 +668,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.data == "kinetics":
         from datamodules.kinetics import KineticsDataModule
 
-        data: ClipDataModule = KineticsDataModule(args.root)
+        data: ClipDataModule = KineticsDataModule(
+            args.root, train_limit=args.train_limit, seed=args.seed
+        )
     else:
         from datamodules.epic_kitchens import EpicKitchensDataModule
 
-        data = EpicKitchensDataModule(args.root, clip_bounds=args.clip_bounds)
+        data = EpicKitchensDataModule(
+            args.root, clip_bounds=args.clip_bounds, train_limit=args.train_limit, seed=args.seed
+        )
     data.sampling = ClipSampling(eval_short_side=min(model.preprocessing.size))
     report = write_datamodule_features(
         data, args.split, model, args.r, args.cache_root, dtype=args.dtype, num_workers=args.workers

@@ -39,6 +39,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from datamodules.common import DataFormatError, parse_int, read_csv_rows
 from datamodules.transforms import ClipSampling
@@ -138,7 +139,8 @@ class KineticsDataModule(ClipDataModule):
 
     Train batches: ``{"video": (B, frames, 3, crop_size, crop_size) uint8,
     "label": (B,) int64, "id": [B]}`` (Lightning's default sampler shards them
-    under DDP). Evaluation batches (val/test): whole clips for the model's
+    under DDP); with ``train_clips="whole"``, whole clips like the evaluation
+    batches below, shuffled. Evaluation batches (val/test): whole clips for the model's
     multi-view preprocessing, ``{"video": (B, T, 3, H, W) uint8, "length": (B,),
     "label": (B,), "id": [B], "skipped": [...]}``, short side ``eval_short_side``;
     each rank gets its own shard (:func:`datamodules.common.shard`), nothing repeated.
@@ -176,6 +178,14 @@ class KineticsDataModule(ClipDataModule):
             default, or ``"forkserver"``; ``"fork"`` can deadlock with decord).
         rank: This process's rank (default: from torch.distributed).
         world_size: Number of ranks (default: from torch.distributed).
+        train_clips: ``"random"`` (default): random training clips of ``frames``
+            frames at ``stride`` with random crop and flip. ``"whole"``: whole
+            training clips exactly like evaluation items (short side
+            ``eval_short_side``, no crop/flip, :func:`~datamodules.video.collate_eval`
+            batches with ``"length"``), shuffled, from the whole training split
+            (honouring ``train_limit``): the items the feature cache is written
+            from, for computing the frozen spatial features on the fly. One
+            batch must share a frame size (``batch_size=1`` always works).
     """
 
     name = "kinetics400"
@@ -207,6 +217,7 @@ class KineticsDataModule(ClipDataModule):
         worker_start_method: str = "spawn",
         rank: int | None = None,
         world_size: int | None = None,
+        train_clips: Literal["random", "whole"] = "random",
     ) -> None:
         short = crop_size if eval_short_side is None else (eval_short_side or None)
         super().__init__(
@@ -229,6 +240,7 @@ class KineticsDataModule(ClipDataModule):
             worker_start_method=worker_start_method,
             rank=rank,
             world_size=world_size,
+            train_clips=train_clips,
         )
         self.save_hyperparameters()
         self.annotation_dir = Path(annotation_dir) if annotation_dir else None

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import decord
 import lightning as L
@@ -52,6 +52,8 @@ from datamodules.transforms import (
 )
 
 Mode = Literal["train", "eval"]
+TrainClips = Literal["random", "whole"]
+T = TypeVar("T")
 
 
 class VideoReadError(RuntimeError):
@@ -343,6 +345,31 @@ def filter_readable(
     return kept
 
 
+def unique_items(items: Iterable[ClipItem]) -> list[ClipItem]:
+    """``items`` without repeated ids (the first of each id kept, in order)."""
+    seen: set[str] = set()
+    kept = []
+    for item in items:
+        if item.id not in seen:
+            seen.add(item.id)
+            kept.append(item)
+    return kept
+
+
+def limit_items(items: Sequence[T], limit: int | None, seed: int) -> list[T]:
+    """A fixed random subset of ``limit`` items (all if None), in their original order.
+
+    The subset depends only on ``len(items)``, ``limit`` and ``seed``, so the
+    video data modules and the feature cache pick the same items.
+    """
+    if limit is None or limit >= len(items):
+        return list(items)
+    if limit < 0:
+        raise ValueError(f"train_limit must be >= 0, got {limit}")
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed))
+    return [items[i] for i in sorted(order[:limit].tolist())]
+
+
 # -------------------------------------------------------------------------- dataset
 
 
@@ -497,7 +524,8 @@ def collate_eval(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
     if len(sizes) > 1:
         raise ValueError(
             f"evaluation clips of one batch differ in frame size {sorted(sizes)} "
-            f"({[item['id'] for item in good]}); use eval_batch_size=1"
+            f"({[item['id'] for item in good]}); use eval_batch_size=1 (batch_size=1 "
+            "for whole training clips)"
         )
     lengths = [item["video"].shape[0] for item in good]
     longest = max(lengths)
@@ -523,7 +551,14 @@ class ClipDataModule(L.LightningDataModule):
     A subclass lists a split's items in :meth:`load_items`; this class skips
     missing/unreadable videos (``summaries`` says how many), shards evaluation
     splits by rank and makes the loaders. Train batches come from
-    :func:`collate_train`, evaluation batches from :func:`collate_eval`.
+    :func:`collate_train` (``train_clips="random"``) or, like evaluation
+    batches, from :func:`collate_eval` (``train_clips="whole"``).
+
+    Item order: a split's dataset lists :meth:`split_items` (the annotation
+    order, repeated ids dropped, the ``train_limit`` subset for training) minus
+    the unreadable items; an evaluation dataset holds this rank's shard of that
+    list, taken before the unreadable items are dropped. The feature cache
+    (:mod:`datamodules.features`) lists its items in the same order.
 
     Args:
         root: Dataset root.
@@ -536,6 +571,15 @@ class ClipDataModule(L.LightningDataModule):
         sampling: Clip sampling settings.
         train_limit: Use only this many training items (fixed random subset).
         seed: Seed of the training subset.
+        train_clips: ``"random"``: training items are random clips of
+            ``sampling.frames`` frames with a random crop and flip. ``"whole"``:
+            training items are whole clips/segments exactly as in evaluation
+            (short side ``sampling.eval_short_side``, no crop or flip, batches
+            from :func:`collate_eval`), shuffled, from the whole training split
+            (Lightning's DistributedSampler shards it under DDP), e.g. to train
+            the temporal model on spatial features computed on the fly; they
+            equal the items the feature cache is written from. Clips of one
+            batch must share a frame size (``batch_size=1`` always works).
         probe: Open every video at setup to skip unreadable ones.
         probe_workers: Threads opening videos at setup.
         probe_cache: JSON file keeping probe results between runs.
@@ -572,8 +616,14 @@ class ClipDataModule(L.LightningDataModule):
         worker_start_method: str = "spawn",
         rank: int | None = None,
         world_size: int | None = None,
+        train_clips: TrainClips = "random",
     ) -> None:
         super().__init__()
+        if train_clips not in ("random", "whole"):
+            raise ValueError(f"train_clips must be 'random' or 'whole', got {train_clips!r}")
+        if train_limit is not None and train_limit < 0:
+            raise ValueError(f"train_limit must be >= 0 or None, got {train_limit}")
+        self.train_clips = train_clips
         self.root = Path(root)
         self.worker_start_method = check_start_method(worker_start_method, "worker_start_method")
         self.train_split, self.val_split = train_split, val_split
@@ -600,18 +650,29 @@ class ClipDataModule(L.LightningDataModule):
             return self.rank or 0, self.world_size or 1
         return rank_and_world_size()
 
+    def split_items(self, split: str, train: bool = False) -> list[ClipItem]:
+        """The items of ``split`` in dataset order, before unreadable ones are dropped.
+
+        :meth:`load_items` without repeated ids; with ``train``, the fixed
+        ``train_limit`` subset (seeded by ``seed``).
+        """
+        items = unique_items(self.load_items(split))
+        return limit_items(items, self.train_limit, self.seed) if train else items
+
     def build_dataset(self, split: str, mode: Mode) -> VideoClipDataset:
-        """The dataset of ``split``: every item (train) or this rank's shard (eval)."""
-        items = self.load_items(split)
+        """The dataset of ``split`` in the role ``mode``.
+
+        ``"train"``: every item of the split (the ``train_limit`` subset), as
+        random clips or, with ``train_clips="whole"``, as whole clips.
+        ``"eval"``: this rank's shard of the split, as whole clips.
+        """
+        items = self.split_items(split, train=mode == "train")
         name = f"{self.name} {split}"
         if mode == "eval":
             rank, world = self.rank_and_world_size()
             items = shard(items, rank, world)
             if world > 1:
                 name += f" (rank {rank} of {world})"
-        elif self.train_limit is not None and self.train_limit < len(items):
-            order = torch.randperm(len(items), generator=torch.Generator().manual_seed(self.seed))
-            items = [items[i] for i in sorted(order[: self.train_limit].tolist())]
         log = SkipLog(name)
         items = filter_readable(items, log, self.probe, self.probe_workers, self.probe_cache)
         summary = log.summary(len(items))
@@ -619,8 +680,9 @@ class ClipDataModule(L.LightningDataModule):
         rank_zero_info(summary)
         if not items:
             raise RuntimeError(f"{summary}: no readable videos under {self.root}")
+        clips: Mode = "eval" if mode == "eval" or self.train_clips == "whole" else "train"
         return VideoClipDataset(
-            items, mode, self.sampling, name, self.decode_threads, self.open_readers
+            items, clips, self.sampling, name, self.decode_threads, self.open_readers
         )
 
     def setup(self, stage: str | None = None) -> None:
@@ -644,13 +706,18 @@ class ClipDataModule(L.LightningDataModule):
         return self.datasets[role]
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training clips; under DDP Lightning adds its DistributedSampler."""
+        """Shuffled training clips; under DDP Lightning adds its DistributedSampler.
+
+        Batches: :func:`collate_train` (random clips) or :func:`collate_eval`
+        (``train_clips="whole"``).
+        """
+        whole = self.train_clips == "whole"
         return DataLoader(
             self._dataset("train"),
             batch_size=self.batch_size,
             shuffle=True,
             num_workers=self.num_workers,
-            collate_fn=collate_train,
+            collate_fn=collate_eval if whole else collate_train,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
             multiprocessing_context=self._worker_context(),

@@ -227,6 +227,7 @@ def test_configurable_from_lightning_cli_yaml(data, tmp_path):
             "scale_range": [1.0, 1.2],
             "flip_prob": 0.0,
             "num_workers": 0,
+            "train_clips": "whole",
         }
     }
     path = tmp_path / "config.yaml"
@@ -235,7 +236,7 @@ def test_configurable_from_lightning_cli_yaml(data, tmp_path):
     dm = cli.datamodule
     assert isinstance(dm, KineticsDataModule) and dm.batch_size == 2
     assert dm.sampling.frames == 8 and dm.sampling.scale_range == (1.0, 1.2)
-    assert dm.sampling.eval_short_side == 32
+    assert dm.sampling.eval_short_side == 32 and dm.train_clips == "whole"
 
 
 def test_worker_start_method_is_checked(data):
@@ -244,3 +245,57 @@ def test_worker_start_method_is_checked(data):
     dm = module(data, num_workers=1, worker_start_method="forkserver")
     dm.setup("validate")
     assert dm.val_dataloader().multiprocessing_context.get_start_method() == "forkserver"
+
+
+def test_whole_train_clips_are_eval_items_shuffled_from_the_whole_split(data):
+    # flip_prob 1 and a small crop: neither may touch whole clips.
+    options = dict(train_clips="whole", batch_size=3, flip_prob=1.0, crop_size=24)
+    dm = module(data, rank=1, world_size=2, **options)
+    dm.setup("fit")
+    assert dm.datasets["train"].mode == "eval"
+    readable = [item.id for item in data.items["train"] if item.status == "ok"]
+    # The whole split in annotation order (not rank 1's shard: under DDP
+    # Lightning's DistributedSampler shards the training set).
+    assert [item.id for item in dm.datasets["train"].items] == readable
+    reference = module(data, val_split="train", crop_size=24)  # eval items of the train split
+    reference.setup("validate")
+    eval_items = {
+        reference.datasets["val"][i]["id"]: reference.datasets["val"][i] for i in range(9)
+    }
+    orders = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        batches = list(dm.train_dataloader())
+        orders.append([clip_id for batch in batches for clip_id in batch["id"]])
+    assert sorted(orders[0]) == sorted(readable)  # every item once per epoch
+    assert orders[0] == orders[1] != orders[2]  # shuffled by the seed
+    assert orders[0] != readable or orders[2] != readable
+    for batch in batches:
+        assert set(batch) == {"video", "length", "label", "id", "skipped"}
+        assert batch["video"].dtype == torch.uint8 and batch["video"].shape[2:] == (3, 24, 32)
+        assert batch["video"].shape[1] == int(batch["length"].max()) and batch["skipped"] == []
+        for video, length, label, clip_id in zip(
+            *(batch[k] for k in ("video", "length", "label", "id"))
+        ):
+            item = eval_items[clip_id]
+            assert torch.equal(video[:length], item["video"]) and label == item["label"]
+            assert torch.equal(video[length:], video[length - 1 : length].expand_as(video[length:]))
+
+
+def test_whole_train_clips_honour_train_limit(data):
+    dms = {}
+    for clips in ("random", "whole"):
+        dms[clips] = module(data, train_clips=clips, train_limit=7, seed=3)
+        dms[clips].setup("fit")
+    ids = [[item.id for item in dm.datasets["train"].items] for dm in dms.values()]
+    assert ids[0] == ids[1] and len(ids[0]) <= 7  # the same subset (minus unreadable)
+    listed = dms["whole"].split_items("train", train=True)
+    assert len(listed) == 7 and [i.id for i in listed if i.id in ids[1]] == ids[1]
+    other = module(data, train_clips="whole", train_limit=7, seed=4)
+    assert [i.id for i in other.split_items("train", train=True)] != [i.id for i in listed]
+    assert len(module(data).split_items("train", train=True)) == 12  # no limit: all listed
+
+
+def test_train_clips_is_checked(data):
+    with pytest.raises(ValueError, match="train_clips must be 'random' or 'whole'"):
+        module(data, train_clips="wholes")
