@@ -1,0 +1,356 @@
+"""ViTDet on ImageNet VID (+ DET) as a LightningModule: training on independent
+images, streaming evaluation of video segments with a test-time r sweep and mAP50.
+
+    python cli.py fit --config configs/vitdet/vid_672.yaml
+    python cli.py validate --config configs/vitdet/vid_672.yaml --ckpt_path last.ckpt
+    python cli.py count --config configs/vitdet/vid_672.yaml --r 256 512
+
+Training (DESIGN section 6) trains the dense computation: every training image
+is its own stream (the model is reset before each forward), so every gate
+flushes and the configured variant computes exactly what the dense model
+does, with gradients. Evaluation streams each segment frame by frame (state
+reset per segment) under each setting of the sweep (``eval_r``,
+``eval_thresholds``, or the model's own policy), updates that setting's mAP50
+and counts the backbone's operations per frame. Logged:
+``train/{loss name}``, ``train/loss``, ``{val,test}/{setting}/map_50``,
+``{val,test}/{setting}/mar_100`` and ``{val,test}/map_50`` (first setting).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from torch.optim.lr_scheduler import LinearLR, MultiStepLR
+from torchmetrics.detection import MeanAveragePrecision
+
+from eventful_pl import counting
+from eventful_pl.checkpoints import read_checkpoint
+from eventful_pl.gates import TokenGate
+from eventful_pl.lightning.evaluation import EventfulEvalModule
+from eventful_pl.lightning.sweep import EvalSetting
+from eventful_pl.lightning.token_maps import record_token_updates, update_maps
+from eventful_pl.models.vitdet import VITDET_PRESETS, VITDET_VARIANTS, ViTDet, create_vitdet
+from eventful_pl.models.vitdet_convert import load_vitdet_checkpoint
+from eventful_pl.policies import ThresholdPolicy, TokenPolicy, TopRPolicy
+
+Detections = dict[str, Tensor]
+
+#: Linear warm-up starts at this fraction of the learning rate (detectron2's default).
+WARMUP_START_FACTOR = 0.001
+#: Frames of the first evaluation segment shown by :meth:`ViTDetModule.token_update_maps`.
+MAX_MAP_FRAMES = 8
+_PREDICTOR = "head.roi_heads.box_predictor."
+
+
+class VIDMeanAP(MeanAveragePrecision):
+    """mAP at IoU 0.5 (the VID metric): ``compute()`` -> ``{"map_50", "mar_100"}``.
+
+    Labels are the model's 0..K-1; boxes xyxy pixels.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(iou_thresholds=[0.5])
+
+    def compute(self) -> dict[str, Tensor]:
+        result = super().compute()
+        return {"map_50": result["map_50"], "mar_100": result["mar_100"]}
+
+
+def _check_options(
+    preset: str,
+    variant: str,
+    model_kwargs: dict[str, Any],
+    r: int | None,
+    threshold: float | None,
+) -> None:
+    """Raises ValueError naming the first bad option."""
+    if preset not in VITDET_PRESETS:
+        raise ValueError(
+            f"ViTDetModule: unknown preset {preset!r}; choose one of {sorted(VITDET_PRESETS)}"
+        )
+    if variant not in VITDET_VARIANTS:
+        raise ValueError(
+            f"ViTDetModule: unknown variant {variant!r}; choose one of {sorted(VITDET_VARIANTS)}"
+        )
+    for key in ("variant", "policy"):
+        if key in model_kwargs:
+            raise ValueError(
+                f"ViTDetModule: model_kwargs must not set {key!r}; use the {key!r}"
+                f" option{' (r or threshold)' if key == 'policy' else ''}"
+            )
+    if r is not None and threshold is not None:
+        raise ValueError("ViTDetModule: give r or threshold, not both")
+    if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r <= 0):
+        raise ValueError(f"ViTDetModule: r must be a positive integer, got r={r!r}")
+    if threshold is not None and float(threshold) < 0:
+        raise ValueError(f"ViTDetModule: threshold must be >= 0, got threshold={threshold!r}")
+
+
+def _own_policy(r: int | None, threshold: float | None) -> TokenPolicy | None:
+    if r is not None:
+        return TopRPolicy(r)
+    if threshold is not None:
+        return ThresholdPolicy(float(threshold))
+    return None
+
+
+def has_gates(model: nn.Module) -> bool:
+    """Whether ``model`` holds token gates (an eventful variant)."""
+    return any(isinstance(m, TokenGate) for m in model.modules())
+
+
+def predictor_classes(state_dict: dict[str, Tensor]) -> int | None:
+    """Object classes K of a checkpoint's box predictor (``cls_score`` has K + 1 rows)."""
+    for key, value in state_dict.items():
+        if key.endswith("box_predictor.cls_score.weight"):
+            return int(value.shape[0]) - 1
+    return None
+
+
+def load_pretrained(model: ViTDet, path: str) -> str:
+    """Loads a checkpoint (detectron2, original eventful code, or ours) into ``model``.
+
+    A checkpoint with another number of classes (e.g. COCO's 80 into a
+    30-class VID model) loads everything but the box predictor, which keeps
+    its fresh initialisation. Returns a short description of what was loaded.
+    """
+    state_dict = read_checkpoint(path)
+    classes = predictor_classes(state_dict)
+    if classes is None or classes == model.num_classes:
+        layout = load_vitdet_checkpoint(model, state_dict)
+        return f"{path} ({layout} layout)"
+    twin = ViTDet(**{**model.config, "num_classes": classes, "policy": None})
+    layout = load_vitdet_checkpoint(twin, state_dict)
+    kept = {k: v for k, v in twin.state_dict().items() if not k.startswith(_PREDICTOR)}
+    missing, unexpected = model.load_state_dict(kept, strict=False)
+    if unexpected or any(not k.startswith(_PREDICTOR) for k in missing):
+        raise RuntimeError(f"pretrained: {path} did not fit: {missing} {unexpected}")
+    return (
+        f"{path} ({layout} layout, {classes} classes): all but the box predictor,"
+        f" which starts fresh for {model.num_classes} classes"
+    )
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on norms, biases (1-D) and position encodings."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim <= 1 or "position_encoding" in name:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+class ViTDetModule(EventfulEvalModule):
+    """ViTDet (dense training, eventful streaming evaluation) on ImageNet VID.
+
+    Args:
+        preset: A key of :data:`~eventful_pl.models.vitdet.VITDET_PRESETS`.
+        variant: Backbone variant, a key of :data:`~eventful_pl.models.vitdet.VITDET_VARIANTS`.
+        model_kwargs: Overrides of the preset (e.g. ``matmul_2_cast``,
+            ``gate_before_ln``, ``num_classes``); not ``variant``/``policy``.
+        pretrained: Checkpoint file loaded at construction (detectron2 ``.pkl``/
+            ``.pth``, original eventful code, or ours); a COCO (80-class)
+            checkpoint loads all but the box predictor.
+        r: The model's own policy: top-r tokens per frame.
+        threshold: The model's own policy instead: update tokens whose error
+            norm exceeds this.
+        eval_r: Test-time r values swept in validation and test.
+        eval_thresholds: Test-time thresholds swept in validation and test.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay (not on norms, biases, position encoding).
+        warmup_steps: Linear warm-up over this many optimizer steps (from
+            0.001 x ``lr``).
+        decay_epochs: Epochs (0-based ``trainer.current_epoch``) from which
+            the learning rate is multiplied by another 0.1.
+        count_ops: Count the backbone's operations during evaluation (GFlops
+            per frame per setting, in ``eval_gflops``).
+    """
+
+    main_metric = "map_50"
+
+    def __init__(
+        self,
+        preset: str = "vitdet_b_vid",
+        variant: str = "eventful",
+        model_kwargs: dict[str, Any] | None = None,
+        pretrained: str | None = None,
+        r: int | None = None,
+        threshold: float | None = None,
+        eval_r: list[int] | None = None,
+        eval_thresholds: list[float] | None = None,
+        lr: float = 1e-4,
+        weight_decay: float = 0.1,
+        warmup_steps: int = 250,
+        decay_epochs: Sequence[int] = (3,),
+        count_ops: bool = True,
+    ) -> None:
+        model_kwargs = dict(model_kwargs or {})
+        _check_options(preset, variant, model_kwargs, r, threshold)
+        for name, value, ok in (
+            ("lr", lr, lr > 0),
+            ("weight_decay", weight_decay, weight_decay >= 0),
+            ("warmup_steps", warmup_steps, warmup_steps >= 0),
+            ("decay_epochs", decay_epochs, all(int(e) >= 0 for e in decay_epochs)),
+        ):
+            if not ok:
+                raise ValueError(f"ViTDetModule: invalid {name}: {value!r}")
+        super().__init__(eval_r, eval_thresholds, unit="frame", default_setting="default")
+        self.save_hyperparameters()
+        self.policy = _own_policy(r, threshold)
+        self.model = create_vitdet(preset, variant=variant, policy=self.policy, **model_kwargs)
+        self._check_sweep(variant)
+        if pretrained:
+            rank_zero_info(f"ViTDetModule: loaded {load_pretrained(self.model, pretrained)}")
+        self.lr, self.weight_decay = lr, weight_decay
+        self.warmup_steps = warmup_steps
+        self.decay_epochs = sorted(int(e) for e in decay_epochs)
+        self.count_ops = count_ops
+        self.build_eval_metrics()
+
+    def _check_sweep(self, variant: str) -> None:
+        """Every setting's policy must fit the token grid; eventful models need one."""
+        tokens = self.model.backbone.num_tokens
+        policies = [s.policy() for s in self.sweep]
+        if not has_gates(self.model):
+            if self.policy is not None or any(p is not None for p in policies):
+                raise ValueError(
+                    f"ViTDetModule: variant {variant!r} has no token gates; r, threshold,"
+                    " eval_r and eval_thresholds need an eventful variant"
+                )
+            return
+        for policy in policies:
+            if policy is not None:
+                policy.validate(tokens)
+        if self.policy is None and any(p is None for p in policies):
+            raise ValueError(
+                f"ViTDetModule: variant {variant!r} needs a policy: set r or threshold"
+                " (or eval_r / eval_thresholds)"
+            )
+
+    # ----------------------------------------------------------------- training
+
+    def training_step(self, batch: tuple[list[Tensor], list[dict]], batch_idx: int) -> Tensor:
+        """``batch``: (list of uint8 (3, H_i, W_i), list of {"boxes" (n_i, 4), "labels" (n_i,)})."""
+        images, targets = batch
+        self.model.reset()  # every image is its own stream: a flush frame (dense computation)
+        losses = self.model(images, targets)
+        loss = sum(losses.values())
+        batch_size = len(images)
+        for name, value in losses.items():
+            self.log(f"train/{name}", value, batch_size=batch_size)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.model.reset()  # drop the training frame's stream state
+
+    def configure_optimizers(self) -> tuple[list[torch.optim.Optimizer], list[dict[str, Any]]]:
+        """AdamW; linear warm-up per step, then x0.1 from each decay epoch.
+
+        Both schedulers are chainable (each multiplies the current rate), so
+        the rate at step s in epoch e is ``lr * warmup(s) * 0.1 ** (decays <= e)``.
+        """
+        optimizer = torch.optim.AdamW(param_groups(self.model, self.weight_decay), lr=self.lr)
+        schedulers = []
+        if self.warmup_steps > 0:
+            warmup = LinearLR(optimizer, WARMUP_START_FACTOR, 1.0, total_iters=self.warmup_steps)
+            schedulers.append({"scheduler": warmup, "interval": "step", "name": "lr-warmup"})
+        if self.decay_epochs:
+            decay = MultiStepLR(optimizer, milestones=self.decay_epochs, gamma=0.1)
+            schedulers.append({"scheduler": decay, "interval": "epoch", "name": "lr-decay"})
+        return [optimizer], schedulers
+
+    # ----------------------------------------------------------------- evaluation
+
+    def make_metrics(self) -> VIDMeanAP:
+        return VIDMeanAP()
+
+    def setting_policy(self, setting: EvalSetting) -> TokenPolicy | None:
+        """The policy of ``setting`` (the model's own when the setting has none)."""
+        policy = setting.policy()
+        return self.policy if policy is None else policy
+
+    @torch.no_grad()
+    def stream(self, frames: Sequence[Tensor], setting: EvalSetting) -> list[Detections]:
+        """Detections of one stream under ``setting``, frame by frame (state reset first).
+
+        ``frames``: uint8 (3, H, W) in order -> per frame {"boxes" (n, 4) xyxy
+        pixels, "scores" (n,), "labels" (n,) in 0..K-1}. With ``count_ops`` the
+        backbone's operations are added to ``ops_meter`` (one unit per frame).
+        """
+        if has_gates(self.model.backbone):
+            self.model.set_policy(self.setting_policy(setting))
+        self.model.reset()
+        detections = []
+        for frame in frames:  # one stream: each frame depends on the state of the last
+            if self.count_ops:
+                with counting.count_ops(self.model.backbone) as counter:
+                    detections.append(self.model([frame])[0])
+                self.ops_meter.add(setting.name, counter.counts, 1)
+            else:
+                detections.append(self.model([frame])[0])
+        self.model.reset()
+        return detections
+
+    def eval_step(self, batch: list[dict[str, Any]]) -> None:
+        """Streams every segment of ``batch`` under every setting and updates its mAP.
+
+        ``batch``: segment items {"frames": [uint8 (3, H, W)], "targets": [...]},
+        each one stream.
+        """
+        stage = self.stage_of(self.trainer.state.stage)
+        try:
+            for segment in batch:
+                targets = [
+                    {"boxes": t["boxes"].float(), "labels": t["labels"].long()}
+                    for t in segment["targets"]
+                ]
+                for setting in self.sweep:
+                    preds = self.stream(segment["frames"], setting)
+                    self.metrics(stage, setting).update(preds, targets)
+        finally:
+            self._restore_policy()
+
+    def _restore_policy(self) -> None:
+        if has_gates(self.model.backbone):
+            self.model.set_policy(self.policy)
+        self.model.reset()
+
+    def validation_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
+        self.eval_step(batch)
+
+    def test_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
+        self.eval_step(batch)
+
+    @torch.no_grad()
+    def token_update_maps(self, batch: list[dict[str, Any]]) -> dict[str, Tensor]:
+        """Tokens updated per frame of the batch's first segment (at most 8 frames),
+        under the first setting of the sweep: ``{gate: (frames, H, W)}`` of 0/1."""
+        if not batch or not batch[0]["frames"]:
+            return {}
+        frames = batch[0]["frames"][:MAX_MAP_FRAMES]
+        device = next(self.model.parameters()).device
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            if has_gates(self.model.backbone):
+                self.model.set_policy(self.setting_policy(self.sweep[0]))
+            self.model.reset()
+            with record_token_updates(self.model.backbone) as records:
+                for frame in frames:
+                    self.model([frame.to(device)])
+            return update_maps(records, self.model.grid)
+        finally:
+            self._restore_policy()
+            self.model.train(was_training)
