@@ -39,7 +39,9 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+
+from lightning.pytorch.utilities import rank_zero_info
 
 from datamodules.common import DataFormatError, parse_int, read_csv_rows
 from datamodules.transforms import ClipSampling
@@ -186,6 +188,11 @@ class KineticsDataModule(ClipDataModule):
             (honouring ``train_limit``): the items the feature cache is written
             from, for computing the frozen spatial features on the fly. One
             batch must share a frame size (``batch_size=1`` always works).
+        synthetic: If set and ``root`` holds no training annotations yet,
+            :meth:`prepare_data` first writes a synthetic dataset there in this
+            layout with :func:`datamodules.synthetic_video.make_kinetics`
+            (these are its keyword arguments, e.g. ``{videos_per_class: 16,
+            frames: 16, size: 64}``; needs the ``av`` package). For demos and tests.
     """
 
     name = "kinetics400"
@@ -218,6 +225,7 @@ class KineticsDataModule(ClipDataModule):
         rank: int | None = None,
         world_size: int | None = None,
         train_clips: Literal["random", "whole"] = "random",
+        synthetic: dict[str, Any] | None = None,
     ) -> None:
         short = crop_size if eval_short_side is None else (eval_short_side or None)
         super().__init__(
@@ -245,6 +253,20 @@ class KineticsDataModule(ClipDataModule):
         self.save_hyperparameters()
         self.annotation_dir = Path(annotation_dir) if annotation_dir else None
         self._classes = list(classes) if classes else None
+        self.synthetic = dict(synthetic) if synthetic is not None else None
+
+    def prepare_data(self) -> None:
+        """Writes the ``synthetic`` dataset if asked for and ``root`` has none yet."""
+        if self.synthetic is None:
+            return
+        try:
+            find_annotation_file(self.root, self.train_split, self.annotation_dir)
+        except FileNotFoundError:
+            from datamodules.synthetic_video import make_kinetics
+
+            splits = list(dict.fromkeys([self.train_split, self.val_split, self.test_split]))
+            rank_zero_info(f"kinetics400: writing a synthetic dataset to {self.root}")
+            make_kinetics(self.root, splits=splits, **self.synthetic)
 
     # ----------------------------------------------------------------- indexing
 

@@ -53,7 +53,7 @@ def _add(*parts: dict[str, int]) -> dict[str, int]:
 
 
 @torch.no_grad()
-def _static_video_counts(model: FactorizedViViT) -> dict[str, int]:
+def static_video_counts(model: FactorizedViViT) -> dict[str, int]:
     """Per-video counts for a static policy, from one view's first and second steps."""
     grid = model.spatial.input_size
     device = model.classifier.weight.device
@@ -109,14 +109,14 @@ def count_vivit(
                 dense = FactorizedViViT(
                     **{**model.config, "spatial_variant": "dense", "policy": None}
                 )
-            settings.append(_report("dense", None, None, _static_video_counts(dense)))
+            settings.append(_report("dense", None, None, static_video_counts(dense)))
         if (r_values or thresholds) and not eventful:
             raise ValueError(
                 "r_values/thresholds need an eventful spatial model (spatial_variant != 'dense')"
             )
         for r in r_values:
             model.set_policy(TopRPolicy(int(r)))
-            settings.append(_report(f"r={r}", int(r), None, _static_video_counts(model)))
+            settings.append(_report(f"r={r}", int(r), None, static_video_counts(model)))
         for h in thresholds:
             model.set_policy(ThresholdPolicy(float(h)))
             settings.append(_report(f"threshold={h}", None, float(h), _video_counts(model, video)))

@@ -1,0 +1,150 @@
+"""Callbacks for eventful models: GFlops per evaluation setting, token-update maps.
+
+Both read what an :class:`~eventful_pl.lightning.evaluation.EventfulEvalModule`
+leaves after a validation/test epoch. In a LightningCLI config::
+
+    trainer:
+      callbacks:
+        - class_path: eventful_pl.lightning.callbacks.GFlopsCallback
+        - class_path: eventful_pl.lightning.callbacks.TokenUpdateMapCallback
+          init_args: {num_batches: 1}
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+from eventful_pl.counting import OP_KINDS
+from eventful_pl.lightning.token_maps import render_maps
+
+
+def format_results_table(
+    results: dict[str, dict[str, float]], gflops: dict[str, dict[str, float]], unit: str
+) -> str:
+    """A Markdown table: one row per setting, its metrics and GFlops per ``unit``."""
+    metrics = list(dict.fromkeys(key for values in results.values() for key in values))
+    header = ["setting", *metrics, f"GFlops/{unit}"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, values in results.items():
+        cells = [name] + [f"{values[m]:.4f}" if m in values else "" for m in metrics]
+        cells.append(f"{gflops[name]['total']:.3f}" if name in gflops else "n/a")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+class GFlopsCallback(L.Callback):
+    """Logs each evaluation setting's GFlops (total and by kind) and prints a results table.
+
+    After every validation and test run (not the sanity check), logs
+    ``{stage}/{setting}/gflops`` and ``{stage}/{setting}/gflops_{kind}`` to every
+    logger of the trainer, and keeps one table row per setting (metric values
+    and GFlops per video or frame) in :attr:`tables`. The table is printed after
+    ``validate`` and ``test``, and after ``fit`` (its last validation).
+
+    Args:
+        by_kind: Also log the GFlops of each operation kind.
+        print_table: Print the table (global rank 0 only).
+    """
+
+    def __init__(self, by_kind: bool = True, print_table: bool = True) -> None:
+        self.by_kind = by_kind
+        self.print_table = print_table
+        #: ``{stage: table}`` of the latest evaluation of each stage.
+        self.tables: dict[str, str] = {}
+        #: ``{stage: {setting: {"gflops": ..., metric: ...}}}`` of the latest evaluation.
+        self.results: dict[str, dict[str, dict[str, float]]] = {}
+
+    def _collect(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        stage = getattr(module, "eval_stage", None)
+        gflops: dict[str, dict[str, float]] = getattr(module, "eval_gflops", {})
+        results: dict[str, dict[str, float]] = getattr(module, "eval_results", {})
+        if stage is None or trainer.sanity_checking:
+            return
+        metrics: dict[str, float] = {}
+        for name, values in gflops.items():
+            metrics[f"{stage}/{name}/gflops"] = values["total"]
+            if self.by_kind:
+                for kind in OP_KINDS:
+                    metrics[f"{stage}/{name}/gflops_{kind}"] = values.get(kind, 0.0)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        unit = getattr(getattr(module, "ops_meter", None), "unit", "video")
+        self.tables[stage] = format_results_table(results, gflops, unit)
+        self.results[stage] = {
+            name: {**values, "gflops": gflops.get(name, {}).get("total", float("nan"))}
+            for name, values in results.items()
+        }
+
+    @rank_zero_only
+    def _print(self, stage: str, title: str) -> None:
+        if self.print_table and stage in self.tables:
+            print(f"\n{title}\n{self.tables[stage]}\n", flush=True)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._collect(trainer, pl_module)
+        if trainer.state.fn == "validate":
+            self._print("val", "Validation: accuracy vs GFlops")
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._collect(trainer, pl_module)
+        self._print("test", "Test: accuracy vs GFlops")
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._print("val", f"Validation after epoch {trainer.current_epoch}: accuracy vs GFlops")
+
+
+class TokenUpdateMapCallback(L.Callback):
+    """Logs images of which tokens each gate updated on each frame (TensorBoard).
+
+    On the first ``num_batches`` validation batches of every ``every_n_epochs``-th
+    epoch (global rank 0, not the sanity check), asks the module for
+    ``token_update_maps(batch) -> {gate: (frames, H, W)}`` (its first stream)
+    and logs one image per batch as ``token_updates/batch_{i}``: one row per gate,
+    one column per frame, updated tokens bright. Loggers other than
+    TensorBoard are left alone.
+
+    Args:
+        num_batches: Validation batches to draw maps for.
+        every_n_epochs: Draw them every this many epochs.
+        cell: Pixels per token in the image.
+    """
+
+    def __init__(self, num_batches: int = 1, every_n_epochs: int = 1, cell: int = 8) -> None:
+        if num_batches < 1 or every_n_epochs < 1 or cell < 1:
+            raise ValueError(
+                "TokenUpdateMapCallback: num_batches, every_n_epochs and cell must be >= 1, got "
+                f"{num_batches}, {every_n_epochs}, {cell}"
+            )
+        self.num_batches = num_batches
+        self.every_n_epochs = every_n_epochs
+        self.cell = cell
+        #: Maps drawn in the latest epoch, ``{batch index: {gate: (frames, H, W)}}``.
+        self.maps: dict[int, dict[str, Any]] = {}
+
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero or batch_idx >= self.num_batches:
+            return
+        if trainer.current_epoch % self.every_n_epochs:
+            return
+        maps = pl_module.token_update_maps(batch)
+        if not maps:
+            return
+        self.maps[batch_idx] = maps
+        image = render_maps(maps, cell=self.cell)
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image(
+                    f"token_updates/batch_{batch_idx}", image, global_step=trainer.global_step
+                )

@@ -1,0 +1,106 @@
+"""Which tokens each gate updated on each frame: recording and rendering.
+
+:func:`record_token_updates` hooks every :class:`~eventful_pl.gates.TokenGate`
+of a model and keeps the index each one selected on each call (None on a
+flush frame: every token). :func:`update_maps` turns one stream of those
+records into 0/1 maps over the token grid, ``{gate: (frames, H, W)}``, and
+:func:`render_maps` lays them out as one image (rows: gates, columns: frames)
+for TensorBoard. LightningModules expose ``token_update_maps(batch)`` built on
+these; :class:`eventful_pl.lightning.callbacks.TokenUpdateMapCallback` logs them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from eventful_pl.gates import TokenGate
+
+#: (gate name) -> [(index (B, k) or None for a flush, tokens N of that call)] in call order.
+Records = dict[str, list[tuple[Tensor | None, int]]]
+
+
+@contextmanager
+def record_token_updates(model: nn.Module, gates: str = "qkv_gate") -> Iterator[Records]:
+    """Records the index selected by each token gate of ``model`` on every call.
+
+    Args:
+        model: Any module holding token gates.
+        gates: Keep only gates whose name ends with this (``""``: every gate).
+
+    Yields ``{gate name: [(index (B, k) int64 on CPU or None, N), ...]}``,
+    filled while the block runs; the hooks are removed on exit.
+    """
+    records: Records = {}
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, TokenGate) and name.endswith(gates):
+            records[name] = []
+
+            def hook(_module, inputs, output, name=name):
+                index = output[1]
+                tokens = inputs[0].shape[-2]
+                records[name].append((None if index is None else index.detach().cpu(), tokens))
+
+            handles.append(module.register_forward_hook(hook))
+    try:
+        yield records
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def update_maps(
+    records: Mapping[str, list[tuple[Tensor | None, int]]],
+    grid: tuple[int, int],
+    item: int = 0,
+    offset: int = 0,
+) -> dict[str, Tensor]:
+    """0/1 update maps of batch item ``item``: ``{gate: (frames, H, W) float32}``.
+
+    Args:
+        records: From :func:`record_token_updates`.
+        grid: Token grid (H, W) of the frame.
+        item: Which stream of the batch.
+        offset: Tokens before the grid (1 with a class token), left out of the map.
+    """
+    height, width = grid
+    maps = {}
+    for name, calls in records.items():
+        frames = []
+        for index, tokens in calls:
+            updated = torch.zeros(tokens)
+            if index is None:
+                updated.fill_(1.0)
+            else:
+                updated[index[item]] = 1.0
+            frames.append(updated[offset : offset + height * width].view(height, width))
+        if frames:
+            maps[name] = torch.stack(frames)
+    return maps
+
+
+def render_maps(maps: Mapping[str, Tensor], cell: int = 8, gap: int = 2) -> Tensor:
+    """One image of every map: rows are gates (in order), columns are frames.
+
+    Updated tokens are bright (yellow), kept tokens dark (blue); each token is a
+    ``cell`` x ``cell`` square. Returns (3, H, W) float32 in [0, 1].
+    """
+    if not maps:
+        raise ValueError("render_maps: no maps to render")
+    rows = []
+    for frames in maps.values():
+        big = F.interpolate(frames[:, None], scale_factor=cell, mode="nearest")[:, 0]
+        big = F.pad(big, (0, gap, 0, gap), value=0.5)  # grey separators
+        rows.append(torch.cat(list(big), dim=1))
+    width = max(row.shape[1] for row in rows)
+    image = torch.cat([F.pad(row, (0, width - row.shape[1]), value=0.5) for row in rows], dim=0)
+    low = torch.tensor([0.1, 0.1, 0.5])[:, None, None]
+    high = torch.tensor([1.0, 0.9, 0.1])[:, None, None]
+    grey = (image == 0.5).float()
+    colour = low + (high - low) * image.clamp(0, 1)
+    return colour * (1 - grey) + 0.5 * grey

@@ -1,0 +1,236 @@
+"""ViViT temporal fine-tuning on a frozen eventful spatial model (DESIGN section 6).
+
+The spatial half of a :class:`~eventful_pl.models.vivit.FactorizedViViT` is
+eventful (top-r, r fixed for the run) and frozen; the dense temporal model and
+the classifier train on its outputs, with dropout before the classifier and
+AdamW. Training batches are either cached spatial features
+(``(features (B, V, T', D), labels (B,))``, see :mod:`datamodules.features`) or
+whole videos (``{"video" (B, T, 3, H, W) uint8, "length", "label"}``, the
+spatial model runs on the fly); both give the same result. Validation and test
+run whole videos through the model under every setting of the sweep
+(``eval_r`` / ``eval_thresholds``) and report top-1 / top-5 accuracy and
+GFlops per video for each::
+
+    python cli.py fit --config configs/vivit/epic_kitchens_r50.yaml
+    python cli.py test --config configs/vivit/epic_kitchens_r50.yaml --ckpt_path last.ckpt
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from eventful_pl.counting import count_ops
+from eventful_pl.gflops import static_video_counts
+from eventful_pl.lightning.evaluation import EventfulEvalModule
+from eventful_pl.lightning.sweep import EvalSetting
+from eventful_pl.lightning.token_maps import record_token_updates, update_maps
+from eventful_pl.models.vivit import VIVIT_PRESETS, FactorizedViViT, create_vivit
+from eventful_pl.models.vivit_convert import load_vivit_checkpoint
+from eventful_pl.policies import TopRPolicy
+
+Batch = Mapping[str, Any] | Sequence[Tensor]
+
+
+class ViViTFineTuning(EventfulEvalModule):
+    """Fine-tunes the temporal model + classifier of a ViViT on a frozen eventful spatial model.
+
+    Args:
+        preset: ViViT preset (a key of ``VIVIT_PRESETS``).
+        model_kwargs: Overrides of the preset (e.g. ``num_classes``, ``frames``).
+        pretrained: Checkpoint to start from (TAdaConv ViViT Fact. Enc., the
+            original eventful-transformer layout, or ours); None: random weights.
+        r: Tokens per frame of the frozen eventful spatial model during training
+            (and the model's own evaluation setting).
+        spatial_variant: Spatial block variant (``"full"``: the method;
+            ``"tokenwise"``, ``"query_key"``; ``"dense"``: no gates, r unused).
+        eval_r: Test-time r values swept in validation and test.
+        eval_thresholds: Test-time thresholds swept in validation and test.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        dropout: Dropout before the classifier.
+        count_ops: Count operations during evaluation (GFlops per video).
+
+    Logged: ``train/loss``, ``train/top1``; ``{val,test}/{setting}/{top1,top5}``
+    and ``{val,test}/top1`` (the first setting), GFlops through
+    :class:`~eventful_pl.lightning.callbacks.GFlopsCallback`.
+    """
+
+    main_metric = "top1"
+
+    def __init__(
+        self,
+        preset: str = "vivit_b_kinetics400",
+        model_kwargs: dict[str, Any] | None = None,
+        pretrained: str | None = None,
+        r: int | None = 24,
+        spatial_variant: str = "full",
+        eval_r: list[int] | None = None,
+        eval_thresholds: list[float] | None = None,
+        lr: float = 2e-6,
+        weight_decay: float = 0.05,
+        dropout: float = 0.5,
+        count_ops: bool = True,
+    ) -> None:
+        if preset not in VIVIT_PRESETS:
+            raise ValueError(
+                f"preset: unknown ViViT preset {preset!r}; choose one of {sorted(VIVIT_PRESETS)}"
+            )
+        eventful = spatial_variant != "dense"
+        if eventful and (r is None or r <= 0):
+            raise ValueError(f"r: an eventful spatial model needs r > 0, got {r}")
+        if lr <= 0 or weight_decay < 0:
+            raise ValueError(f"lr must be > 0 and weight_decay >= 0, got {lr}, {weight_decay}")
+        if (eval_r or eval_thresholds) and not eventful:
+            raise ValueError(
+                "eval_r/eval_thresholds: need an eventful spatial_variant, got 'dense'"
+            )
+        super().__init__(
+            eval_r, eval_thresholds, unit="video", default_setting=f"r={r}" if eventful else "dense"
+        )
+        self.save_hyperparameters()
+        self.r = int(r) if eventful and r is not None else None
+        self.lr, self.weight_decay, self.count_ops = lr, weight_decay, count_ops
+        self.model: FactorizedViViT = create_vivit(
+            preset,
+            **{
+                **(model_kwargs or {}),
+                "spatial_variant": spatial_variant,
+                "policy": TopRPolicy(self.r) if self.r else None,
+                "dropout": dropout,
+            },
+        )
+        if self.r is not None:
+            tokens = self.model.spatial.num_tokens
+            if self.r > tokens:
+                raise ValueError(f"r={self.r} exceeds the spatial model's {tokens} tokens")
+        if pretrained:
+            load_vivit_checkpoint(self.model, pretrained)
+        for part in (self.model.embedding, self.model.spatial):
+            part.requires_grad_(False)
+        self.train_top1 = MulticlassAccuracy(self.model.num_classes, average="micro")
+        self.build_eval_metrics()
+
+    # ------------------------------------------------------------------- model
+
+    def make_metrics(self) -> MetricCollection:
+        classes = self.model.num_classes
+        return MetricCollection(
+            {
+                "top1": MulticlassAccuracy(classes, top_k=1, average="micro"),
+                "top5": MulticlassAccuracy(classes, top_k=min(5, classes), average="micro"),
+            }
+        )
+
+    def train(self, mode: bool = True) -> ViViTFineTuning:
+        """Training mode for the temporal part only: the frozen spatial model stays in eval."""
+        super().train(mode)
+        self.model.embedding.eval()
+        self.model.spatial.eval()
+        return self
+
+    def video_features(self, batch: Mapping[str, Any]) -> Tensor:
+        """Spatial features of whole videos: batch ``video`` (B, T, 3, H, W) -> (B, V, T', D).
+
+        Items shorter than the batch (``length``) are run at their own length
+        (one spatial pass per distinct length).
+        """
+        video = batch["video"]
+        lengths = batch.get("length")
+        if lengths is None or bool((lengths == video.shape[1]).all()):
+            return self.model.spatial_features(video)
+        out = None
+        for length in torch.unique(lengths).tolist():
+            rows = (lengths == length).nonzero().flatten()
+            features = self.model.spatial_features(video[rows, :length])
+            if out is None:
+                out = features.new_empty(video.shape[0], *features.shape[1:])
+            out[rows] = features
+        return out
+
+    def features_and_labels(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """(features (B, V, T', D), labels (B,)) of a feature or video batch."""
+        if isinstance(batch, Mapping):
+            with torch.no_grad():
+                return self.video_features(batch), batch["label"]
+        features, labels = batch
+        return features, labels
+
+    # ---------------------------------------------------------------- training
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        features, labels = self.features_and_labels(batch)
+        logits = self.model.classify_features(features)
+        loss = F.cross_entropy(logits, labels)
+        self.train_top1(logits, labels)
+        size = len(labels)
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        self.log("train/top1", self.train_top1, on_step=False, on_epoch=True, batch_size=size)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for p in self.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+
+    # -------------------------------------------------------------- evaluation
+
+    def set_setting(self, setting: EvalSetting) -> None:
+        """Sets the spatial policy of ``setting`` (its own, or the run's top-r)."""
+        policy = setting.policy()
+        self.model.set_policy(policy or (TopRPolicy(self.r) if self.r else None))
+
+    def eval_step(self, batch: Batch, stage: str) -> None:
+        """Every setting of the sweep on one batch: metrics and operation counts."""
+        try:
+            for setting in self.sweep:
+                self.set_setting(setting)
+                if isinstance(batch, Mapping):
+                    labels = batch["label"]
+                    with count_ops(self.model) as counter:
+                        logits = self.model.classify_features(self.video_features(batch))
+                    counts = counter.counts
+                else:
+                    features, labels = batch
+                    if len(self.sweep) > 1 or setting.threshold is not None:
+                        raise ValueError(
+                            "eval_r/eval_thresholds sweeps need video batches (the spatial "
+                            "model runs per setting); cached features hold one r"
+                        )
+                    logits = self.model.classify_features(features)
+                    counts = static_video_counts(self.model)  # what computing them costs
+                    counts = {kind: n * len(labels) for kind, n in counts.items()}
+                self.metrics(stage, setting).update(logits, labels)
+                if self.count_ops:
+                    self.ops_meter.add(setting.name, counts, len(labels))
+        finally:
+            self.set_setting(EvalSetting("own"))  # back to the run's top-r
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self.eval_step(batch, "val")
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self.eval_step(batch, "test")
+
+    @torch.no_grad()
+    def token_update_maps(self, batch: Batch, max_steps: int = 16) -> dict[str, Tensor]:
+        """Which spatial tokens each qkv gate updated on each tubelet step of the
+        first view of the first video: ``{gate: (steps, h, w)}`` (first setting)."""
+        if not isinstance(batch, Mapping) or self.r is None:
+            return {}
+        self.set_setting(self.sweep[0])
+        try:
+            video = batch["video"][:1]
+            if "length" in batch:
+                video = video[:, : int(batch["length"][0])]
+            view = self.model.preprocessing(video)[:, 0]  # (1, T, C, h, w)
+            with record_token_updates(self.model.spatial) as records:
+                self.model.spatial_forward(view[:, : self.model.embedding.tubelet[0] * max_steps])
+            return update_maps(records, self.model.spatial.input_size, offset=1)
+        finally:
+            self.set_setting(EvalSetting("own"))
