@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -44,6 +45,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def argv(monkeypatch):
+    """LightningCLI reads its arguments from ``cli_main``, not pytest's command line."""
+    monkeypatch.setattr(sys, "argv", ["cli.py"])
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +178,7 @@ def expected_gflops(model, r: int, length: int) -> dict[str, float]:
 
 
 @pytest.mark.parametrize("layout", ["ilsvrc", "coco"])
-def test_fit_validate_test_through_the_cli(tmp_path, data, layout):
+def test_fit_validate_test_through_the_cli(tmp_path, data, layout, argv):
     config = str(cli_config(tmp_path, data, layout))
     cli = cli_main(["fit", "--config", config])
     metrics = cli.trainer.callback_metrics
@@ -235,6 +242,22 @@ def test_logged_map50_equals_a_direct_evaluation(tmp_path, data):
         assert logged[f"r={r}"]["map_50"] == pytest.approx(float(want["map_50"]), abs=1e-6)
         assert logged[f"r={r}"]["mar_100"] == pytest.approx(float(want["mar_100"]), abs=1e-6)
     assert logged[f"r={TOKENS}"]["map_50"] > 0  # the check is not vacuous
+
+
+def test_threshold_sweep_and_counting_off(tmp_path, data):
+    lit = module(variant="eventful", threshold=0.5, eval_thresholds=[0.0, 1e6])
+    trainer(tmp_path, limit_val_batches=2).validate(lit, datamodule(data), verbose=False)
+    names = ["threshold=0.0", "threshold=1000000.0"]
+    assert list(lit.eval_results) == names and list(lit.eval_gflops) == names
+    # Threshold 0 updates every token that changed (at most r = N: the padding
+    # never changes); a huge threshold none after the flush frame.
+    low, high = (lit.eval_gflops[n]["total"] for n in names)
+    assert high < low <= expected_gflops(lit.model, TOKENS, SEGMENT)["total"]
+    assert all(g.policy.threshold == 0.5 for g in gates(lit.model))
+    quiet = module(variant="eventful", r=16, count_ops=False)
+    trainer(tmp_path, limit_val_batches=1).validate(quiet, datamodule(data), verbose=False)
+    assert quiet.eval_gflops == {} and list(quiet.eval_results) == ["default"]
+    assert 0.0 <= quiet.eval_results["default"]["map_50"] <= 1.0
 
 
 # --------------------------------------------------------------------------- streaming
@@ -355,7 +378,8 @@ def test_lr_warms_up_then_decays_by_ten_at_each_decay_epoch(tmp_path, data):
 def test_resume_continues_optimizer_schedulers_and_steps(tmp_path, data):
     def run(max_epochs: int, ckpt_path: str | None = None) -> tuple[ViTDetModule, L.Trainer]:
         lit = module(variant="eventful", r=16, lr=1e-3, warmup_steps=3, decay_epochs=[1])
-        checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+        folder = tmp_path / "ckpt"
+        checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=folder, save_last=True)
         rates = LearningRates()
         fit = trainer(
             tmp_path,
@@ -436,7 +460,7 @@ def test_bad_options_raise_value_errors_naming_the_option(kwargs, match):
 # --------------------------------------------------------------------------- configs
 
 
-def test_every_paper_config_parses_and_builds(tmp_path, monkeypatch):
+def test_every_paper_config_parses_and_builds(tmp_path, monkeypatch, argv):
     names = {p.stem for p in CONFIGS}
     assert names == {
         "vid_1024",
