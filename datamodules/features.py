@@ -36,6 +36,7 @@ Command line: ``python -m datamodules.features --help``.
 from __future__ import annotations
 
 import argparse
+import glob
 import hashlib
 import json
 import os
@@ -52,7 +53,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.common import SkipLog, rank_and_world_size, shard
+from datamodules.common import SkipLog, rank_and_world_size, shard, training_sampler
 from datamodules.transforms import ClipSampling
 from datamodules.video import (
     ClipDataModule,
@@ -223,8 +224,12 @@ def check_model(cache_dir: str | Path, model: FactorizedViViT) -> None:
 
 
 def _write_atomic(path: Path, write) -> None:
-    """Calls ``write(file)`` on a temporary file, then moves it to ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    """Calls ``write(file)`` on a temporary file, then moves it to ``path``.
+
+    The temporary name is this process's own (``.<name>.<pid>.tmp``), so ranks
+    writing the same file (the manifest) at once do not take each other's.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with tmp.open("wb") as f:
         write(f)
         f.flush()
@@ -316,7 +321,8 @@ def write_feature_cache(
     todo = []
     for item in mine:
         key = entry_key(item.id)
-        (cache_dir / f".{key}.pt.tmp").unlink(missing_ok=True)  # left by a killed run
+        for stale in cache_dir.glob(f".{glob.escape(key)}.pt.*tmp"):  # left by a killed run
+            stale.unlink(missing_ok=True)
         if (cache_dir / f"{key}.pt").is_file() or (cache_dir / f"{key}.skip").is_file():
             report.existing += 1
         else:
@@ -606,10 +612,13 @@ class FeatureDataModule(L.LightningDataModule):
         return self.datasets[role]
 
     def train_dataloader(self) -> DataLoader:
+        dataset = self._dataset("train")
+        sampler = training_sampler(dataset, self.trainer)
         return DataLoader(
-            self._dataset("train"),
+            dataset,
             batch_size=self.batch_size,
-            shuffle=True,
+            sampler=sampler,
+            shuffle=sampler is None,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,

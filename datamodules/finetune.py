@@ -28,6 +28,7 @@ from typing import Literal
 import lightning as L
 from torch.utils.data import DataLoader
 
+from datamodules.common import training_sampler
 from datamodules.features import (
     DTYPES,
     FeatureDataset,
@@ -143,10 +144,12 @@ class ViViTFineTuneDataModule(L.LightningDataModule):
         cache = feature_cache_dir(self.cache_root, self.videos.name, split, r)
         dataset = FeatureDataset(cache, self.train_views, expect)
         self.train_summary = dataset.summary()
+        sampler = training_sampler(dataset, self.trainer)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=True,
+            sampler=sampler,
+            shuffle=sampler is None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )

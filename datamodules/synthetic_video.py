@@ -36,6 +36,22 @@ import numpy as np
 CLASSES: tuple[str, ...] = ("down", "left", "right", "up")
 DIRECTIONS: tuple[tuple[int, int], ...] = ((1, 0), (0, -1), (0, 1), (-1, 0))
 
+#: Square colours of the ``"colour_order"`` task (RGB).
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 200, 60),
+    "blue": (50, 70, 230),
+}
+#: ``"colour_order"`` classes (sorted): the square turns from one colour into another.
+#: Each colour pair occurs in both orders, so only the order of the frames tells
+#: the class: a model that pools frames without order gets at most 50%.
+COLOUR_ORDERS: tuple[tuple[str, str], ...] = (
+    ("blue", "red"),
+    ("green", "red"),
+    ("red", "blue"),
+    ("red", "green"),
+)
+
 KINETICS_COLUMNS = ("label", "youtube_id", "time_start", "time_end", "split")
 EPIC_COLUMNS = (
     "narration_id",
@@ -97,12 +113,16 @@ def moving_square(
     size: int | tuple[int, int],
     rng: np.random.Generator,
     speed: int = 2,
+    colours: tuple[np.ndarray, np.ndarray] | None = None,
+    switch: int = 0,
 ) -> np.ndarray:
     """A square moving in ``DIRECTIONS[direction]`` -> ``(T, H, W, 3) uint8`` frames.
 
     Blocky static noise background, small per-frame noise, a square of side
     ``min(H, W) // 5`` in a random bright colour at ``speed`` pixels per frame,
-    wrapping around the edges from a uniformly random start.
+    wrapping around the edges from a uniformly random start. With ``colours``
+    ``(before, after)`` the square has colour ``before`` on frames ``< switch``
+    and ``after`` from frame ``switch`` on.
     """
     height, width = (size, size) if isinstance(size, int) else size
     dy, dx = DIRECTIONS[direction]
@@ -117,6 +137,8 @@ def moving_square(
     colour = rng.integers(160, 256, 3)
     colour[rng.integers(3)] = rng.integers(0, 60)  # saturated: stands out from the grey
     video = background[None] + rng.integers(-8, 9, (frames, height, width, 1))
+    if colours is not None:
+        colour = np.where((t < switch)[:, None], colours[0], colours[1])[:, None, None, :]
     video = np.where(mask[..., None], colour, video)
     return np.clip(video, 0, 255).astype(np.uint8)
 
@@ -191,6 +213,16 @@ def _write_csv(path: Path, columns: Sequence[str], rows: Sequence[dict]) -> None
         writer.writerows(rows)
 
 
+def _colour_change(
+    order: int, frames: int, size: int | tuple[int, int], rng: np.random.Generator, speed: int
+) -> np.ndarray:
+    """A square turning from ``COLOUR_ORDERS[order][0]`` into ``[1]`` (random direction)."""
+    before, after = (np.array(COLOURS[c]) + rng.integers(-20, 21, 3) for c in COLOUR_ORDERS[order])
+    switch = int(rng.integers(frames // 3, 2 * frames // 3 + 1))
+    direction = int(rng.integers(len(DIRECTIONS)))
+    return moving_square(direction, frames, size, rng, speed, (before, after), switch)
+
+
 # ------------------------------------------------------------------------ Kinetics
 
 _ID_CHARS = np.array(list("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"))
@@ -211,6 +243,7 @@ def make_kinetics(
     missing: int = 0,
     class_folders: bool = False,
     label_names: Sequence[str] | None = None,
+    task: Literal["direction", "colour_order"] = "direction",
 ) -> SyntheticDataset:
     """Writes a Kinetics-400 layout: ``annotations/{split}.csv`` + ``{split}/<clip>.mp4``.
 
@@ -229,28 +262,44 @@ def make_kinetics(
         missing: Clips per split listed in the CSV but not written.
         class_folders: Put clips in ``{split}/{label}/`` (the ActivityNet
             downloader's layout) instead of directly in ``{split}/``.
-        label_names: Class names written in the CSV, one per direction
-            (default: ``"moving down"``, ... with spaces as real labels have).
+        label_names: Class names written in the CSV, one per class (default:
+            ``"moving down"``, ... or ``"blue to red"``, ... with spaces as
+            real labels have).
+        task: What the class is. ``"direction"``: the direction of motion.
+            ``"colour_order"``: the order of the square's two colours (it turns
+            from one of :data:`COLOUR_ORDERS` into the other at a random frame
+            of the middle third, moving in a random direction); easy to see in
+            any single frame's features, yet only the order tells the class.
 
     Clip names are ``{youtube_id}_{time_start:06d}_{time_end:06d}.mp4``; label
     indices follow the sorted names (= direction index for the defaults).
     """
     root = Path(root)
-    names = list(label_names or [f"moving {c}" for c in CLASSES])
-    if len(names) != len(CLASSES):
-        raise ValueError(f"label_names needs {len(CLASSES)} names, got {len(names)}")
+    if task not in ("direction", "colour_order"):
+        raise ValueError(f"task must be 'direction' or 'colour_order', got {task!r}")
+    default = (
+        [f"moving {c}" for c in CLASSES]
+        if task == "direction"
+        else [f"{a} to {b}" for a, b in COLOUR_ORDERS]
+    )
+    names = list(label_names or default)
+    if len(names) != len(default):
+        raise ValueError(f"label_names needs {len(default)} names, got {len(names)}")
     rng = np.random.default_rng(seed)
     data = SyntheticDataset(root, tuple(sorted(names)))
     for split in splits:
         rows, items, videos = [], [], []
-        for direction, name in enumerate(names):
+        for kind, name in enumerate(names):
             for _ in range(videos_per_class):
                 youtube_id = "".join(rng.choice(_ID_CHARS, 11))
                 start = int(rng.integers(0, 600))
                 clip = f"{youtube_id}_{start:06d}_{start + 10:06d}"
                 folder = root / split / name if class_folders else root / split
                 length = frames + int(rng.integers(0, frame_jitter + 1))
-                videos.append(moving_square(direction, length, size, rng, speed))
+                if task == "direction":
+                    videos.append(moving_square(kind, length, size, rng, speed))
+                else:
+                    videos.append(_colour_change(kind, length, size, rng, speed))
                 label = data.classes.index(name)
                 items.append(
                     SyntheticItem(clip, folder / f"{clip}.mp4", label, length, stop=length)

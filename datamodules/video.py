@@ -42,7 +42,13 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from datamodules.common import SkipLog, check_start_method, rank_and_world_size, shard
+from datamodules.common import (
+    SkipLog,
+    check_start_method,
+    rank_and_world_size,
+    shard,
+    training_sampler,
+)
 from datamodules.transforms import (
     ClipSampling,
     TrainClipTransform,
@@ -712,10 +718,13 @@ class ClipDataModule(L.LightningDataModule):
         (``train_clips="whole"``).
         """
         whole = self.train_clips == "whole"
+        dataset = self._dataset("train")
+        sampler = training_sampler(dataset, self.trainer)
         return DataLoader(
-            self._dataset("train"),
+            dataset,
             batch_size=self.batch_size,
-            shuffle=True,
+            sampler=sampler,
+            shuffle=sampler is None,
             num_workers=self.num_workers,
             collate_fn=collate_eval if whole else collate_train,
             pin_memory=self.pin_memory,
