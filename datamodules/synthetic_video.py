@@ -19,7 +19,7 @@ Usage::
 Videos are real mp4 files (PyAV, h264 or mpeg4) and CSVs real CSVs; the
 output is deterministic given the seed. ``corrupt`` / ``missing`` make some
 listed videos unreadable (truncated or garbage bytes) or absent, as in every
-real copy. Needs the ``av`` package (a dev dependency).
+real copy. Needs the ``av`` package (installed with the project).
 """
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ def _background(height: int, width: int, rng: np.random.Generator) -> np.ndarray
 
 def write_video(path: str | Path, frames: np.ndarray, fps: int = 25, codec: Codec = "h264") -> None:
     """Writes ``(T, H, W, 3) uint8`` frames (H, W even) to an mp4 file with PyAV."""
-    import av  # dev dependency: only the generator needs it
+    import av  # only the generator needs it
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

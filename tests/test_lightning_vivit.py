@@ -344,7 +344,8 @@ def test_gflops_callback_table(tmp_path, root):
     [
         ({"preset": "vivit_huge"}, "preset"),
         ({"r": 0}, "r"),
-        ({"r": TOKENS + 2}, "r=18"),
+        ({"r": TOKENS + 2}, "r=18 exceeds"),
+        ({"eval_r": [4, TOKENS + 2]}, "eval_r=.4, 18. exceeds"),
         ({"eval_r": [0]}, "eval_r"),
         ({"eval_thresholds": [-1.0]}, "eval_thresholds"),
         ({"spatial_variant": "dense", "eval_r": [4]}, "eval_r"),
@@ -460,3 +461,39 @@ def test_ddp_two_processes_equal_one(tmp_path, root):
     assert keys <= set(one) and set(one) == set(two)
     for key in sorted(one):
         assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), key
+
+
+# --------------------------------------------------------------------------- paper configs
+
+PAPER_CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "vivit").glob("*.yaml"))
+
+
+def test_every_paper_config_parses_and_builds(argv):
+    assert {p.stem for p in PAPER_CONFIGS} == {
+        f"{data}_r{r}"
+        for data, rs in (("kinetics400", (24, 48, 96)), ("epic_kitchens", (50, 100, 200)))
+        for r in rs
+    }
+    for path in PAPER_CONFIGS:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as done:
+            cli_main(["fit", "--config", str(path), "--print_config"])
+        assert done.value.code == 0, path.name
+        parsed = yaml.safe_load(out.getvalue())
+        args = parsed["model"]["init_args"]
+        kinetics = path.stem.startswith("kinetics")
+        assert parsed["model"]["class_path"] == MODEL
+        assert args["r"] == int(path.stem.rsplit("_r", 1)[1]) and args["r"] in args["eval_r"]
+        assert (args["lr"], args["weight_decay"], args["dropout"]) == (
+            2e-6 if kinetics else 1e-5,
+            0.05,
+            0.5,
+        )
+        assert parsed["trainer"]["max_epochs"] == (10 if kinetics else 5)
+        data = parsed["data"]["init_args"]
+        assert data["batch_size"] == (16 if kinetics else 8)
+        assert data["videos"]["init_args"]["root"].startswith("data/")  # an option, not fixed
+        with torch.device("meta"):
+            lit = ViViTFineTuning(**args)  # shapes only: r and the sweep fit the model
+        assert [s.name for s in lit.sweep] == [f"r={r}" for r in args["eval_r"]]
+        assert lit.model.num_classes == (400 if kinetics else 97)

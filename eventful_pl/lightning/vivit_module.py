@@ -106,10 +106,12 @@ class ViViTFineTuning(EventfulEvalModule):
                 "dropout": dropout,
             },
         )
-        if self.r is not None:
-            tokens = self.model.spatial.num_tokens
-            if self.r > tokens:
-                raise ValueError(f"r={self.r} exceeds the spatial model's {tokens} tokens")
+        tokens = self.model.spatial.num_tokens
+        for option, values in (("r", [self.r] if self.r else []), ("eval_r", eval_r or [])):
+            if any(int(v) > tokens for v in values):
+                raise ValueError(
+                    f"{option}={values} exceeds the spatial model's {tokens} tokens per frame"
+                )
         if pretrained:
             load_vivit_checkpoint(self.model, pretrained)
         for part in (self.model.embedding, self.model.spatial):
