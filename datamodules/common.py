@@ -121,18 +121,17 @@ def check_start_method(method: str, option: str) -> str:
 
 
 def training_sampler(dataset: Dataset, trainer: Any | None) -> DistributedSampler | None:
-    """The shuffling sampler of a training loader in a single process, else None.
+    """The shuffling sampler of a training loader run by a one-process Trainer, else None.
 
-    In one process it is a one-replica ``DistributedSampler`` seeded like the one
-    Lightning puts in under DDP (``PL_GLOBAL_SEED``, re-shuffled each epoch by
-    ``set_epoch``), so one process visits the items in the global order that
-    the ranks of a DDP run share out (rank k takes items k, k + world, ...): a
-    batch of ``world x b`` here holds what the ranks' batches of b hold there.
-    Under DDP it returns None and Lightning adds its own sampler (shuffle the
-    loader then).
+    Under a Trainer with one process it is a one-replica ``DistributedSampler``
+    seeded like the one Lightning puts in under DDP (``PL_GLOBAL_SEED``,
+    re-shuffled each epoch by Lightning's ``set_epoch``), so one process visits
+    the items in the global order that the ranks of a DDP run share out (rank k
+    takes items k, k + world, ...): a batch of ``world x b`` here holds what
+    the ranks' batches of b hold there. Under DDP (Lightning adds its own
+    sampler) and without a Trainer it returns None: shuffle the loader then.
     """
-    world = getattr(trainer, "world_size", 1) if trainer is not None else 1
-    if world > 1:
+    if trainer is None or getattr(trainer, "world_size", 1) > 1:
         return None
     seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
     return DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=seed)
