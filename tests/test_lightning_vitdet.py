@@ -507,3 +507,80 @@ def test_every_paper_config_parses_and_builds(tmp_path, monkeypatch, argv):
             assert lit.model.grid == grid and [s.name for s in lit.sweep] == sweep
     gate_before_ln = yaml.safe_load((tmp_path / "vid_672_gate_before_ln.yaml").read_text())
     assert gate_before_ln["model"]["init_args"]["model_kwargs"]["gate_before_ln"] is True
+
+
+# --------------------------------------------------------------------------- DDP
+
+DDP_SCRIPT = """
+import json
+import sys
+
+import lightning as L
+import torch
+
+sys.path.insert(0, {repo!r})
+from datamodules.synthetic_detection import write_synthetic_vid  # noqa: E402
+from tests.test_lightning_vitdet import datamodule, make_detecting, module  # noqa: E402
+
+
+def main(devices: int, out: str) -> None:
+    data = write_synthetic_vid(
+        out + "/data", seed=0, train_snippets=2, val_snippets=3, frames=(4, 4), det_images=3
+    )
+    L.seed_everything(0)
+    lit = module(variant="eventful", r=32, eval_r=[64, 16], warmup_steps=2)
+    make_detecting(lit.model)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp_spawn" if devices > 1 else "auto",
+        max_epochs=1,
+        limit_train_batches=2,
+        num_sanity_val_steps=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        logger=False,
+    )
+    dm = datamodule(data)
+    trainer.fit(lit, dm)  # runs under DDP (proposal sampling is random: not compared)
+    validated = module(variant="eventful", r=32, eval_r=[64, 16])
+    make_detecting(validated.model)
+    results = trainer.validate(validated, dm, verbose=False)[0]
+    with open(out + "/results.json", "w") as handle:
+        json.dump({{k: float(v) for k, v in results.items()}}, handle)
+
+
+if __name__ == "__main__":  # ddp_spawn re-imports this file in its processes
+    main(int(sys.argv[1]), sys.argv[2])
+"""
+
+
+@pytest.mark.timeout(600)
+def test_ddp_two_processes_validate_like_one(tmp_path):
+    """Validation with 2 gloo processes (segments shared out whole) gives the
+    single-process mAP50 of every r; fit runs under DDP too."""
+    import json
+    import subprocess
+
+    repo = str(Path(__file__).parents[1])
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT.format(repo=repo))
+    results = {}
+    for devices in (1, 2):
+        out = tmp_path / f"out{devices}"
+        done = subprocess.run(
+            [sys.executable, str(script), str(devices), str(out)],
+            capture_output=True,
+            text=True,
+            timeout=500,
+            cwd=repo,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        results[devices] = json.loads((out / "results.json").read_text())
+    one, two = results[1], results[2]
+    assert {"val/r=64/map_50", "val/r=16/map_50", "val/map_50"} <= set(one)
+    assert one["val/r=64/map_50"] > 0  # the comparison is not vacuous
+    assert set(one) == set(two)
+    for key in one:
+        assert two[key] == pytest.approx(one[key], abs=1e-6), key

@@ -301,6 +301,11 @@ def test_resume_continues_the_optimizer(tmp_path, root):
     first.fit(module(), datamodule(root, tmp_path / "cache"))
     saved = torch.load(ckpt / "last.ckpt", weights_only=False)
     assert saved["optimizer_states"][0]["state"][0]["step"] == 2
+    # A Lightning checkpoint also works as `pretrained` (the network's weights).
+    loaded = module(pretrained=str(ckpt / "last.ckpt")).model.state_dict()
+    for key, value in loaded.items():
+        assert torch.equal(value, saved["state_dict"][f"model.{key}"]), key
+    assert not torch.equal(loaded["classifier.weight"], module().model.classifier.weight)
     lit = module()
     second = trainer(tmp_path, max_epochs=2, limit_val_batches=0)
     second.fit(lit, datamodule(root, tmp_path / "cache"), ckpt_path=str(ckpt / "last.ckpt"))
