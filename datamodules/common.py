@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch.distributed as dist
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 T = TypeVar("T")
 
@@ -135,3 +135,25 @@ def training_sampler(dataset: Dataset, trainer: Any | None) -> DistributedSample
         return None
     seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
     return DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=seed)
+
+
+def training_loader(
+    dataset: Dataset,
+    trainer: Any | None,
+    batch_size: int,
+    num_workers: int = 0,
+    **kwargs: Any,
+) -> DataLoader:
+    """A shuffled training DataLoader: :func:`training_sampler`'s order under a
+    one-process Trainer, Lightning's DistributedSampler under DDP, torch's
+    shuffle without a Trainer. ``kwargs`` go to the DataLoader."""
+    sampler = training_sampler(dataset, trainer)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        shuffle=sampler is None,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        **kwargs,
+    )

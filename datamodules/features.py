@@ -53,7 +53,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.common import SkipLog, rank_and_world_size, shard, training_sampler
+from datamodules.common import SkipLog, rank_and_world_size, shard, training_loader
 from datamodules.transforms import ClipSampling
 from datamodules.video import (
     ClipDataModule,
@@ -612,16 +612,12 @@ class FeatureDataModule(L.LightningDataModule):
         return self.datasets[role]
 
     def train_dataloader(self) -> DataLoader:
-        dataset = self._dataset("train")
-        sampler = training_sampler(dataset, self.trainer)
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            shuffle=sampler is None,
-            num_workers=self.num_workers,
+        return training_loader(
+            self._dataset("train"),
+            self.trainer,
+            self.batch_size,
+            self.num_workers,
             pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
         )
 
     def _eval_loader(self, role: str) -> DataLoader:

@@ -28,7 +28,7 @@ from typing import Literal
 import lightning as L
 from torch.utils.data import DataLoader
 
-from datamodules.common import training_sampler
+from datamodules.common import training_loader
 from datamodules.features import (
     DTYPES,
     FeatureDataset,
@@ -144,15 +144,7 @@ class ViViTFineTuneDataModule(L.LightningDataModule):
         cache = feature_cache_dir(self.cache_root, self.videos.name, split, r)
         dataset = FeatureDataset(cache, self.train_views, expect)
         self.train_summary = dataset.summary()
-        sampler = training_sampler(dataset, self.trainer)
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            shuffle=sampler is None,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        return training_loader(dataset, self.trainer, self.batch_size, self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return self.videos.val_dataloader()

@@ -47,7 +47,7 @@ from datamodules.common import (
     check_start_method,
     rank_and_world_size,
     shard,
-    training_sampler,
+    training_loader,
 )
 from datamodules.transforms import (
     ClipSampling,
@@ -718,17 +718,13 @@ class ClipDataModule(L.LightningDataModule):
         (``train_clips="whole"``).
         """
         whole = self.train_clips == "whole"
-        dataset = self._dataset("train")
-        sampler = training_sampler(dataset, self.trainer)
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            shuffle=sampler is None,
-            num_workers=self.num_workers,
+        return training_loader(
+            self._dataset("train"),
+            self.trainer,
+            self.batch_size,
+            self.num_workers,
             collate_fn=collate_eval if whole else collate_train,
             pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
             multiprocessing_context=self._worker_context(),
         )
 

@@ -461,6 +461,7 @@ class EventfulBlock(QueryKeyEventfulBlock):
         self.output: Tensor | None = None
         self.log_norm: Tensor | None = None
         self.keys: Tensor | None = None
+        self.q_scaled: Tensor | None = None
         self.rel_h_t: Tensor | None = None
         self.rel_w_t: Tensor | None = None
         self.workspaces = Workspaces()
@@ -470,14 +471,15 @@ class EventfulBlock(QueryKeyEventfulBlock):
         self.output = None
         self.log_norm = None
         self.keys = None
+        self.q_scaled = None
         self.rel_h_t = None
         self.rel_w_t = None
 
-    def _full_logits(self, q: Tensor, k: Tensor, counted: bool) -> Tensor:
-        """Logits (B, H, N, Nk) with relative position, from the cached terms."""
-        logits = q / self.scale @ k.transpose(-2, -1)
+    def _full_logits(self, q_scaled: Tensor, k: Tensor, counted: bool) -> Tensor:
+        """Logits (B, H, N, Nk) of scaled queries with relative position, from the cached terms."""
+        logits = q_scaled @ k.transpose(-2, -1)
         if counted:
-            self.count("matmul", logits.numel() * q.shape[-1])
+            self.count("matmul", logits.numel() * q_scaled.shape[-1])
         if self.rel_pos is not None:
             rel_h, rel_w = self.rel_h_t.transpose(-1, -2), self.rel_w_t.transpose(-1, -2)
             self.rel_pos.add_to(logits, rel_h, rel_w, counted=counted)
@@ -490,14 +492,27 @@ class EventfulBlock(QueryKeyEventfulBlock):
             out = self._flush(q, k, v, dtype)
         else:
             out = self._incremental(qkv, q, k, v, index, dtype)
-        return merge_heads(out).to(qkv.dtype)
+        return self._merge_heads(out, qkv.dtype)
+
+    def _merge_heads(self, out: Tensor, dtype: torch.dtype) -> Tensor:
+        """(B, H, N, d) -> (B, N, H * d) of ``dtype``, in a reused workspace when
+        gradients are off (the projection gate copies what it keeps)."""
+        b, heads, n, d = out.shape
+        merged = self.workspaces.get("merged", (b, n, heads * d), out)
+        if merged is None or out.dtype != dtype:
+            return merge_heads(out).to(dtype)
+        merged.view(b, n, heads, d).copy_(out.transpose(1, 2))
+        return merged
 
     def _flush(self, q: Tensor, k: Tensor, v: Tensor, dtype: torch.dtype) -> Tensor:
         if self.rel_pos is not None:
             rel_h, rel_w = self.rel_pos.terms(q)
             self.rel_h_t = rel_h.transpose(-1, -2).contiguous()
             self.rel_w_t = rel_w.transpose(-1, -2).contiguous()
-        logits = self._full_logits(q, k, counted=True)
+        q_scaled = (q / self.scale).contiguous()
+        # State: the scaled queries, of which later frames replace the updated rows.
+        self.q_scaled = q_scaled.detach().clone() if torch.is_grad_enabled() else q_scaled
+        logits = self._full_logits(q_scaled, k, counted=True)
         self.log_norm = torch.logsumexp(logits, dim=-1)
         if torch.is_grad_enabled():  # logsumexp's backward needs the logits
             probs = (logits - self.log_norm.unsqueeze(-1)).exp().to(dtype)
@@ -521,20 +536,18 @@ class EventfulBlock(QueryKeyEventfulBlock):
         m = key_index.shape[1]
         # One flat row index serves every key-major state (keys, V and A references).
         key_rows = flat_row_index(key_index, heads, k.shape[2])
-        # (B, H, N, d) scaled queries in one pass; (B * H, d, N) for key-major products.
-        if torch.is_grad_enabled():
-            q_scaled = (q / self.scale).contiguous()
+        # Only the updated queries changed: scale those rows into the scaled-query
+        # state (B, H, N, d); (B * H, d, N) view of it for the key-major products.
+        r = index.shape[1]
+        if self.pool_size is None:  # key_index == index: one gather for q, k and v
+            qkv_new = gather_tokens(qkv, index).view(b, r, 3, heads, d).permute(2, 0, 3, 1, 4)
+            q_new, k_new, v_new = qkv_new[0], qkv_new[1].contiguous(), qkv_new[2]
         else:
-            q_scaled = torch.empty((b, heads, n, d), dtype=q.dtype, device=q.device)
-            torch.div(q, self.scale, out=q_scaled)
-        q_scaled_t = q_scaled.view(b * heads, n, d).transpose(1, 2)
-        q_rows = gather_rows(q_scaled, index)  # (B, H, r, d), scaled
-        if self.pool_size is None:
-            kv_new = gather_tokens(qkv[..., self.dim :], key_index)
-            kv_new = kv_new.view(b, m, 2, heads, d).permute(2, 0, 3, 1, 4)
-            k_new, v_new = kv_new[0].contiguous(), kv_new[1]
-        else:
+            q_new = gather_tokens(qkv[..., : self.dim], index).view(b, r, heads, d).transpose(1, 2)
             k_new, v_new = gather_rows(k, key_index), gather_rows(v, key_index)
+        q_rows = (q_new / self.scale).contiguous()  # (B, H, r, d), scaled
+        scatter_rows_(self.q_scaled, index, q_rows)
+        q_scaled_t = self.q_scaled.view(b * heads, n, d).transpose(1, 2)
         k_old = gather_rows(self.keys, key_index, key_rows)
         scatter_rows_(self.keys, key_index, k_new, key_rows)
 
@@ -551,7 +564,7 @@ class EventfulBlock(QueryKeyEventfulBlock):
         cols_old = scratch.get("cols_old", (b * heads, m, n), q)
         if self.rel_pos is not None:
             kh, kw = self.rel_pos.key_size
-            rel_h_rows, rel_w_rows = self.rel_pos.terms_for_rows(q_rows * self.scale, index)
+            rel_h_rows, rel_w_rows = self.rel_pos.terms_for_rows(q_new, index)
             self.rel_pos.add_to(rows, rel_h_rows, rel_w_rows, counted=False)
             # Old terms of unchanged rows equal the new ones; updated rows are
             # recomputed exactly below, so one term serves both.
@@ -580,7 +593,7 @@ class EventfulBlock(QueryKeyEventfulBlock):
         cols_new = cols_new.view(b, heads, m, n)
         cols_old = cols_old.view(b, heads, m, n)
 
-        a_new = self._update_softmax(q, rows, cols_old, cols_new, index, key_index).to(dtype)
+        a_new = self._update_softmax(rows, cols_old, cols_new, index, key_index).to(dtype)
         v_new = v_new.to(dtype).contiguous()
         v_new, v_delta = self.v_gate.update_selected(v_new, key_index, flat_rows=key_rows)
         a_new, a_delta = self.a_gate.update_selected(a_new, key_index, flat_rows=key_rows)
@@ -595,7 +608,6 @@ class EventfulBlock(QueryKeyEventfulBlock):
 
     def _update_softmax(
         self,
-        q: Tensor,
         rows: Tensor,
         cols_old: Tensor,
         cols_new: Tensor,
@@ -611,7 +623,7 @@ class EventfulBlock(QueryKeyEventfulBlock):
         other row's normaliser is multiplied by ``kept + added``, the mass it
         keeps outside the old columns plus that of the new ones.
         """
-        b, heads, n, _ = q.shape
+        b, heads, n, _ = self.q_scaled.shape
         log_norm = self.log_norm
         removed = cols_old.sub_(log_norm.unsqueeze(-2)).exp_().sum(dim=-2)
         row_index = index.unsqueeze(1).expand(b, heads, -1)
@@ -621,7 +633,7 @@ class EventfulBlock(QueryKeyEventfulBlock):
         kept = removed.neg_().add_(1.0).scatter_(2, row_index, 1.0)
         total = probs.sum(dim=-2).add_(kept).scatter_(2, row_index, 1.0)
         if bool((kept < self.min_kept_mass).any()) or not bool(torch.isfinite(total).all()):
-            logits = self._full_logits(q, self.keys, counted=False)
+            logits = self._full_logits(self.q_scaled, self.keys, counted=False)
             log_norm.copy_(torch.logsumexp(logits, dim=-1))
             cols = logits.gather(3, expand_col_index(key_index, logits.shape))
             return cols.transpose(-1, -2).sub_(log_norm.unsqueeze(-2)).exp_().contiguous()

@@ -65,3 +65,20 @@ def video_stream(
         x = x + change * moved * torch.randn(batch, tokens, dim, generator=gen)
         out.append(x)
     return out
+
+
+def run_script(script: str, *args: str, timeout: int = 500) -> None:
+    """Runs a Python script file in a fresh interpreter from the repository root;
+    fails the test with the end of its stderr if it exits non-zero."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run(
+        [sys.executable, script, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=Path(__file__).parents[1],
+    )
+    assert done.returncode == 0, done.stderr[-3000:]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -30,6 +29,7 @@ from eventful_pl.lightning.sweep import EvalSetting
 from eventful_pl.lightning.vitdet_module import WARMUP_START_FACTOR, ViTDetModule
 from eventful_pl.models.vitdet import create_vitdet
 from eventful_pl.policies import TopRPolicy
+from tests.helpers import run_script
 
 TOKENS = 64  # vitdet_tiny: an 8 x 8 grid
 SEGMENT = 2  # every synthetic val video has 4 frames: two segments of 2 frames each
@@ -38,19 +38,7 @@ HAVE_CALLBACKS = importlib.util.find_spec("eventful_pl.lightning.callbacks") is 
 MODULE = "eventful_pl.lightning.vitdet_module.ViTDetModule"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def argv(monkeypatch):
-    """LightningCLI reads its arguments from ``cli_main``, not pytest's command line."""
-    monkeypatch.setattr(sys, "argv", ["cli.py"])
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -561,7 +549,6 @@ def test_ddp_two_processes_validate_like_one(tmp_path):
     """Validation with 2 gloo processes (segments shared out whole) gives the
     single-process mAP50 of every r; fit runs under DDP too."""
     import json
-    import subprocess
 
     repo = str(Path(__file__).parents[1])
     script = tmp_path / "ddp.py"
@@ -569,14 +556,7 @@ def test_ddp_two_processes_validate_like_one(tmp_path):
     results = {}
     for devices in (1, 2):
         out = tmp_path / f"out{devices}"
-        done = subprocess.run(
-            [sys.executable, str(script), str(devices), str(out)],
-            capture_output=True,
-            text=True,
-            timeout=500,
-            cwd=repo,
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
+        run_script(str(script), str(devices), str(out))
         results[devices] = json.loads((out / "results.json").read_text())
     one, two = results[1], results[2]
     assert {"val/r=64/map_50", "val/r=16/map_50", "val/map_50"} <= set(one)

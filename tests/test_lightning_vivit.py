@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -33,6 +32,7 @@ from eventful_pl.gflops import count_vivit
 from eventful_pl.lightning.callbacks import GFlopsCallback, TokenUpdateMapCallback
 from eventful_pl.lightning.vivit_module import ViViTFineTuning
 from eventful_pl.policies import TopRPolicy
+from tests.helpers import run_script
 
 TOKENS = 16  # 4 x 4 grid
 MODEL = "eventful_pl.lightning.vivit_module.ViViTFineTuning"
@@ -40,19 +40,7 @@ MODEL_KWARGS = {"image_size": 32, "tubelet": [2, 8, 8], "temporal_views": 1}
 SYNTHETIC = {"videos_per_class": 2, "frames": 8, "size": 32, "frame_jitter": 2, "seed": 0}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def argv(monkeypatch):
-    """LightningCLI reads its arguments from ``cli_main``, not pytest's command line."""
-    monkeypatch.setattr(sys, "argv", ["cli.py"])
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -429,22 +417,13 @@ def _read_csv_metrics(path: Path) -> dict[str, float]:
 def test_ddp_two_processes_equal_one(tmp_path, root):
     """fit + validate with 2 gloo processes (batch 2 each) equals 1 process (batch 4):
     the same trained weights, the same synced accuracy and GFlops per video."""
-    import subprocess
-
     repo = str(Path(__file__).parents[1])
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT.format(repo=repo, root=str(root)))
     runs, weights = {}, {}
     for devices in (1, 2):
         out = tmp_path / f"out{devices}"
-        done = subprocess.run(
-            [sys.executable, str(script), str(devices), str(out)],
-            capture_output=True,
-            text=True,
-            timeout=500,
-            cwd=repo,
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
+        run_script(str(script), str(devices), str(out))
         runs[devices] = _read_csv_metrics(out)
         weights[devices] = torch.load(out / "weights.pt", weights_only=True)
     # Both ranks wrote their shard of the cache: every training item is there once.
