@@ -459,6 +459,12 @@ def test_every_paper_config_parses_and_builds(tmp_path, monkeypatch, argv):
         "vid_672_spatiotemporal",
         "vid_672_threshold",
         "vid_672_gate_before_ln",
+        "vid_1024_tokenwise",
+        "vid_1024_stgt",
+        "vid_1024_spatial",
+        "vid_1024_spatiotemporal",
+        "vid_1024_threshold",
+        "vid_1024_gate_before_ln",
     }
     # Build on the meta device (shapes only); the metrics need real tensors.
     monkeypatch.setattr(ViTDetModule, "make_metrics", lambda self: torch.nn.Identity())
@@ -467,6 +473,9 @@ def test_every_paper_config_parses_and_builds(tmp_path, monkeypatch, argv):
         "vid_672": ((42, 42), ["r=1024", "r=768", "r=512", "r=384", "r=256"]),
         "vid_672_spatial": ((42, 42), ["default"]),
         "vid_672_threshold": ((42, 42), ["threshold=0.2", "threshold=1.0", "threshold=5.0"]),
+        "vid_1024_spatial": ((64, 64), ["default"]),
+        "vid_1024_threshold": ((64, 64), ["threshold=0.2", "threshold=1.0", "threshold=5.0"]),
+        "vid_1024_stgt": ((64, 64), ["r=2048", "r=1536", "r=1024", "r=768", "r=512"]),
     }
     for path in CONFIGS:
         raw = yaml.safe_load(path.read_text())
