@@ -258,11 +258,13 @@ def test_killed_writer_leaves_whole_entries_and_a_restart_finishes_the_cache(
         while True:  # until the 4th entry's temporary file holds its first half
             assert process.poll() is None, (tmp_path / "writer.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "the writer never reached its 4th entry"
-            tmps = list(cache.glob(partial)) if cache.is_dir() else []
-            if tmps and tmps[0].stat().st_size > 0:
+            count = len(list(cache.glob("*.pt"))) if cache.is_dir() else 0
+            tmps = list(cache.glob(partial)) if count == whole else []
+            if tmps and tmps[0].stat().st_size > 0:  # the slow entry's (the others are moved)
                 break
+            if count > whole:
+                break  # (a writer without temporary files: checked below)
             time.sleep(0.05)
-        time.sleep(0.2)
         process.send_signal(signal.SIGKILL)
         assert process.wait(timeout=30) == -signal.SIGKILL
     finally:
@@ -386,6 +388,18 @@ def test_cache_made_otherwise_is_refused_naming_the_fields(data, reference):
         "split: cache 'val' vs 'train'",
     )
     refused(lambda: check_model(cache, make_model(1)), "spatial_hash")
+    for name in ("embedding.conv.bias", "spatial.blocks.1.fc2.bias", "spatial.norm.weight"):
+        changed = make_model()  # one spatial weight changed by 1e-3
+        with torch.no_grad():
+            changed.get_parameter(name).view(-1)[0] += 1e-3
+        refused(lambda model=changed: check_model(cache, model), "spatial_hash")
+    # The temporal model and classifier (trained on the features) do not make them.
+    trained = make_model()
+    with torch.no_grad():
+        for name, parameter in trained.named_parameters():
+            if name.startswith(("temporal.", "classifier.")):
+                parameter.add_(1.0)
+    check_model(cache, trained)
     refused(lambda: check_model(cache, make_model(0, mean=0.5)), "spatial_config (mean")
 
     # The same settings resume (here: nothing left to write), and read back.
