@@ -321,8 +321,9 @@ def write_feature_cache(
     todo = []
     for item in mine:
         key = entry_key(item.id)
-        for stale in cache_dir.glob(f".{glob.escape(key)}.pt.*tmp"):  # left by a killed run
-            stale.unlink(missing_ok=True)
+        for suffix in ("pt", "skip"):  # temporary files of this shard left by a killed run
+            for stale in cache_dir.glob(f".{glob.escape(key)}.{suffix}.*tmp"):
+                stale.unlink(missing_ok=True)
         if (cache_dir / f"{key}.pt").is_file() or (cache_dir / f"{key}.skip").is_file():
             report.existing += 1
         else:

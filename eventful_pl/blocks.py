@@ -190,8 +190,12 @@ class Block(Counted, nn.Module):
             self.count("bias", out.numel())
         return out
 
-    def add(self, a: Tensor, b: Tensor) -> Tensor:
+    def add(self, a: Tensor, b: Tensor, inplace: bool = False) -> Tensor:
+        """``a + b`` (counted); with ``inplace`` and gradients off, into ``a``
+        (which the caller owns): no fresh (B, N, D) tensor."""
         self.count("add", a.numel())
+        if inplace and not torch.is_grad_enabled():
+            return a.add_(b)
         return a + b
 
     def matmul(self, a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
@@ -221,8 +225,9 @@ class Block(Counted, nn.Module):
         y, kept = self.attend(self.linear(self.qkv, self.norm1(x)))
         skip = x if kept is None else gather_tokens(x, kept)
         x = self.add(skip, drop_path(self.linear(self.proj, y), self.drop_path_rate, self.training))
-        x = self.add(x, drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, self.training))
-        return x
+        # x is this call's own tensor (the first residual made it): add in place.
+        mlp = drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, self.training)
+        return self.add(x, mlp, inplace=True)
 
     def split_qkv(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """qkv (B, N, 3D) -> q (B, H, N, d), k and v (B, H, Nk, d), pooled if configured."""
@@ -343,7 +348,8 @@ class TokenwiseEventfulBlock(Block):
             h = self.norm2(h)
         else:
             h, index = self.mlp_gate(self.norm2(x))
-        return self.add(x, self.mlp_buffer(self.mlp(h), index))
+        # x is this call's own tensor (the first residual made it): add in place.
+        return self.add(x, self.mlp_buffer(self.mlp(h), index), inplace=True)
 
     def eventful_attention(self, qkv: Tensor, index: Tensor | None) -> Tensor:
         """Attention over the buffered qkv (B, N, 3D) -> (B, N, D); dense here."""
