@@ -151,3 +151,6 @@ class ViViTFineTuneDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self.videos.test_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.videos.predict_dataloader()

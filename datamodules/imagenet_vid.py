@@ -520,7 +520,7 @@ class ImageNetVIDDataModule(L.LightningDataModule):
         if stage in ("fit", None) and self.train_dataset is None:
             self.train_dataset = self._build_train()
             rank_zero_info(self.summaries["train"])
-        if stage in ("fit", "validate", "test", None) and self.eval_dataset is None:
+        if stage in ("fit", "validate", "test", "predict", None) and self.eval_dataset is None:
             self.eval_dataset = self._build_eval()
             rank_zero_info(self.summaries["eval"])
 
@@ -554,4 +554,8 @@ class ImageNetVIDDataModule(L.LightningDataModule):
         )
 
     def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        """The evaluation segments (``val_split``), as for test."""
         return self.val_dataloader()

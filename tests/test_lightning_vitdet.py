@@ -573,3 +573,25 @@ def test_ddp_two_processes_validate_like_one(tmp_path):
     assert set(one) == set(two)
     for key in one:
         assert two[key] == pytest.approx(one[key], abs=1e-6), key
+
+
+def test_predict_streams_each_segment_under_the_own_policy(tmp_path, data, argv):
+    config = str(cli_config(tmp_path, data, "ilsvrc"))
+    with contextlib.redirect_stdout(io.StringIO()):
+        cli = cli_main(["predict", "--config", config, "--trainer.callbacks", "[]"])
+    segments = [segment for batch in cli.trainer.predict_loop.predictions for segment in batch]
+    expected = eval_segments(data)
+    assert [(s["video_id"], s["segment_index"]) for s in segments] == [
+        (s["video_id"], s["segment_index"]) for s in expected
+    ]
+    model = cli.model.model.eval()
+    model.set_policy(TopRPolicy(32))  # the config's own r
+    with torch.no_grad():
+        model.reset()
+        want = [model([frame])[0] for frame in expected[0]["frames"]]
+    got = segments[0]["detections"]
+    assert len(got) == len(want) == SEGMENT
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a["boxes"], b["boxes"])
+        torch.testing.assert_close(a["scores"], b["scores"])
+    assert cli.model.eval_gflops == {}  # prediction counts nothing

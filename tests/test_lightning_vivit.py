@@ -481,3 +481,21 @@ def test_every_paper_config_parses_and_builds(argv):
             lit = ViViTFineTuning(**args)  # shapes only: r and the sweep fit the model
         assert [s.name for s in lit.sweep] == [f"r={r}" for r in args["eval_r"]]
         assert lit.model.num_classes == (400 if kinetics else 97)
+
+
+def test_predict_through_the_cli(tmp_path, argv):
+    data_root = tmp_path / "data"
+    config = str(cli_config(tmp_path, data_root))
+    with contextlib.redirect_stdout(io.StringIO()):
+        cli = cli_main(["predict", "--config", config, "--trainer.callbacks", "[]"])
+    batches = cli.trainer.predict_loop.predictions
+    ids = [clip_id for batch in batches for clip_id in batch["id"]]
+    dm = cli.datamodule.videos
+    assert sorted(ids) == sorted(item.id for item in dm.datasets["test"].items)
+    lit = cli.model.eval()
+    item = dm.datasets["test"][0]
+    with torch.no_grad():
+        want = lit.model(item["video"][None])  # the run's own top-r (r = 8)
+    got = next(b["logits"][b["id"].index(item["id"])] for b in batches if item["id"] in b["id"])
+    torch.testing.assert_close(got, want[0])
+    assert all(b["label"].tolist() == b["logits"].argmax(-1).tolist() for b in batches)

@@ -334,6 +334,27 @@ class ViTDetModule(EventfulEvalModule):
         self.eval_step(batch)
 
     @torch.no_grad()
+    def predict_step(self, batch: list[dict[str, Any]], batch_idx: int) -> list[dict[str, Any]]:
+        """Streams each segment under the model's own policy -> per segment
+        ``{"video_id", "segment_index", "frame_indices", "detections": [per frame
+        {"boxes" (n, 4) xyxy pixels, "scores" (n,), "labels" (n,)}]}``."""
+        own = EvalSetting("predict")
+        count, self.count_ops = self.count_ops, False
+        try:
+            return [
+                {
+                    "video_id": segment["video_id"],
+                    "segment_index": segment["segment_index"],
+                    "frame_indices": segment["frame_indices"],
+                    "detections": self.stream(segment["frames"], own),
+                }
+                for segment in batch
+            ]
+        finally:
+            self.count_ops = count
+            self._restore_policy()
+
+    @torch.no_grad()
     def token_update_maps(self, batch: list[dict[str, Any]]) -> dict[str, Tensor]:
         """Tokens updated per frame of the batch's first segment (at most 8 frames),
         under the first setting of the sweep: ``{gate: (frames, H, W)}`` of 0/1."""

@@ -27,6 +27,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from eventful_pl.counting import count_ops
+from eventful_pl.gates import TokenGate
 from eventful_pl.gflops import static_video_counts
 from eventful_pl.lightning.evaluation import EventfulEvalModule
 from eventful_pl.lightning.sweep import EvalSetting
@@ -117,6 +118,7 @@ class ViViTFineTuning(EventfulEvalModule):
         for part in (self.model.embedding, self.model.spatial):
             part.requires_grad_(False)
         self.train_top1 = MulticlassAccuracy(self.model.num_classes, average="micro")
+        self._static_cache: dict[str, dict[str, int]] = {}
         self.build_eval_metrics()
 
     # ------------------------------------------------------------------- model
@@ -205,16 +207,31 @@ class ViViTFineTuning(EventfulEvalModule):
                             "model runs per setting); cached features hold one r"
                         )
                     logits = self.model.classify_features(features)
-                    counts = static_video_counts(self.model)  # what computing them costs
-                    counts = {kind: n * len(labels) for kind, n in counts.items()}
+                    counts = {kind: n * len(labels) for kind, n in self._static_counts().items()}
                 self.metrics(stage, setting).update(logits, labels)
                 if self.count_ops:
                     self.ops_meter.add(setting.name, counts, len(labels))
         finally:
             self.set_setting(EvalSetting("own"))  # back to the run's top-r
 
+    def _static_counts(self) -> dict[str, int]:
+        """Operations per video of the current (static) policy: what computing
+        cached features costs; measured once per policy."""
+        gates = (m for m in self.model.spatial.modules() if isinstance(m, TokenGate))
+        key = repr(next((gate.policy for gate in gates), None))
+        if key not in self._static_cache:
+            self._static_cache[key] = static_video_counts(self.model)
+        return self._static_cache[key]
+
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self.eval_step(batch, "val")
+
+    def predict_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Whole videos under the run's top-r -> ``{"id": [B], "logits": (B, classes),
+        "label": (B,) predicted class}``."""
+        self.set_setting(EvalSetting("own"))
+        logits = self.model.classify_features(self.video_features(batch))
+        return {"id": list(batch["id"]), "logits": logits, "label": logits.argmax(dim=-1)}
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         self.eval_step(batch, "test")
