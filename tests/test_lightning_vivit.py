@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import json
 from pathlib import Path
 
 import lightning as L
@@ -485,9 +486,18 @@ def test_every_paper_config_parses_and_builds(argv):
 
 def test_predict_through_the_cli(tmp_path, argv):
     data_root = tmp_path / "data"
-    config = str(cli_config(tmp_path, data_root))
+    config = cli_config(tmp_path, data_root)
+    raw = yaml.safe_load(config.read_text())
+    output = tmp_path / "predictions" / "videos.jsonl"
+    raw["trainer"]["callbacks"] = [
+        {
+            "class_path": "eventful_pl.lightning.callbacks.PredictionWriter",
+            "init_args": {"output": str(output)},
+        }
+    ]
+    config.write_text(yaml.safe_dump(raw))
     with contextlib.redirect_stdout(io.StringIO()):
-        cli = cli_main(["predict", "--config", config, "--trainer.callbacks", "[]"])
+        cli = cli_main(["predict", "--config", str(config)])
     batches = cli.trainer.predict_loop.predictions
     ids = [clip_id for batch in batches for clip_id in batch["id"]]
     dm = cli.datamodule.videos
@@ -499,3 +509,9 @@ def test_predict_through_the_cli(tmp_path, argv):
     got = next(b["logits"][b["id"].index(item["id"])] for b in batches if item["id"] in b["id"])
     torch.testing.assert_close(got, want[0])
     assert all(b["label"].tolist() == b["logits"].argmax(-1).tolist() for b in batches)
+    # The writer: one JSON line per video with its id, logits and label.
+    lines = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [line["id"] for line in lines] == ids
+    first = next(line for line in lines if line["id"] == item["id"])
+    assert first["logits"] == pytest.approx(want[0].tolist(), rel=1e-5, abs=1e-6)
+    assert first["label"] == int(want[0].argmax())

@@ -1,4 +1,5 @@
-"""Callbacks for eventful models: GFlops per evaluation setting, token-update maps.
+"""Callbacks for eventful models: GFlops per evaluation setting, token-update maps,
+prediction files.
 
 Both read what an :class:`~eventful_pl.lightning.evaluation.EventfulEvalModule`
 leaves after a validation/test epoch. In a LightningCLI config::
@@ -12,11 +13,15 @@ leaves after a validation/test epoch. In a LightningCLI config::
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor
 
 from eventful_pl.counting import OP_KINDS
 from eventful_pl.lightning.token_maps import render_maps
@@ -148,3 +153,67 @@ class TokenUpdateMapCallback(L.Callback):
                 logger.experiment.add_image(
                     f"token_updates/batch_{batch_idx}", image, global_step=trainer.global_step
                 )
+
+
+def _jsonable(value: Any) -> Any:
+    """Tensors to (nested) lists, recursively through dicts and sequences."""
+    if isinstance(value, Tensor):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {key: _jsonable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(item) for item in value]
+    return value
+
+
+def prediction_items(prediction: Any) -> list[dict[str, Any]]:
+    """One dict per item of a ``predict_step`` result: a list of dicts (ViTDet
+    segments) as it is, or a dict of per-item values (ViViT ``{"id": [B], ...}``)
+    split by item."""
+    if isinstance(prediction, dict):
+        size = len(next(iter(prediction.values())))
+        return [{key: value[i] for key, value in prediction.items()} for i in range(size)]
+    return list(prediction)
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Writes ``predict`` results as JSON lines, one line per video (ViViT) or
+    segment (ViTDet), to ``output`` (``<stem>.rank<k><suffix>`` for rank k > 0
+    under DDP).
+
+    Args:
+        output: The JSON-lines file to write (its folder is created).
+    """
+
+    def __init__(self, output: str = "predictions.jsonl") -> None:
+        super().__init__(write_interval="batch")
+        self.output = Path(output)
+        self._files: dict[int, Any] = {}
+
+    def _file(self, rank: int):
+        if rank not in self._files:
+            path = self.output
+            if rank > 0:
+                path = path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._files[rank] = path.open("w")
+        return self._files[rank]
+
+    def write_on_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        prediction: Any,
+        batch_indices: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
+        handle = self._file(trainer.global_rank)
+        for item in prediction_items(prediction):
+            handle.write(json.dumps(_jsonable(item)) + "\n")
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for handle in self._files.values():
+            handle.close()
+        self._files.clear()
