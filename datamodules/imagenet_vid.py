@@ -428,6 +428,11 @@ class ImageNetVIDDataModule(L.LightningDataModule):
         self.eval_dataset: SegmentDataset | None = None
         self.summaries: dict[str, str] = {}
 
+    @property
+    def num_classes(self) -> int:
+        """The 30 VID classes (labels 0..29, :data:`VID_CLASSES` order)."""
+        return len(VID_CLASSES)
+
     # ----------------------------------------------------------------- indexing
 
     def _path(self, value: str | None) -> Path | None:

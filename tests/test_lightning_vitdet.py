@@ -595,3 +595,11 @@ def test_predict_streams_each_segment_under_the_own_policy(tmp_path, data, argv)
         torch.testing.assert_close(a["boxes"], b["boxes"])
         torch.testing.assert_close(a["scores"], b["scores"])
     assert cli.model.eval_gflops == {}  # prediction counts nothing
+
+
+def test_class_count_mismatch_is_a_clear_error(tmp_path, data):
+    lit = module(variant="eventful", r=16, model_kwargs={"num_classes": 3})  # VID has 30
+    with pytest.raises(
+        ValueError, match="ImageNetVIDDataModule has 30 classes but the model has 3"
+    ):
+        trainer(tmp_path).validate(lit, datamodule(data), verbose=False)

@@ -515,3 +515,9 @@ def test_predict_through_the_cli(tmp_path, argv):
     first = next(line for line in lines if line["id"] == item["id"])
     assert first["logits"] == pytest.approx(want[0].tolist(), rel=1e-5, abs=1e-6)
     assert first["label"] == int(want[0].argmax())
+
+
+def test_class_count_mismatch_is_a_clear_error(tmp_path, root):
+    lit = module(model_kwargs={**MODEL_KWARGS, "num_classes": 7})  # the data has 4
+    with pytest.raises(ValueError, match="has 4 classes but the model has 7.*num_classes"):
+        trainer(tmp_path).validate(lit, datamodule(root, None), verbose=False)

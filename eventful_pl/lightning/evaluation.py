@@ -97,6 +97,20 @@ class EventfulEvalModule(L.LightningModule):
 
     # ----------------------------------------------------------------- hooks
 
+    def setup(self, stage: str) -> None:
+        """Refuses data whose class count differs from the network's (before a
+        label out of range fails deep inside a loss)."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        data_classes = getattr(datamodule, "num_classes", None)
+        model_classes = getattr(getattr(self, "model", None), "num_classes", None)
+        if data_classes is not None and model_classes is not None:
+            if int(data_classes) != int(model_classes):
+                raise ValueError(
+                    f"{type(datamodule).__name__} has {data_classes} classes but the model "
+                    f"has {model_classes}: set model_kwargs.num_classes: {data_classes} "
+                    "(or use the data the preset was made for)"
+                )
+
     def _begin_eval(self, stage: str) -> None:
         self.eval_stage = stage
         self.ops_meter.reset()
