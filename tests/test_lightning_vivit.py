@@ -521,3 +521,17 @@ def test_class_count_mismatch_is_a_clear_error(tmp_path, root):
     lit = module(model_kwargs={**MODEL_KWARGS, "num_classes": 7})  # the data has 4
     with pytest.raises(ValueError, match="has 4 classes but the model has 7.*num_classes"):
         trainer(tmp_path).validate(lit, datamodule(root, None), verbose=False)
+
+
+def test_threshold_sweep(tmp_path, root):
+    lit = module(eval_thresholds=[0.0, 1e6])
+    trainer(tmp_path).validate(lit, datamodule(root, None), verbose=False)
+    names = ["threshold=0.0", "threshold=1000000.0"]
+    assert list(lit.eval_results) == names and list(lit.eval_gflops) == names
+    # h = 0 updates every token that changed (at most r = N: the class token
+    # entering the first block never changes); a huge h none after each view's
+    # first step.
+    low, high = (lit.eval_gflops[name]["total"] for name in names)
+    all_tokens = expected_gflops(lit.model, TOKENS + 1)["total"]
+    assert high < expected_gflops(lit.model, 1)["total"] < low <= all_tokens
+    assert all(g.policy.r == 8 for g in lit.model.modules() if isinstance(g, TokenGate))
