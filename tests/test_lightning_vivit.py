@@ -535,3 +535,31 @@ def test_threshold_sweep(tmp_path, root):
     all_tokens = expected_gflops(lit.model, TOKENS + 1)["total"]
     assert high < expected_gflops(lit.model, 1)["total"] < low <= all_tokens
     assert all(g.policy.r == 8 for g in lit.model.modules() if isinstance(g, TokenGate))
+
+
+def test_demo_config_runs(tmp_path, argv):
+    """README command 1 (configs/demo.yaml) on a smaller dataset and one epoch."""
+    demo = Path(__file__).parents[1] / "configs" / "demo.yaml"
+    synthetic = {"videos_per_class": 3, "frames": 16, "size": 64, "speed": 3}
+    args = [
+        "fit",
+        "--config",
+        str(demo),
+        "--trainer.max_epochs=1",
+        "--trainer.check_val_every_n_epoch=1",
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        f"--data.init_args.cache_root={tmp_path / 'features'}",
+        f"--data.init_args.videos.init_args.root={tmp_path / 'data'}",
+        "--data.init_args.videos.init_args.synthetic="
+        + json.dumps({**synthetic, "task": "colour_order", "seed": 0}),
+    ]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        cli = cli_main(args)
+    assert (tmp_path / "data" / "annotations" / "val.csv").is_file()
+    assert list(cli.model.eval_results) == ["r=65", "r=32", "r=16", "r=8", "r=4"]
+    gflops = [cli.model.eval_gflops[name]["total"] for name in cli.model.eval_results]
+    assert gflops == sorted(gflops, reverse=True)  # fewer tokens, fewer operations
+    assert "Validation after epoch 1: accuracy vs GFlops" in out.getvalue()
+    assert any((tmp_path / "lightning_logs").glob("version_0/events.out.tfevents.*"))
