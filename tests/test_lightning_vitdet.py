@@ -320,11 +320,14 @@ def test_token_update_maps_of_the_first_segment(data):
     for frames in maps.values():
         assert frames.shape == (SEGMENT, 8, 8)
         assert frames[0].sum() == TOKENS  # the flush frame updates every token
-        assert frames[1].sum() == 16  # the first setting of the sweep: r = 16
+        assert frames[1].sum() == 32  # the model's own policy: r = 32
         assert set(frames.unique().tolist()) <= {0.0, 1.0}
     assert all(g.policy is lit.policy for g in gates(lit.model))
     assert lit.model.training  # the mode is restored
     assert module(variant="dense").token_update_maps(segments[:1]) == {}
+    frames = lit.token_map_frames(segments[:2])  # as the backbone sees them: 128 x 128
+    assert frames.shape == (SEGMENT, 3, 128, 128)
+    assert 0 <= frames.min() and frames.max() <= 1
 
 
 # --------------------------------------------------------------------------- optimisation

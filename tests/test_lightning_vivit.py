@@ -204,9 +204,10 @@ def test_fit_validate_test_through_the_cli(tmp_path, argv):
     images = events.Tags()["images"]
     assert sorted(images) == ["token_updates/batch_0", "token_updates/batch_1"]
     image = events.Images("token_updates/batch_0")[-1]
-    # One row per spatial block's qkv gate (2), one column per tubelet step (4),
-    # 8 pixels per token plus 2-pixel separators.
-    assert (image.height, image.width) == (2 * (4 * 8 + 2), 4 * (4 * 8 + 2))
+    # A row of frames under the heat map, then one row per spatial block's qkv
+    # gate (2); one column per tubelet step (4); 8 pixels per token plus
+    # 2-pixel separators.
+    assert (image.height, image.width) == (3 * (4 * 8 + 2), 4 * (4 * 8 + 2))
 
     # The count command on the same config reports the same GFlops.
     with contextlib.redirect_stdout(io.StringIO()):
@@ -304,7 +305,7 @@ def test_resume_continues_the_optimizer(tmp_path, root):
 
 
 def test_token_update_maps(tmp_path, root):
-    lit = module(eval_r=[4]).eval()
+    lit = module(r=4, eval_r=[8]).eval()  # maps show the run's own r
     dm = datamodule(root, None)
     dm.setup("validate")
     batch = next(iter(dm.val_dataloader()))
@@ -314,7 +315,12 @@ def test_token_update_maps(tmp_path, root):
         assert frames.shape == (4, 4, 4)  # 4 tubelet steps of a 4 x 4 grid
         assert frames[0].sum() == TOKENS  # the flush frame updates every token
         assert frames[1:].sum(dim=(1, 2)).tolist() == [4, 4, 4]  # then r = 4 per step
-    assert all(g.policy.r == 8 for g in lit.model.modules() if isinstance(g, TokenGate))
+    assert all(g.policy.r == 4 for g in lit.model.modules() if isinstance(g, TokenGate))
+    frames = lit.token_map_frames(batch)  # the first frame of each tubelet step
+    assert frames.shape == (4, 3, 32, 32) and 0 <= frames.min() and frames.max() <= 1
+    video = batch["video"][0, : int(batch["length"][0])]
+    start = lit.model.preprocessing.temporal_starts(len(video))[0]
+    torch.testing.assert_close(frames[1], video[start + 2].float() / 255, atol=2e-6, rtol=0)
     callback = TokenUpdateMapCallback(num_batches=1)
     with pytest.raises(ValueError, match="num_batches"):
         TokenUpdateMapCallback(num_batches=0)
@@ -563,3 +569,22 @@ def test_demo_config_runs(tmp_path, argv):
     assert gflops == sorted(gflops, reverse=True)  # fewer tokens, fewer operations
     assert "Validation after epoch 1: accuracy vs GFlops" in out.getvalue()
     assert any((tmp_path / "lightning_logs").glob("version_0/events.out.tfevents.*"))
+
+
+def test_render_maps_with_a_heat_map_over_the_frames():
+    from eventful_pl.lightning.token_maps import render_maps
+
+    maps = {"a": torch.zeros(2, 2, 3), "b": torch.zeros(2, 2, 3)}
+    maps["a"][1, 0, 0] = maps["b"][1, 0, 0] = 1.0  # both gates: token (0, 0) of frame 1
+    maps["a"][1, 1, 2] = 1.0  # one gate of two: token (1, 2)
+    frames = torch.full((2, 3, 8, 12), 0.5)
+    frames[:, 1] = 0.25
+    image = render_maps(maps, cell=4, gap=1, frames=frames)
+    assert image.shape == (3, 3 * (2 * 4 + 1), 2 * (3 * 4 + 1))
+    frame1 = image[:, :8, 13:25]  # first row, second column: frame 1 at 4 px per token
+    torch.testing.assert_close(frame1[:, 0, 0], torch.tensor([0.85, 0.18, 0.15]))  # 0.7 red
+    torch.testing.assert_close(frame1[:, 4, 8], torch.tensor([0.675, 0.215, 0.325]))
+    torch.testing.assert_close(frame1[:, 0, 4], torch.tensor([0.5, 0.25, 0.5]))  # kept
+    torch.testing.assert_close(image[:, :8, :12], frames[0])  # frame 0: nothing updated
+    with pytest.raises(ValueError, match="3 frames for maps of 2 frames"):
+        render_maps(maps, frames=torch.zeros(3, 3, 8, 12))

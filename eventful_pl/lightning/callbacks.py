@@ -108,9 +108,11 @@ class TokenUpdateMapCallback(L.Callback):
     On the first ``num_batches`` validation batches of every ``every_n_epochs``-th
     epoch (global rank 0, not the sanity check), asks the module for
     ``token_update_maps(batch) -> {gate: (frames, H, W)}`` (its first stream)
-    and logs one image per batch as ``token_updates/batch_{i}``: one row per gate,
-    one column per frame, updated tokens bright. Loggers other than
-    TensorBoard are left alone.
+    and logs one image per batch as ``token_updates/batch_{i}``: one column per
+    frame; a first row with each frame under a heat map of the share of gates
+    that updated each token (when the module has ``token_map_frames(batch) ->
+    (frames, 3, H, W)``), then one row per gate, updated tokens bright. Loggers
+    other than TensorBoard are left alone.
 
     Args:
         num_batches: Validation batches to draw maps for.
@@ -147,7 +149,9 @@ class TokenUpdateMapCallback(L.Callback):
         if not maps:
             return
         self.maps[batch_idx] = maps
-        image = render_maps(maps, cell=self.cell)
+        frames_of = getattr(pl_module, "token_map_frames", None)
+        frames = frames_of(batch) if frames_of is not None else None
+        image = render_maps(maps, cell=self.cell, frames=frames)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image(

@@ -84,14 +84,48 @@ def update_maps(
     return maps
 
 
-def render_maps(maps: Mapping[str, Tensor], cell: int = 8, gap: int = 2) -> Tensor:
+def heat_overlay(frames: Tensor, heat: Tensor, strength: float = 0.7) -> Tensor:
+    """Frames with a red heat map: frames (T, 3, H, W) in [0, 1], heat (T, h, w)
+    in [0, 1] over the token grid -> (T, 3, H, W) in [0, 1]."""
+    heat = F.interpolate(heat[:, None].float(), size=frames.shape[-2:], mode="nearest")
+    red = torch.tensor([1.0, 0.15, 0.0], device=frames.device).view(1, 3, 1, 1)
+    weight = strength * heat
+    return frames.float() * (1 - weight) + red * weight
+
+
+def render_maps(
+    maps: Mapping[str, Tensor], cell: int = 8, gap: int = 2, frames: Tensor | None = None
+) -> Tensor:
     """One image of every map: rows are gates (in order), columns are frames.
 
     Updated tokens are bright (yellow), kept tokens dark (blue); each token is a
-    ``cell`` x ``cell`` square. Returns (3, H, W) float32 in [0, 1].
+    ``cell`` x ``cell`` square. With ``frames`` (T, 3, H, W) in [0, 1] (the
+    frames the maps belong to, the token grid covering each), a first row shows
+    each frame with a heat map of the fraction of gates that updated each token.
+    Returns (3, H', W') float32 in [0, 1].
     """
     if not maps:
         raise ValueError("render_maps: no maps to render")
+    gates = _render_gate_rows(maps, cell, gap)
+    if frames is None:
+        return gates
+    first = next(iter(maps.values()))
+    steps, height, width = first.shape
+    if len(frames) != steps:
+        raise ValueError(f"render_maps: {len(frames)} frames for maps of {steps} frames")
+    heat = torch.stack(list(maps.values())).mean(dim=0)  # (T, h, w): share of gates
+    size = (height * cell, width * cell)
+    shown = F.interpolate(frames.float(), size=size, mode="bilinear", align_corners=False)
+    overlay = F.pad(heat_overlay(shown.clamp(0, 1), heat), (0, gap, 0, gap), value=0.5)
+    row = torch.cat(list(overlay), dim=2)  # (3, h * cell + gap, T * (w * cell + gap))
+    wide = max(row.shape[2], gates.shape[2])
+    row = F.pad(row, (0, wide - row.shape[2]), value=0.5)
+    gates = F.pad(gates, (0, wide - gates.shape[2]), value=0.5)
+    return torch.cat([row, gates], dim=1)
+
+
+def _render_gate_rows(maps: Mapping[str, Tensor], cell: int, gap: int) -> Tensor:
+    """The gate rows of :func:`render_maps`: (3, H', W')."""
     rows = []
     for frames in maps.values():
         big = F.interpolate(frames[:, None], scale_factor=cell, mode="nearest")[:, 0]

@@ -355,9 +355,21 @@ class ViTDetModule(EventfulEvalModule):
             self._restore_policy()
 
     @torch.no_grad()
+    def token_map_frames(self, batch: list[dict[str, Any]]) -> Tensor | None:
+        """The frames :meth:`token_update_maps` shows, resized and padded as the
+        backbone sees them: (frames, 3, S, S) in [0, 1]."""
+        if not batch or not batch[0]["frames"]:
+            return None
+        frames = batch[0]["frames"][:MAX_MAP_FRAMES]
+        pre = self.model.preprocessing
+        pixels = pre(list(frames)).tensors  # normalised, padded with zeros
+        return ((pixels * pre.std + pre.mean) / 255.0).clamp(0, 1)
+
+    @torch.no_grad()
     def token_update_maps(self, batch: list[dict[str, Any]]) -> dict[str, Tensor]:
         """Tokens updated per frame of the batch's first segment (at most 8 frames),
-        under the first setting of the sweep: ``{gate: (frames, H, W)}`` of 0/1."""
+        under the model's own policy (else the first setting of the sweep):
+        ``{gate: (frames, H, W)}`` of 0/1."""
         if not batch or not batch[0]["frames"]:
             return {}
         frames = batch[0]["frames"][:MAX_MAP_FRAMES]
@@ -366,7 +378,7 @@ class ViTDetModule(EventfulEvalModule):
         self.model.eval()
         try:
             if has_gates(self.model.backbone):
-                self.model.set_policy(self.setting_policy(self.sweep[0]))
+                self.model.set_policy(self.policy or self.setting_policy(self.sweep[0]))
             self.model.reset()
             with record_token_updates(self.model.backbone) as records:
                 for frame in frames:

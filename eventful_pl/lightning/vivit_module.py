@@ -237,12 +237,27 @@ class ViViTFineTuning(EventfulEvalModule):
         self.eval_step(batch, "test")
 
     @torch.no_grad()
+    def token_map_frames(self, batch: Batch, max_steps: int = 16) -> Tensor | None:
+        """The first frame of each tubelet step that :meth:`token_update_maps`
+        shows, as the spatial model sees it: (steps, 3, h, w) in [0, 1]."""
+        if not isinstance(batch, Mapping) or self.r is None:
+            return None
+        video = batch["video"][:1]
+        if "length" in batch:
+            video = video[:, : int(batch["length"][0])]
+        pre = self.model.preprocessing
+        view = pre(video)[0, 0]  # (T, C, h, w), normalised
+        step = self.model.embedding.tubelet[0]
+        return (view[: step * max_steps : step] * pre.std + pre.mean).clamp(0, 1)
+
+    @torch.no_grad()
     def token_update_maps(self, batch: Batch, max_steps: int = 16) -> dict[str, Tensor]:
         """Which spatial tokens each qkv gate updated on each tubelet step of the
-        first view of the first video: ``{gate: (steps, h, w)}`` (first setting)."""
+        first view of the first video, under the run's own top-r:
+        ``{gate: (steps, h, w)}``."""
         if not isinstance(batch, Mapping) or self.r is None:
             return {}
-        self.set_setting(self.sweep[0])
+        self.set_setting(EvalSetting("own"))
         try:
             video = batch["video"][:1]
             if "length" in batch:
