@@ -472,13 +472,19 @@ def test_every_paper_config_parses_and_builds(tmp_path, monkeypatch, argv):
     # Build on the meta device (shapes only); the metrics need real tensors.
     monkeypatch.setattr(ViTDetModule, "make_metrics", lambda self: torch.nn.Identity())
     expected = {
-        "vid_1024": ((64, 64), ["r=2048", "r=1536", "r=1024", "r=768", "r=512"]),
-        "vid_672": ((42, 42), ["r=1024", "r=768", "r=512", "r=384", "r=256"]),
+        "vid_1024": ((64, 64), ["r=2048", "r=1536", "r=1024", "r=768", "r=512", "dense"]),
+        "vid_672": ((42, 42), ["r=1024", "r=768", "r=512", "r=384", "r=256", "dense"]),
         "vid_672_spatial": ((42, 42), ["default"]),
-        "vid_672_threshold": ((42, 42), ["threshold=0.2", "threshold=1.0", "threshold=5.0"]),
+        "vid_672_threshold": (
+            (42, 42),
+            ["threshold=0.2", "threshold=1.0", "threshold=5.0", "dense"],
+        ),
         "vid_1024_spatial": ((64, 64), ["default"]),
-        "vid_1024_threshold": ((64, 64), ["threshold=0.2", "threshold=1.0", "threshold=5.0"]),
-        "vid_1024_stgt": ((64, 64), ["r=2048", "r=1536", "r=1024", "r=768", "r=512"]),
+        "vid_1024_threshold": (
+            (64, 64),
+            ["threshold=0.2", "threshold=1.0", "threshold=5.0", "dense"],
+        ),
+        "vid_1024_stgt": ((64, 64), ["r=2048", "r=1536", "r=1024", "r=768", "r=512", "dense"]),
     }
     for path in CONFIGS:
         raw = yaml.safe_load(path.read_text())
@@ -606,3 +612,29 @@ def test_class_count_mismatch_is_a_clear_error(tmp_path, data):
         ValueError, match="ImageNetVIDDataModule has 30 classes but the model has 3"
     ):
         trainer(tmp_path).validate(lit, datamodule(data), verbose=False)
+
+
+def test_dense_setting(tmp_path, data):
+    """eval_dense: the dense model's mAP (= every token) and backbone GFlops, last."""
+    lit = module(variant="eventful", r=32, eval_r=[TOKENS], eval_dense=True)
+    make_detecting(lit.model)
+    trainer(tmp_path, limit_val_batches=2).validate(lit, datamodule(data), verbose=False)
+    assert list(lit.eval_results) == [f"r={TOKENS}", "dense"]
+    assert lit.eval_results["dense"] == lit.eval_results[f"r={TOKENS}"]
+    (dense,) = count_vitdet(lit.model, video_length=SEGMENT)["settings"]
+    assert lit.eval_gflops["dense"]["total"] == pytest.approx(dense["total"], rel=1e-12)
+    assert lit.eval_gflops["dense"]["total"] < lit.eval_gflops[f"r={TOKENS}"]["total"]
+    with pytest.raises(ValueError, match="eval_dense"):
+        module(variant="dense", eval_dense=True)
+
+
+def test_dense_setting_of_a_pooled_variant_counts_the_pooled_network():
+    from eventful_pl.counting import count_ops
+
+    lit = module(variant="spatiotemporal", r=32, eval_dense=True)
+    spatial = create_vitdet("vitdet_tiny", num_classes=30, variant="spatial")  # pooled, no gates
+    with torch.no_grad(), count_ops(spatial.backbone) as counter:
+        spatial.backbone(torch.randn(1, TOKENS, 64))
+    assert lit.dense_frame_counts() == dict(counter.counts)
+    unpooled = count_vitdet(spatial)["settings"][0]  # count_vitdet's dense: no pooling
+    assert counter.counts["matmul"] < unpooled["by_kind"]["matmul"] * 1e9

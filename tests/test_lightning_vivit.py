@@ -486,7 +486,7 @@ def test_every_paper_config_parses_and_builds(argv):
         assert data["videos"]["init_args"]["root"].startswith("data/")  # an option, not fixed
         with torch.device("meta"):
             lit = ViViTFineTuning(**args)  # shapes only: r and the sweep fit the model
-        assert [s.name for s in lit.sweep] == [f"r={r}" for r in args["eval_r"]]
+        assert [s.name for s in lit.sweep] == [f"r={r}" for r in args["eval_r"]] + ["dense"]
         assert lit.model.num_classes == (400 if kinetics else 97)
 
 
@@ -564,9 +564,12 @@ def test_demo_config_runs(tmp_path, argv):
     with contextlib.redirect_stdout(out):
         cli = cli_main(args)
     assert (tmp_path / "data" / "annotations" / "val.csv").is_file()
-    assert list(cli.model.eval_results) == ["r=65", "r=32", "r=16", "r=8", "r=4"]
-    gflops = [cli.model.eval_gflops[name]["total"] for name in cli.model.eval_results]
+    assert list(cli.model.eval_results) == ["r=65", "r=32", "r=16", "r=8", "r=4", "dense"]
+    gflops = [cli.model.eval_gflops[f"r={r}"]["total"] for r in (65, 32, 16, 8, 4)]
     assert gflops == sorted(gflops, reverse=True)  # fewer tokens, fewer operations
+    results = cli.model.eval_results
+    assert results["dense"] == results["r=65"]  # every token: the dense computation
+    assert gflops[-1] < cli.model.eval_gflops["dense"]["total"] < gflops[0]
     assert "Validation after epoch 1: accuracy vs GFlops" in out.getvalue()
     assert any((tmp_path / "lightning_logs").glob("version_0/events.out.tfevents.*"))
 
@@ -588,3 +591,17 @@ def test_render_maps_with_a_heat_map_over_the_frames():
     torch.testing.assert_close(image[:, :8, :12], frames[0])  # frame 0: nothing updated
     with pytest.raises(ValueError, match="3 frames for maps of 2 frames"):
         render_maps(maps, frames=torch.zeros(3, 3, 8, 12))
+
+
+def test_dense_setting(tmp_path, root):
+    """eval_dense: the dense model's accuracy (= every token) and GFlops, last in the sweep."""
+    lit = module(eval_r=[TOKENS + 1, 4], eval_dense=True)
+    trainer(tmp_path).validate(lit, datamodule(root, None), verbose=False)
+    assert list(lit.eval_results) == [f"r={TOKENS + 1}", "r=4", "dense"]
+    assert lit.eval_results["dense"] == lit.eval_results[f"r={TOKENS + 1}"]
+    (dense,) = count_vivit(lit.model)["settings"]
+    assert lit.eval_gflops["dense"]["total"] == pytest.approx(dense["total"], rel=1e-12)
+    assert lit.eval_gflops["dense"]["gate"] == 0.0
+    assert lit.eval_gflops["dense"]["total"] < lit.eval_gflops[f"r={TOKENS + 1}"]["total"]
+    with pytest.raises(ValueError, match="eval_dense"):
+        module(spatial_variant="dense", eval_dense=True)

@@ -46,6 +46,8 @@ class EventfulEvalModule(L.LightningModule):
         eval_thresholds: Test-time thresholds to sweep.
         unit: What the GFlops are counted per (``"video"`` or ``"frame"``).
         default_setting: Name of the single setting when nothing is swept.
+        eval_dense: Also evaluate the dense model (setting ``dense``, last):
+            every token recomputed, GFlops of the dense model.
     """
 
     #: Name of the metric monitored by default (logged as ``{stage}/{main_metric}``).
@@ -57,6 +59,7 @@ class EventfulEvalModule(L.LightningModule):
         eval_thresholds: Sequence[float] | None = None,
         unit: str = "video",
         default_setting: str = "default",
+        eval_dense: bool = False,
     ) -> None:
         super().__init__()
         for r in eval_r or ():
@@ -66,7 +69,7 @@ class EventfulEvalModule(L.LightningModule):
             if float(h) < 0:
                 raise ValueError(f"eval_thresholds: must be >= 0, got {list(eval_thresholds)}")
         self.sweep: list[EvalSetting] = build_sweep(
-            eval_r or (), eval_thresholds or (), default_setting
+            eval_r or (), eval_thresholds or (), default_setting, eval_dense
         )
         self.ops_meter = OpsMeter(unit)
         self.eval_stage: str | None = None

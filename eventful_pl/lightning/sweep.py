@@ -25,13 +25,16 @@ from eventful_pl.policies import ThresholdPolicy, TokenPolicy, TopRPolicy
 @dataclass(frozen=True)
 class EvalSetting:
     """One evaluation setting: the model's own policy (``r`` and ``threshold``
-    None, named ``name``), a top-r, or a threshold."""
+    None, named ``name``), a top-r, a threshold, or the dense model (``dense``:
+    every token recomputed, counted as the dense model)."""
 
     name: str
     r: int | None = None
     threshold: float | None = None
+    dense: bool = False
 
     def policy(self) -> TokenPolicy | None:
+        """The top-r or threshold policy; None for the model's own and for dense."""
         if self.r is not None:
             return TopRPolicy(self.r)
         if self.threshold is not None:
@@ -40,16 +43,20 @@ class EvalSetting:
 
 
 def build_sweep(
-    r_values: Sequence[int] = (), thresholds: Sequence[float] = (), default: str = "default"
+    r_values: Sequence[int] = (),
+    thresholds: Sequence[float] = (),
+    default: str = "default",
+    dense: bool = False,
 ) -> list[EvalSetting]:
-    """Settings for each r and threshold; with neither, one setting ``default``
-    (the model as configured)."""
+    """Settings for each r and threshold (with neither, one setting ``default``:
+    the model as configured), then ``dense`` if asked for."""
     settings = [EvalSetting(f"r={int(r)}", r=int(r)) for r in r_values]
     settings += [EvalSetting(f"threshold={float(h)}", threshold=float(h)) for h in thresholds]
     names = [s.name for s in settings]
     if len(set(names)) != len(names):
         raise ValueError(f"eval sweep: repeated settings {names}")
-    return settings or [EvalSetting(default)]
+    settings = settings or [EvalSetting(default)]
+    return settings + ([EvalSetting("dense", dense=True)] if dense else [])
 
 
 class OpsMeter:

@@ -167,6 +167,10 @@ class ViTDetModule(EventfulEvalModule):
             norm exceeds this.
         eval_r: Test-time r values swept in validation and test.
         eval_thresholds: Test-time thresholds swept in validation and test.
+        eval_dense: Also evaluate the dense model (setting ``dense``, last): the
+            gates forward every token, which computes exactly the network
+            without gates (for ``spatiotemporal``: ``spatial``, keeping the
+            pooling), and the GFlops are that backbone's.
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay (not on norms, biases, position encoding).
         warmup_steps: Linear warm-up over this many optimizer steps (from
@@ -189,6 +193,7 @@ class ViTDetModule(EventfulEvalModule):
         threshold: float | None = None,
         eval_r: list[int] | None = None,
         eval_thresholds: list[float] | None = None,
+        eval_dense: bool = False,
         lr: float = 1e-4,
         weight_decay: float = 0.1,
         warmup_steps: int = 250,
@@ -205,7 +210,9 @@ class ViTDetModule(EventfulEvalModule):
         ):
             if not ok:
                 raise ValueError(f"ViTDetModule: invalid {name}: {value!r}")
-        super().__init__(eval_r, eval_thresholds, unit="frame", default_setting="default")
+        super().__init__(
+            eval_r, eval_thresholds, unit="frame", default_setting="default", eval_dense=eval_dense
+        )
         self.save_hyperparameters()
         self.policy = _own_policy(r, threshold)
         self.model = create_vitdet(preset, variant=variant, policy=self.policy, **model_kwargs)
@@ -216,17 +223,18 @@ class ViTDetModule(EventfulEvalModule):
         self.warmup_steps = warmup_steps
         self.decay_epochs = sorted(int(e) for e in decay_epochs)
         self.count_ops = count_ops
+        self._dense_counts: dict[str, int] | None = None
         self.build_eval_metrics()
 
     def _check_sweep(self, variant: str) -> None:
         """Every setting's policy must fit the token grid; eventful models need one."""
         tokens = self.model.backbone.num_tokens
-        policies = [s.policy() for s in self.sweep]
+        policies = [TopRPolicy(tokens) if s.dense else s.policy() for s in self.sweep]
         if not has_gates(self.model):
             if self.policy is not None or any(p is not None for p in policies):
                 raise ValueError(
                     f"ViTDetModule: variant {variant!r} has no token gates; r, threshold,"
-                    " eval_r and eval_thresholds need an eventful variant"
+                    " eval_r, eval_thresholds and eval_dense need an eventful variant"
                 )
             return
         for policy in policies:
@@ -277,9 +285,27 @@ class ViTDetModule(EventfulEvalModule):
         return VIDMeanAP()
 
     def setting_policy(self, setting: EvalSetting) -> TokenPolicy | None:
-        """The policy of ``setting`` (the model's own when the setting has none)."""
+        """The policy of ``setting`` (every token for dense; the model's own when
+        the setting has none)."""
+        if setting.dense:
+            return TopRPolicy(self.model.backbone.num_tokens)
         policy = setting.policy()
         return self.policy if policy is None else policy
+
+    def dense_frame_counts(self) -> dict[str, int]:
+        """Backbone operations per frame of the same network without gates (a
+        shapes-only twin; with the variant's key/value pooling, if any)."""
+        if self._dense_counts is None:
+            pooled = VITDET_VARIANTS[self.model.variant].get("pool_size") is not None
+            variant = "spatial" if pooled else "dense"
+            with torch.device("meta"):
+                dense = ViTDet(**{**self.model.config, "variant": variant, "policy": None})
+                height, width = dense.backbone.input_size
+                tokens = torch.empty(1, height * width, dense.backbone.dim)
+                with counting.count_ops(dense.backbone) as counter:
+                    dense.backbone(tokens)
+            self._dense_counts = dict(counter.counts)
+        return self._dense_counts
 
     @torch.no_grad()
     def stream(self, frames: Sequence[Tensor], setting: EvalSetting) -> list[Detections]:
@@ -297,7 +323,8 @@ class ViTDetModule(EventfulEvalModule):
             if self.count_ops:
                 with counting.count_ops(self.model.backbone) as counter:
                     detections.append(self.model([frame])[0])
-                self.ops_meter.add(setting.name, counter.counts, 1)
+                counts = self.dense_frame_counts() if setting.dense else counter.counts
+                self.ops_meter.add(setting.name, counts, 1)
             else:
                 detections.append(self.model([frame])[0])
         self.model.reset()

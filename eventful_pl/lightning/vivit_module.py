@@ -53,6 +53,9 @@ class ViViTFineTuning(EventfulEvalModule):
             ``"tokenwise"``, ``"query_key"``; ``"dense"``: no gates, r unused).
         eval_r: Test-time r values swept in validation and test.
         eval_thresholds: Test-time thresholds swept in validation and test.
+        eval_dense: Also evaluate the dense model (setting ``dense``, last): the
+            spatial gates forward every token, which computes exactly the dense
+            model, and the GFlops are the dense model's.
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
         dropout: Dropout before the classifier.
@@ -74,6 +77,7 @@ class ViViTFineTuning(EventfulEvalModule):
         spatial_variant: str = "full",
         eval_r: list[int] | None = None,
         eval_thresholds: list[float] | None = None,
+        eval_dense: bool = False,
         lr: float = 2e-6,
         weight_decay: float = 0.05,
         dropout: float = 0.5,
@@ -88,12 +92,16 @@ class ViViTFineTuning(EventfulEvalModule):
             raise ValueError(f"r: an eventful spatial model needs r > 0, got {r}")
         if lr <= 0 or weight_decay < 0:
             raise ValueError(f"lr must be > 0 and weight_decay >= 0, got {lr}, {weight_decay}")
-        if (eval_r or eval_thresholds) and not eventful:
+        if (eval_r or eval_thresholds or eval_dense) and not eventful:
             raise ValueError(
-                "eval_r/eval_thresholds: need an eventful spatial_variant, got 'dense'"
+                "eval_r/eval_thresholds/eval_dense need an eventful spatial_variant, not 'dense'"
             )
         super().__init__(
-            eval_r, eval_thresholds, unit="video", default_setting=f"r={r}" if eventful else "dense"
+            eval_r,
+            eval_thresholds,
+            unit="video",
+            default_setting=f"r={r}" if eventful else "dense",
+            eval_dense=eval_dense,
         )
         self.save_hyperparameters()
         self.r = int(r) if eventful and r is not None else None
@@ -185,8 +193,11 @@ class ViViTFineTuning(EventfulEvalModule):
     # -------------------------------------------------------------- evaluation
 
     def set_setting(self, setting: EvalSetting) -> None:
-        """Sets the spatial policy of ``setting`` (its own, or the run's top-r)."""
+        """Sets the spatial policy of ``setting`` (its own, every token for dense,
+        or the run's top-r)."""
         policy = setting.policy()
+        if setting.dense:
+            policy = TopRPolicy(self.model.spatial.num_tokens)
         self.model.set_policy(policy or (TopRPolicy(self.r) if self.r else None))
 
     def eval_step(self, batch: Batch, stage: str) -> None:
@@ -199,6 +210,8 @@ class ViViTFineTuning(EventfulEvalModule):
                     with count_ops(self.model) as counter:
                         logits = self.model.classify_features(self.video_features(batch))
                     counts = counter.counts
+                    if setting.dense:  # the dense model's operations, not the gates'
+                        counts = {k: n * len(labels) for k, n in self._dense_counts().items()}
                 else:
                     features, labels = batch
                     if len(self.sweep) > 1 or setting.threshold is not None:
@@ -213,6 +226,16 @@ class ViViTFineTuning(EventfulEvalModule):
                     self.ops_meter.add(setting.name, counts, len(labels))
         finally:
             self.set_setting(EvalSetting("own"))  # back to the run's top-r
+
+    def _dense_counts(self) -> dict[str, int]:
+        """Operations per video of the dense model (a shapes-only twin)."""
+        if "dense" not in self._static_cache:
+            with torch.device("meta"):
+                dense = FactorizedViViT(
+                    **{**self.model.config, "spatial_variant": "dense", "policy": None}
+                )
+            self._static_cache["dense"] = static_video_counts(dense)
+        return self._static_cache["dense"]
 
     def _static_counts(self) -> dict[str, int]:
         """Operations per video of the current (static) policy: what computing
