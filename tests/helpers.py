@@ -82,3 +82,17 @@ def run_script(script: str, *args: str, timeout: int = 500) -> None:
         cwd=Path(__file__).parents[1],
     )
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def quiet_trainer_options(root) -> dict:
+    """Trainer options of the Lightning tests: one CPU process, no checkpoints,
+    progress bar, model summary or sanity check, files under ``root``."""
+    return {
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "accelerator": "cpu",
+        "devices": 1,
+        "default_root_dir": str(root),
+    }

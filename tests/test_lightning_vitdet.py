@@ -29,7 +29,7 @@ from eventful_pl.lightning.sweep import EvalSetting
 from eventful_pl.lightning.vitdet_module import WARMUP_START_FACTOR, ViTDetModule
 from eventful_pl.models.vitdet import create_vitdet
 from eventful_pl.policies import TopRPolicy
-from tests.helpers import run_script
+from tests.helpers import quiet_trainer_options, run_script
 
 TOKENS = 64  # vitdet_tiny: an 8 x 8 grid
 SEGMENT = 2  # every synthetic val video has 4 frames: two segments of 2 frames each
@@ -70,13 +70,7 @@ def trainer(tmp_path: Path, **kwargs) -> L.Trainer:
         "max_epochs": 1,
         "limit_train_batches": 2,
         "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "num_sanity_val_steps": 0,
-        "accelerator": "cpu",
-        "devices": 1,
-        "default_root_dir": str(tmp_path),
+        **quiet_trainer_options(tmp_path),
         **kwargs,
     }
     return L.Trainer(**kwargs)
@@ -138,13 +132,7 @@ def cli_config(tmp_path: Path, data: SyntheticVID, layout: str, **trainer_args) 
         "trainer": {
             "max_epochs": 1,
             "limit_train_batches": 2,
-            "enable_checkpointing": False,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "num_sanity_val_steps": 0,
-            "accelerator": "cpu",
-            "devices": 1,
-            "default_root_dir": str(tmp_path),
+            **quiet_trainer_options(tmp_path),
             "logger": {
                 "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                 "init_args": {"save_dir": str(tmp_path / "logs"), "name": "vitdet"},

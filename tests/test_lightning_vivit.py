@@ -33,7 +33,7 @@ from eventful_pl.gflops import count_vivit
 from eventful_pl.lightning.callbacks import GFlopsCallback, TokenUpdateMapCallback
 from eventful_pl.lightning.vivit_module import ViViTFineTuning
 from eventful_pl.policies import TopRPolicy
-from tests.helpers import run_script
+from tests.helpers import quiet_trainer_options, run_script
 
 TOKENS = 16  # 4 x 4 grid
 MODEL = "eventful_pl.lightning.vivit_module.ViViTFineTuning"
@@ -80,13 +80,7 @@ def trainer(tmp_path: Path, **kwargs) -> L.Trainer:
     options = dict(
         max_epochs=1,
         logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        accelerator="cpu",
-        devices=1,
-        default_root_dir=str(tmp_path),
+        **quiet_trainer_options(tmp_path),
     )
     return L.Trainer(**{**options, **kwargs})
 
@@ -135,13 +129,7 @@ def cli_config(tmp_path: Path, data_root: Path, **trainer_args) -> Path:
         "trainer": {
             "max_epochs": 2,
             "log_every_n_steps": 1,
-            "enable_checkpointing": False,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "num_sanity_val_steps": 0,
-            "accelerator": "cpu",
-            "devices": 1,
-            "default_root_dir": str(tmp_path),
+            **quiet_trainer_options(tmp_path),
             "logger": {
                 "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                 "init_args": {"save_dir": str(tmp_path / "logs"), "name": "vivit"},
