@@ -180,14 +180,9 @@ class EpicKitchensDataModule(ClipDataModule):
             default, or ``"forkserver"``; ``"fork"`` can deadlock with decord).
         rank: This process's rank (default: from torch.distributed).
         world_size: Number of ranks (default: from torch.distributed).
-        train_clips: ``"random"`` (default): random training clips of ``frames``
-            frames at ``stride`` with random crop and flip. ``"whole"``: whole
-            training segments exactly like evaluation items (short side
-            ``eval_short_side``, no crop/flip, :func:`~datamodules.video.collate_eval`
-            batches with ``"length"``), shuffled, from the whole training split
-            (honouring ``train_limit``): the items the feature cache is written
-            from, for computing the frozen spatial features on the fly. One
-            batch must share a frame size (``batch_size=1`` always works).
+        train_clips: ``"random"`` (default) training clips, or ``"whole"``
+            training segments like evaluation items (see
+            :class:`~datamodules.video.ClipDataModule`).
     """
 
     name = "epic_kitchens100"

@@ -180,14 +180,9 @@ class KineticsDataModule(ClipDataModule):
             default, or ``"forkserver"``; ``"fork"`` can deadlock with decord).
         rank: This process's rank (default: from torch.distributed).
         world_size: Number of ranks (default: from torch.distributed).
-        train_clips: ``"random"`` (default): random training clips of ``frames``
-            frames at ``stride`` with random crop and flip. ``"whole"``: whole
-            training clips exactly like evaluation items (short side
-            ``eval_short_side``, no crop/flip, :func:`~datamodules.video.collate_eval`
-            batches with ``"length"``), shuffled, from the whole training split
-            (honouring ``train_limit``): the items the feature cache is written
-            from, for computing the frozen spatial features on the fly. One
-            batch must share a frame size (``batch_size=1`` always works).
+        train_clips: ``"random"`` (default) training clips, or ``"whole"``
+            training clips like evaluation items (see
+            :class:`~datamodules.video.ClipDataModule`).
         synthetic: If set and ``root`` holds no training annotations yet,
             :meth:`prepare_data` first writes a synthetic dataset there in this
             layout with :func:`datamodules.synthetic_video.make_kinetics`
