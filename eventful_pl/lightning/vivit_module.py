@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
@@ -122,7 +123,13 @@ class ViViTFineTuning(EventfulEvalModule):
                     f"{option}={values} exceeds the spatial model's {tokens} tokens per frame"
                 )
         if pretrained:
-            load_vivit_checkpoint(self.model, pretrained)
+            layout = load_vivit_checkpoint(self.model, pretrained)
+            rank_zero_info(f"ViViTFineTuning: loaded {pretrained} ({layout} layout)")
+        else:
+            rank_zero_warn(
+                "ViViTFineTuning: pretrained is not set, so the frozen spatial model keeps "
+                "its random initialisation (fine for the demo; set model.pretrained for real runs)"
+            )
         for part in (self.model.embedding, self.model.spatial):
             part.requires_grad_(False)
         self.train_top1 = MulticlassAccuracy(self.model.num_classes, average="micro")
