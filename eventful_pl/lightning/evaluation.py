@@ -131,11 +131,12 @@ class EventfulEvalModule(L.LightningModule):
             results[setting.name] = values
             metric.reset()
             for key, value in values.items():
-                # Already synced by torchmetrics: every rank logs the same value.
-                self.log(f"{stage}/{setting.name}/{key}", value, sync_dist=False)
+                # Already synced by torchmetrics: every rank has the same value, so
+                # sync_dist (a mean over ranks) keeps it and quiets Lightning's warning.
+                self.log(f"{stage}/{setting.name}/{key}", value, sync_dist=True)
         first = results[self.sweep[0].name]
         if self.main_metric in first:
-            self.log(f"{stage}/{self.main_metric}", first[self.main_metric], sync_dist=False)
+            self.log(f"{stage}/{self.main_metric}", first[self.main_metric], sync_dist=True)
         names = [s.name for s in self.sweep]
         synced = self.ops_meter.synced(names, self.device)
         self.eval_results = results
