@@ -105,7 +105,7 @@ class ViViTFineTuning(EventfulEvalModule):
             eval_dense=eval_dense,
         )
         self.save_hyperparameters()
-        self.r = int(r) if eventful and r is not None else None
+        self.r = int(r) if eventful else None
         self.lr, self.weight_decay, self.count_ops = lr, weight_decay, count_ops
         self.model: FactorizedViViT = create_vivit(
             preset,
