@@ -96,3 +96,22 @@ def quiet_trainer_options(root) -> dict:
         "devices": 1,
         "default_root_dir": str(root),
     }
+
+
+def print_config(config: str, subcommand: str = "fit") -> dict:
+    """``cli.py <subcommand> --config config --print_config`` parsed back from YAML;
+    fails the test unless the command exits 0. (LightningCLI reads ``sys.argv``:
+    use the ``argv`` fixture.)"""
+    import contextlib
+    import io
+
+    import pytest
+    import yaml
+
+    from cli import cli_main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as done:
+        cli_main([subcommand, "--config", str(config), "--print_config"])
+    assert done.value.code == 0, config
+    return yaml.safe_load(out.getvalue())

@@ -29,7 +29,7 @@ from eventful_pl.lightning.sweep import EvalSetting
 from eventful_pl.lightning.vitdet_module import WARMUP_START_FACTOR, ViTDetModule
 from eventful_pl.models.vitdet import create_vitdet
 from eventful_pl.policies import TopRPolicy
-from tests.helpers import quiet_trainer_options, run_script
+from tests.helpers import print_config, quiet_trainer_options, run_script
 
 TOKENS = 64  # vitdet_tiny: an 8 x 8 grid
 SEGMENT = 2  # every synthetic val video has 4 frames: two segments of 2 frames each
@@ -482,11 +482,7 @@ def test_every_paper_config_parses_and_builds(tmp_path, monkeypatch, argv):
             ]
         config = tmp_path / path.name
         config.write_text(yaml.safe_dump(raw))
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as done:
-            cli_main(["fit", "--config", str(config), "--print_config"])
-        assert done.value.code == 0, path.name
-        parsed = yaml.safe_load(out.getvalue())
+        parsed = print_config(config)
         args = parsed["model"]["init_args"]
         assert parsed["model"]["class_path"] == MODULE
         assert parsed["trainer"]["max_epochs"] == 5

@@ -33,7 +33,7 @@ from eventful_pl.gflops import count_vivit
 from eventful_pl.lightning.callbacks import GFlopsCallback, TokenUpdateMapCallback
 from eventful_pl.lightning.vivit_module import ViViTFineTuning
 from eventful_pl.policies import TopRPolicy
-from tests.helpers import quiet_trainer_options, run_script
+from tests.helpers import print_config, quiet_trainer_options, run_script
 
 TOKENS = 16  # 4 x 4 grid
 MODEL = "eventful_pl.lightning.vivit_module.ViViTFineTuning"
@@ -454,11 +454,7 @@ def test_every_paper_config_parses_and_builds(argv):
         for r in rs
     }
     for path in PAPER_CONFIGS:
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as done:
-            cli_main(["fit", "--config", str(path), "--print_config"])
-        assert done.value.code == 0, path.name
-        parsed = yaml.safe_load(out.getvalue())
+        parsed = print_config(path)
         args = parsed["model"]["init_args"]
         kinetics = path.stem.startswith("kinetics")
         assert parsed["model"]["class_path"] == MODEL

@@ -266,17 +266,22 @@ class ViViTFineTuning(EventfulEvalModule):
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         self.eval_step(batch, "test")
 
+    def _first_view(self, batch: Mapping[str, Any]) -> Tensor:
+        """The first view of the batch's first video, as the spatial model sees
+        it (normalised): (1, T, C, h, w)."""
+        video = batch["video"][:1]
+        if "length" in batch:
+            video = video[:, : int(batch["length"][0])]
+        return self.model.preprocessing(video)[:, 0]
+
     @torch.no_grad()
     def token_map_frames(self, batch: Batch, max_steps: int = 16) -> Tensor | None:
         """The first frame of each tubelet step that :meth:`token_update_maps`
         shows, as the spatial model sees it: (steps, 3, h, w) in [0, 1]."""
         if not isinstance(batch, Mapping) or self.r is None:
             return None
-        video = batch["video"][:1]
-        if "length" in batch:
-            video = video[:, : int(batch["length"][0])]
         pre = self.model.preprocessing
-        view = pre(video)[0, 0]  # (T, C, h, w), normalised
+        view = self._first_view(batch)[0]  # (T, C, h, w), normalised
         step = self.model.embedding.tubelet[0]
         return (view[: step * max_steps : step] * pre.std + pre.mean).clamp(0, 1)
 
@@ -288,13 +293,7 @@ class ViViTFineTuning(EventfulEvalModule):
         if not isinstance(batch, Mapping) or self.r is None:
             return {}
         self.set_setting(EvalSetting("own"))
-        try:
-            video = batch["video"][:1]
-            if "length" in batch:
-                video = video[:, : int(batch["length"][0])]
-            view = self.model.preprocessing(video)[:, 0]  # (1, T, C, h, w)
-            with record_token_updates(self.model.spatial) as records:
-                self.model.spatial_forward(view[:, : self.model.embedding.tubelet[0] * max_steps])
-            return update_maps(records, self.model.spatial.input_size, offset=1)
-        finally:
-            self.set_setting(EvalSetting("own"))
+        view = self._first_view(batch)
+        with record_token_updates(self.model.spatial) as records:
+            self.model.spatial_forward(view[:, : self.model.embedding.tubelet[0] * max_steps])
+        return update_maps(records, self.model.spatial.input_size, offset=1)
