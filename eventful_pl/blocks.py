@@ -337,8 +337,7 @@ class TokenwiseEventfulBlock(Block):
             h = self.norm1(h)
         else:
             h, index = self.qkv_gate(self.norm1(x))
-        qkv = self.qkv_buffer(self.linear(self.qkv, h), index)
-        y = self.eventful_attention(qkv, index)
+        y = self.attention_branch(self.linear(self.qkv, h), index)
 
         h, index = self.proj_gate(y)
         x = self.add(x, self.proj_buffer(self.linear(self.proj, h), index))
@@ -350,6 +349,13 @@ class TokenwiseEventfulBlock(Block):
             h, index = self.mlp_gate(self.norm2(x))
         # x is this call's own tensor (the first residual made it): add in place.
         return self.add(x, self.mlp_buffer(self.mlp(h), index), inplace=True)
+
+    def attention_branch(self, qkv: Tensor, index: Tensor | None) -> Tensor:
+        """qkv of the gated tokens (B, k, 3D) and their index -> attention (B, N, D).
+
+        Buffers the qkv of every token, then attends over the buffer.
+        """
+        return self.eventful_attention(self.qkv_buffer(qkv, index), index)
 
     def eventful_attention(self, qkv: Tensor, index: Tensor | None) -> Tensor:
         """Attention over the buffered qkv (B, N, 3D) -> (B, N, D); dense here."""
@@ -459,6 +465,9 @@ class EventfulBlock(QueryKeyEventfulBlock):
     #: Smallest softmax mass a row may keep outside the replaced columns
     #: before its normaliser is recomputed exactly.
     min_kept_mass: float = 1e-3
+    #: Largest change of a row's log-normaliser in one frame handled
+    #: incrementally (exponentials relative to the old normaliser stay in range).
+    max_log_shift: float = 60.0
 
     def __init__(self, dim: int, heads: int, **kwargs) -> None:
         super().__init__(dim, heads, **kwargs)
@@ -491,13 +500,29 @@ class EventfulBlock(QueryKeyEventfulBlock):
             self.rel_pos.add_to(logits, rel_h, rel_w, counted=counted)
         return logits
 
+    def attention_branch(self, qkv: Tensor, index: Tensor | None) -> Tensor:
+        """Without pooling an incremental frame needs only the updated tokens'
+        q, k and v (the block keeps its own query, key and value state), so qkv
+        (B, r, 3D) is used as is and nothing is buffered. With pooling a pooled
+        key mixes updated and unchanged tokens: the qkv of every token is buffered.
+        """
+        if self.pool_size is not None:
+            return super().attention_branch(qkv, index)
+        return self.eventful_attention(qkv, index)
+
     def eventful_attention(self, qkv: Tensor, index: Tensor | None) -> Tensor:
-        q, k, v = self.split_qkv(qkv)
+        """qkv: (B, N, 3D) on a flush; on an incremental frame the updated
+        tokens' (B, r, 3D), or every token's (B, N, 3D) with pooling -> (B, N, D)."""
         dtype = self.cast_dtype or qkv.dtype
-        if self.output is None or index is None:
-            out = self._flush(q, k, v, dtype)
+        if index is None:
+            out = self._flush(*self.split_qkv(qkv), dtype)
+        elif self.output is None:
+            raise RuntimeError(
+                f"{type(self).__name__}: its attention state was reset but not its gates; "
+                "reset whole models with eventful_pl.reset_stream_state(model)"
+            )
         else:
-            out = self._incremental(qkv, q, k, v, index, dtype)
+            out = self._incremental(qkv, index, dtype)
         return self._merge_heads(out, qkv.dtype)
 
     def _merge_heads(self, out: Tensor, dtype: torch.dtype) -> Tensor:
@@ -532,45 +557,57 @@ class EventfulBlock(QueryKeyEventfulBlock):
         self.output = self.matmul(probs, v)
         return self.output
 
-    def _incremental(
-        self, qkv: Tensor, q: Tensor, k: Tensor, v: Tensor, index: Tensor, dtype: torch.dtype
-    ) -> Tensor:
-        b, heads, n, d = q.shape
+    def _updated_qkv(
+        self, qkv: Tensor, index: Tensor, key_index: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """q (B, H, r, d), k and v (B, H, m, d) of the updated tokens, contiguous."""
+        b, r = index.shape
+        heads, d = self.heads, self.dim // self.heads
+        if self.pool_size is None:
+            # qkv holds the updated tokens' rows: one copy separates q, k and v.
+            fused = qkv.view(b, r, 3, heads, d).permute(2, 0, 3, 1, 4)
+            scratch = self.workspaces.get("qkv_new", tuple(fused.shape), qkv)
+            q_new, k_new, v_new = fused.contiguous() if scratch is None else scratch.copy_(fused)
+        else:
+            q_new = gather_tokens(qkv[..., : self.dim], index).view(b, r, heads, d).transpose(1, 2)
+            _, k, v = self.split_qkv(qkv)
+            k_new, v_new = gather_rows(k, key_index), gather_rows(v, key_index)
+            q_new = q_new.contiguous()
+        return q_new, k_new, v_new
+
+    def _incremental(self, qkv: Tensor, index: Tensor, dtype: torch.dtype) -> Tensor:
+        b, heads, n, d = self.q_scaled.shape
+        nk = self.keys.shape[2]
         key_index = index
         if self.pool_size is not None:
             key_index = pool_token_index(index, self.attention_size, self.pool_size)
-        m = key_index.shape[1]
-        # One flat row index serves every key-major state (keys, V and A references).
-        key_rows = flat_row_index(key_index, heads, k.shape[2])
-        # Only the updated queries changed: scale those rows into the scaled-query
-        # state (B, H, N, d); (B * H, d, N) view of it for the key-major products.
-        r = index.shape[1]
-        if self.pool_size is None:  # key_index == index: one gather for q, k and v
-            qkv_new = gather_tokens(qkv, index).view(b, r, 3, heads, d).permute(2, 0, 3, 1, 4)
-            q_new, k_new, v_new = qkv_new[0], qkv_new[1].contiguous(), qkv_new[2]
-        else:
-            q_new = gather_tokens(qkv[..., : self.dim], index).view(b, r, heads, d).transpose(1, 2)
-            k_new, v_new = gather_rows(k, key_index), gather_rows(v, key_index)
-        q_rows = (q_new / self.scale).contiguous()  # (B, H, r, d), scaled
+        r, m = index.shape[1], key_index.shape[1]
+        q_new, k_new, v_new = self._updated_qkv(qkv, index, key_index)
+        if self.rel_pos is not None:
+            rel_h_rows, rel_w_rows = self.rel_pos.terms_for_rows(q_new, index)
+        q_rows = q_new / self.scale if torch.is_grad_enabled() else q_new.div_(self.scale)
+        # State: only the updated queries and keys changed. One flat row index
+        # serves every key-major state (keys, V and A references).
+        key_rows = flat_row_index(key_index, heads, nk)
         scatter_rows_(self.q_scaled, index, q_rows)
-        q_scaled_t = self.q_scaled.view(b * heads, n, d).transpose(1, 2)
         k_old = gather_rows(self.keys, key_index, key_rows)
         scatter_rows_(self.keys, key_index, k_new, key_rows)
+        q_scaled_t = self.q_scaled.view(b * heads, n, d).transpose(1, 2)
 
-        # Logits of the updated query rows (all keys; the key state now equals
-        # k and is contiguous) and of the updated key columns (all queries,
-        # stored key-major (B * H, m, N)), before and after.
+        # Logits of the updated query rows (all keys; the key state now holds
+        # the new keys) and of the updated key columns (all queries, stored
+        # key-major (B * H, m, N)), before and after.
         scratch = self.workspaces
-        rows = self.matmul(
-            q_rows,
-            self.keys.transpose(-2, -1),
-            out=scratch.get("rows", (b, heads, q_rows.shape[2], k.shape[2]), q),
+        rows = scratch.get("rows", (b * heads, r, nk), q_rows)
+        rows = torch.bmm(
+            q_rows.view(b * heads, r, d), self.keys.view(b * heads, nk, d).transpose(1, 2), out=rows
         )
-        cols_new = scratch.get("cols_new", (b * heads, m, n), q)
-        cols_old = scratch.get("cols_old", (b * heads, m, n), q)
+        self.count("matmul", rows.numel() * d)
+        cols_new = scratch.get("cols_new", (b * heads, m, n), q_rows)
+        cols_old = scratch.get("cols_old", (b * heads, m, n), q_rows)
         if self.rel_pos is not None:
             kh, kw = self.rel_pos.key_size
-            rel_h_rows, rel_w_rows = self.rel_pos.terms_for_rows(q_new, index)
+            rows = rows.view(b, heads, r, nk)
             self.rel_pos.add_to(rows, rel_h_rows, rel_w_rows, counted=False)
             # Old terms of unchanged rows equal the new ones; updated rows are
             # recomputed exactly below, so one term serves both.
@@ -591,16 +628,20 @@ class EventfulBlock(QueryKeyEventfulBlock):
             cols_old = rel.baddbmm_(k_old.view(b * heads, m, d), q_scaled_t)
             # Counted as the method defines it: terms and adds over the full matrix.
             self.count("einsum", b * heads * n * (kh + kw) * d)
-            self.count("add", 2 * b * heads * n * k.shape[2])
+            self.count("add", 2 * b * heads * n * nk)
         else:
             cols_new = torch.bmm(k_new.view(b * heads, m, d), q_scaled_t, out=cols_new)
             cols_old = torch.bmm(k_old.view(b * heads, m, d), q_scaled_t, out=cols_old)
         self.count("matmul", cols_new.numel() * d)
-        cols_new = cols_new.view(b, heads, m, n)
-        cols_old = cols_old.view(b, heads, m, n)
 
-        a_new = self._update_softmax(rows, cols_old, cols_new, index, key_index).to(dtype)
-        v_new = v_new.to(dtype).contiguous()
+        a_new = self._update_softmax(
+            rows.view(b, heads, r, nk),
+            cols_old.view(b, heads, m, n),
+            cols_new.view(b, heads, m, n),
+            index,
+            key_index,
+        ).to(dtype)
+        v_new = v_new.to(dtype)
         v_new, v_delta = self.v_gate.update_selected(v_new, key_index, flat_rows=key_rows)
         a_new, a_delta = self.a_gate.update_selected(a_new, key_index, flat_rows=key_rows)
         out = self.output.view(b * heads, n, d)
@@ -624,26 +665,32 @@ class EventfulBlock(QueryKeyEventfulBlock):
         logits only; returns the new softmax columns of the updated keys (B, H, m, N).
 
         rows (B, H, r, Nk): full new rows of the updated queries. cols_old,
-        cols_new (B, H, m, N): old and new logits of the updated key columns
-        (both overwritten). Updated rows get their exact normaliser; every
-        other row's normaliser is multiplied by ``kept + added``, the mass it
-        keeps outside the old columns plus that of the new ones.
+        cols_new (B, H, m, N): old and new logits of the updated key columns.
+        All three are overwritten. Every exponential is taken relative to the
+        old normaliser of its row: an updated row's new mass is the sum of its
+        recomputed row; every other row keeps ``1 - removed`` (its mass outside
+        the old columns) and adds that of the new ones. If a row would keep
+        less than ``min_kept_mass`` or its normaliser moves by more than
+        ``max_log_shift`` (precision), the normalisers are recomputed from the
+        full logits for that frame.
         """
         b, heads, n, _ = self.q_scaled.shape
         log_norm = self.log_norm
-        removed = cols_old.sub_(log_norm.unsqueeze(-2)).exp_().sum(dim=-2)
         row_index = index.unsqueeze(1).expand(b, heads, -1)
-        log_norm.scatter_(2, row_index, logsumexp_(rows))
-        # Exact for updated rows; relative to the old normaliser for the others.
+        row_mass = rows.sub_(log_norm.gather(2, row_index).unsqueeze(-1)).exp_().sum(dim=-1)
+        removed = cols_old.sub_(log_norm.unsqueeze(-2)).exp_().sum(dim=-2)
         probs = cols_new.sub_(log_norm.unsqueeze(-2)).exp_()
         kept = removed.neg_().add_(1.0).scatter_(2, row_index, 1.0)
-        total = probs.sum(dim=-2).add_(kept).scatter_(2, row_index, 1.0)
-        if bool((kept < self.min_kept_mass).any()) or not bool(torch.isfinite(total).all()):
+        total = probs.sum(dim=-2).add_(kept).scatter_(2, row_index, row_mass)
+        log_total = total.log()
+        if bool(kept.amin() < self.min_kept_mass) or not bool(
+            log_total.abs().amax() < self.max_log_shift
+        ):
             logits = self._full_logits(self.q_scaled, self.keys, counted=False)
             log_norm.copy_(torch.logsumexp(logits, dim=-1))
             cols = logits.gather(3, expand_col_index(key_index, logits.shape))
             return cols.transpose(-1, -2).sub_(log_norm.unsqueeze(-2)).exp_().contiguous()
-        log_norm.add_(total.log())
+        log_norm.add_(log_total)
         return probs.div_(total.unsqueeze(-2))
 
 

@@ -78,7 +78,7 @@ def test_large_threshold_updates_nothing_and_reuses_cached_branches(variant):
     assert counter.counts["linear"] == 0 and counter.counts["bias"] == 0
     # The residual stream carries the new input; the branches are cached.
     torch.testing.assert_close(second - frames[1], first - frames[0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(eventful.qkv_buffer.b.shape, torch.Size([2, 36, 3 * DIM]))
+    assert eventful.mlp_buffer.b.shape == (2, 36, DIM)
 
 
 def test_large_threshold_on_unchanged_input_returns_cached_output():
