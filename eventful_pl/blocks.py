@@ -49,6 +49,7 @@ from eventful_pl.state import StreamState
 from eventful_pl.workspace import Workspaces
 
 LN_EPS = 1e-6
+LOG2E = math.log2(math.e)
 MATMUL_2_CASTS = {None: None, "float16": torch.float16, "bfloat16": torch.bfloat16}
 BlockVariant = Literal["dense", "tokenwise", "query_key", "full"]
 
@@ -549,7 +550,7 @@ class EventfulBlock(QueryKeyEventfulBlock):
             probs = (logits - self.log_norm.unsqueeze(-1)).exp().to(dtype)
             self.log_norm = self.log_norm.detach()
         else:
-            probs = logits.sub_(self.log_norm.unsqueeze(-1)).exp_().to(dtype)
+            probs = exp_shifted_(logits, self.log_norm.unsqueeze(-1)).to(dtype)
         v = v.to(dtype)
         self.keys = k.contiguous().clone()
         self.v_gate.flush(v)
@@ -677,9 +678,9 @@ class EventfulBlock(QueryKeyEventfulBlock):
         b, heads, n, _ = self.q_scaled.shape
         log_norm = self.log_norm
         row_index = index.unsqueeze(1).expand(b, heads, -1)
-        row_mass = rows.sub_(log_norm.gather(2, row_index).unsqueeze(-1)).exp_().sum(dim=-1)
-        removed = cols_old.sub_(log_norm.unsqueeze(-2)).exp_().sum(dim=-2)
-        probs = cols_new.sub_(log_norm.unsqueeze(-2)).exp_()
+        row_mass = exp_shifted_(rows, log_norm.gather(2, row_index).unsqueeze(-1)).sum(dim=-1)
+        removed = exp_shifted_(cols_old, log_norm.unsqueeze(-2)).sum(dim=-2)
+        probs = exp_shifted_(cols_new, log_norm.unsqueeze(-2))
         kept = removed.neg_().add_(1.0).scatter_(2, row_index, 1.0)
         total = probs.sum(dim=-2).add_(kept).scatter_(2, row_index, row_mass)
         log_total = total.log()
@@ -689,19 +690,21 @@ class EventfulBlock(QueryKeyEventfulBlock):
             logits = self._full_logits(self.q_scaled, self.keys, counted=False)
             log_norm.copy_(torch.logsumexp(logits, dim=-1))
             cols = logits.gather(3, expand_col_index(key_index, logits.shape))
-            return cols.transpose(-1, -2).sub_(log_norm.unsqueeze(-2)).exp_().contiguous()
+            return exp_shifted_(cols.transpose(-1, -2), log_norm.unsqueeze(-2)).contiguous()
         log_norm.add_(log_total)
         return probs.div_(total.unsqueeze(-2))
 
 
-def logsumexp_(x: Tensor) -> Tensor:
-    """``torch.logsumexp(x, dim=-1)`` computed in place in ``x`` (overwritten).
+def exp_shifted_(x: Tensor, shift: Tensor) -> Tensor:
+    """``x = exp(x - shift)`` in place (``shift`` broadcasts to ``x``); returns ``x``.
 
-    Shapes: x (..., K) -> (...). Rows whose maximum is infinite give the
-    maximum (as ``torch.logsumexp`` does).
+    With gradients off, computed as ``exp2(x log2(e) - shift log2(e))``: one
+    fused multiply-add pass and one ``exp2`` pass (on CPU ``exp2`` is about
+    3x faster than ``exp``; the results agree to a few ulp times |x - shift|).
     """
-    shift = x.amax(dim=-1, keepdim=True).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-    return x.sub_(shift).exp_().sum(dim=-1).log_().add_(shift.squeeze(-1))
+    if torch.is_grad_enabled():
+        return x.sub_(shift).exp_()
+    return torch.add(shift * -LOG2E, x, alpha=LOG2E, out=x).exp2_()
 
 
 BLOCK_VARIANTS: dict[str, type[Block]] = {

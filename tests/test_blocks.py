@@ -102,29 +102,35 @@ def test_position_caches_follow_weight_updates():
     assert not torch.allclose(before, after)
 
 
-def test_full_block_normaliser_update_matches_exact_recompute():
-    """The incremental softmax normaliser equals an exact recompute on every frame."""
+@pytest.mark.parametrize(
+    ("option", "value"), [("min_kept_mass", 2.0), ("max_log_shift", 0.0)], ids=["kept", "shift"]
+)
+def test_full_block_normaliser_update_matches_exact_recompute(option, value):
+    """The incremental softmax normaliser equals an exact recompute on every frame
+    (the exact fallback taken every frame, through either of its triggers)."""
     from eventful_pl.policies import TopRPolicy
 
     _, incremental = make_pair(
         "full", policy=TopRPolicy(6), input_size=(6, 6), relative_embedding_size=6
     )
     _, exact = make_pair("full", policy=TopRPolicy(6), input_size=(6, 6), relative_embedding_size=6)
-    exact.min_kept_mass = 2.0  # always take the exact fallback
+    setattr(exact, option, value)
     with torch.no_grad():
         for frame in video_stream(8, 2, 36, DIM, change=3.0):
             torch.testing.assert_close(incremental(frame), exact(frame), rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(incremental.log_norm, exact.log_norm, rtol=1e-5, atol=1e-5)
 
 
-def test_in_place_logsumexp_matches_torch():
-    from eventful_pl.blocks import logsumexp_
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_exp_shifted_matches_torch_exp(grad):
+    from eventful_pl.blocks import exp_shifted_
 
     x = torch.randn(2, 3, 5, 7) * 30
-    x[0, 0, 0] = float("-inf")
-    x[0, 0, 1, 2] = float("inf")
-    expected = torch.logsumexp(x, dim=-1)
-    torch.testing.assert_close(logsumexp_(x.clone()), expected)
+    shift = x.amax(dim=-1, keepdim=True) + torch.randn(2, 3, 5, 1)
+    expected = (x - shift).exp()
+    with torch.set_grad_enabled(grad):
+        got = exp_shifted_(x.clone(), shift)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-30)
 
 
 @pytest.mark.parametrize("variant", ["tokenwise"])
