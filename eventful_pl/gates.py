@@ -162,8 +162,9 @@ class DeltaGate(Counted, StreamState, nn.Module):
         return -2 if self.structure == "row" else -1
 
     def flush(self, c: Tensor, copy: bool = True) -> None:
-        """Sets the reference to ``c`` (a copy unless the caller hands it over)."""
-        self.p = c.detach().clone() if copy else c.detach()
+        """Sets the reference to ``c`` (a contiguous copy unless the caller hands
+        it over), so that incremental updates move whole rows."""
+        self.p = c.detach().clone(memory_format=torch.contiguous_format) if copy else c.detach()
 
     def forward(
         self, c: Tensor, forced_index: Tensor | None = None

@@ -5,13 +5,28 @@ An index tensor has shape (B, k): for each batch item, k token positions.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
 
+@functools.lru_cache(maxsize=64)
+def _offsets(count: int, stride: int, device: torch.device) -> Tensor:
+    """``arange(count) * stride`` (long), made once per shape and device.
+
+    Built outside inference mode so that it may be used in and out of it; never
+    modified in place.
+    """
+    with torch.inference_mode(False):
+        return torch.arange(count, device=device).mul_(stride)
+
+
 def flat_token_index(index: Tensor, num_tokens: int) -> Tensor:
     """(B, k) per-item positions -> (B * k,) positions in the flattened (B * N)."""
-    offsets = torch.arange(index.shape[0], device=index.device).mul_(num_tokens)
+    if index.shape[0] == 1:
+        return index.reshape(-1)
+    offsets = _offsets(index.shape[0], num_tokens, index.device)
     return (index + offsets.unsqueeze(1)).reshape(-1)
 
 
@@ -53,7 +68,7 @@ def expand_col_index(index: Tensor, shape: torch.Size | tuple[int, ...]) -> Tens
 def flat_row_index(index: Tensor, heads: int, rows: int) -> Tensor:
     """(B, m) rows per item -> (B * heads * m,) rows of a flattened (B, heads, rows, C)."""
     b = index.shape[0]
-    base = torch.arange(b * heads, device=index.device).view(b, heads, 1).mul_(rows)
+    base = _offsets(b * heads, rows, index.device).view(b, heads, 1)
     return (base + index.unsqueeze(1)).reshape(-1)
 
 
