@@ -352,7 +352,8 @@ class TokenwiseEventfulBlock(Block):
         return self.add(x, self.mlp_buffer(self.mlp(h), index), inplace=True)
 
     def attention_branch(self, qkv: Tensor, index: Tensor | None) -> Tensor:
-        """qkv of the gated tokens (B, k, 3D) and their index -> attention (B, N, D).
+        """qkv of the gated tokens (B, k, 3D) and their index -> attention
+        (B, N, D), or its heads (B, N, H, d) for the projection gate to read.
 
         Buffers the qkv of every token, then attends over the buffer.
         """
@@ -509,7 +510,10 @@ class EventfulBlock(QueryKeyEventfulBlock):
         """
         if self.pool_size is not None:
             return super().attention_branch(qkv, index)
-        return self.eventful_attention(qkv, index)
+        if index is None or torch.is_grad_enabled() or self.cast_dtype is not None:
+            return self.eventful_attention(qkv, index)
+        # The projection gate reads the heads in place: (B, N, H, d), no merged copy.
+        return self._incremental(qkv, index, qkv.dtype).transpose(1, 2)
 
     def eventful_attention(self, qkv: Tensor, index: Tensor | None) -> Tensor:
         """qkv: (B, N, 3D) on a flush; on an incremental frame the updated
@@ -517,11 +521,6 @@ class EventfulBlock(QueryKeyEventfulBlock):
         dtype = self.cast_dtype or qkv.dtype
         if index is None:
             out = self._flush(*self.split_qkv(qkv), dtype)
-        elif self.output is None:
-            raise RuntimeError(
-                f"{type(self).__name__}: its attention state was reset but not its gates; "
-                "reset whole models with eventful_pl.reset_stream_state(model)"
-            )
         else:
             out = self._incremental(qkv, index, dtype)
         return self._merge_heads(out, qkv.dtype)
@@ -577,6 +576,12 @@ class EventfulBlock(QueryKeyEventfulBlock):
         return q_new, k_new, v_new
 
     def _incremental(self, qkv: Tensor, index: Tensor, dtype: torch.dtype) -> Tensor:
+        """Updates the cached output (B, H, N, d) from the updated tokens' qkv; returns it."""
+        if self.output is None:
+            raise RuntimeError(
+                f"{type(self).__name__}: its attention state was reset but not its gates; "
+                "reset whole models with eventful_pl.reset_stream_state(model)"
+            )
         b, heads, n, d = self.q_scaled.shape
         nk = self.keys.shape[2]
         key_index = index

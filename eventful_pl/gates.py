@@ -44,6 +44,10 @@ class TokenGate(Counted, StreamState, nn.Module):
     the L2 norms of ``e``, returns ``(c[idx] (B, k, D), idx)`` and writes
     ``p[idx] = c[idx]``.
 
+    ``c`` is (B, N, D), or (B, N, G, C) with ``G * C = D`` (channels in
+    groups, e.g. attention heads, possibly a strided view): the groups are
+    read in place, never merged into a (B, N, D) copy.
+
     Args:
         policy: Token selection policy (may be set later).
     """
@@ -60,19 +64,29 @@ class TokenGate(Counted, StreamState, nn.Module):
 
     def error_norms(self, c: Tensor) -> Tensor:
         """L2 norms (B, N) of ``c - p``, computed in a reused workspace."""
-        if self._error is None or self._error.shape != c.shape or self._error.dtype != c.dtype:
+        if self._error is None or self._error.shape != self.p.shape or self._error.dtype != c.dtype:
             self._error = torch.empty_like(self.p)
         # Selection only: no gradient flows through the error norms.
-        return torch.sub(c.detach(), self.p, out=self._error).norm(dim=-1)
+        torch.sub(c.detach(), self.p.view(c.shape), out=self._error.view(c.shape))
+        return self._error.norm(dim=-1)
+
+    def flush(self, c: Tensor) -> Tensor:
+        """Sets the reference to a (B, N, D) copy of ``c``; returns ``c`` as (B, N, D)."""
+        tokens = c.flatten(2)
+        self.p = tokens.detach().clone(memory_format=torch.contiguous_format)
+        return tokens
+
+    def select(self, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Index (B, k) of the tokens to update, their flat index and values (B, k, D)."""
+        index = _require_policy(self.policy, self).select(self.error_norms(c))
+        flat = flat_token_index(index, c.shape[1])
+        return index, flat, gather_tokens(c, index, flat).flatten(2)
 
     def forward(self, c: Tensor) -> tuple[Tensor, Tensor | None]:
         if self.p is None:
-            self.p = c.detach().clone()
-            return c, None
+            return self.flush(c), None
         self.count("gate", self.p.numel())
-        index = _require_policy(self.policy, self).select(self.error_norms(c))
-        flat = flat_token_index(index, c.shape[1])
-        c_sel = gather_tokens(c, index, flat)
+        index, flat, c_sel = self.select(c)
         scatter_tokens_(self.p, index, c_sel.detach(), flat)
         return c_sel, index
 
@@ -85,12 +99,11 @@ class STGTGate(TokenGate):
 
     def forward(self, c: Tensor) -> tuple[Tensor, Tensor | None]:
         if self.p is None:
-            self.p = c.detach().clone()
-            return c, None
-        self.count("gate", c.numel())
-        index = _require_policy(self.policy, self).select(self.error_norms(c))
-        self.p.copy_(c.detach())
-        return gather_tokens(c, index), index
+            return self.flush(c), None
+        self.count("gate", self.p.numel())
+        index, _, c_sel = self.select(c)
+        self.p.view(c.shape).copy_(c.detach())
+        return c_sel, index
 
 
 class TokenBuffer(Counted, StreamState, nn.Module):

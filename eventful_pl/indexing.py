@@ -31,14 +31,20 @@ def flat_token_index(index: Tensor, num_tokens: int) -> Tensor:
 
 
 def gather_tokens(x: Tensor, index: Tensor, flat: Tensor | None = None) -> Tensor:
-    """Selects tokens per item: x (B, N, D), index (B, k) -> (B, k, D).
+    """Selects tokens per item: x (B, N, ...), index (B, k) -> (B, k, ...), contiguous.
 
+    ``x`` may be a strided view (e.g. (B, N, heads, d) transposed from
+    (B, heads, N, d)): whole tokens are copied without a copy of ``x``.
     ``flat``: ``flat_token_index(index, N)`` if the caller already has it.
     """
-    b, n, d = x.shape
-    if flat is None:
-        flat = flat_token_index(index, n)
-    return x.reshape(b * n, d).index_select(0, flat).view(b, index.shape[1], d)
+    b, n = x.shape[:2]
+    rest = x.shape[2:]
+    if b == 1 or x.stride(0) == n * x.stride(1):
+        if flat is None:
+            flat = flat_token_index(index, n)
+        return x.view(b * n, *rest).index_select(0, flat).view(b, index.shape[1], *rest)
+    items = torch.arange(b, device=x.device).unsqueeze(1)
+    return x[items, index]
 
 
 def scatter_tokens_(dst: Tensor, index: Tensor, src: Tensor, flat: Tensor | None = None) -> Tensor:

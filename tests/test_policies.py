@@ -148,3 +148,24 @@ def test_stgt_gate_reference_is_the_previous_frame():
     assert gate(frames[1])[1].tolist() == [[0]]
     torch.testing.assert_close(gate.p, frames[1])  # every token, not only the selected
     assert gate(frames[2])[1].tolist() == [[1]]  # small change vs the previous frame
+
+
+@pytest.mark.parametrize("gate_name", ["TokenGate", "STGTGate"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_token_gate_reads_grouped_channels_in_place(gate_name, batch):
+    """Heads (B, N, H, d) as a strided view of (B, H, N, d) gate exactly like (B, N, H * d)."""
+    from eventful_pl import gates
+
+    heads, n, d = 4, 9, 5
+    grouped, merged = (getattr(gates, gate_name)(TopRPolicy(3)) for _ in range(2))
+    for t in range(4):
+        frame = torch.randn(batch, heads, n, d, generator=torch.Generator().manual_seed(t))
+        view = frame.transpose(1, 2)  # (B, N, H, d), not contiguous
+        got, got_index = grouped(view)
+        want, want_index = merged(view.reshape(batch, n, heads * d))
+        assert got.shape == want.shape == (batch, n if t == 0 else 3, heads * d)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        if t:
+            assert torch.equal(got_index, want_index)
+        torch.testing.assert_close(grouped.p, merged.p, rtol=0, atol=0)
+        assert grouped.p.is_contiguous()
