@@ -170,10 +170,10 @@ class ViTBackbone(Counted, nn.Module):
             )
         if self.class_token is not None:
             x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)
-        x = self.position_encoding(x)
+        x = self.position_encoding(x)  # a new tensor, which the blocks update in place
         block: Block
         for block in self.blocks:
-            x = block(x)
+            x = block(x, owns_input=True)
         if self.norm is not None:
             x = self.norm(x)
         return x

@@ -221,11 +221,14 @@ class Block(Counted, nn.Module):
                     f"got N={x.shape[1]}"
                 )
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, owns_input: bool = False) -> Tensor:
+        """x (B, N, D) -> (B, N, D). ``owns_input``: the caller hands ``x`` over
+        (with gradients off the residual is then added into it, no new tensor)."""
         self.check_tokens(x)
         y, kept = self.attend(self.linear(self.qkv, self.norm1(x)))
         skip = x if kept is None else gather_tokens(x, kept)
-        x = self.add(skip, drop_path(self.linear(self.proj, y), self.drop_path_rate, self.training))
+        branch = drop_path(self.linear(self.proj, y), self.drop_path_rate, self.training)
+        x = self.add(skip, branch, inplace=owns_input or kept is not None)
         # x is this call's own tensor (the first residual made it): add in place.
         mlp = drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, self.training)
         return self.add(x, mlp, inplace=True)
@@ -331,7 +334,7 @@ class TokenwiseEventfulBlock(Block):
         for gate in (self.qkv_gate, self.proj_gate, self.mlp_gate):
             gate.policy = policy
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, owns_input: bool = False) -> Tensor:
         self.check_tokens(x)
         if self.gate_before_ln:
             h, index = self.qkv_gate(x)
@@ -341,7 +344,7 @@ class TokenwiseEventfulBlock(Block):
         y = self.attention_branch(self.linear(self.qkv, h), index)
 
         h, index = self.proj_gate(y)
-        x = self.add(x, self.proj_buffer(self.linear(self.proj, h), index))
+        x = self.add(x, self.proj_buffer(self.linear(self.proj, h), index), inplace=owns_input)
 
         if self.gate_before_ln:
             h, index = self.mlp_gate(x)

@@ -177,3 +177,29 @@ def test_flush_frame_gradients_equal_the_dense_block(variant, options):
             assert (got - want).norm() < 1e-2 * want.norm()
         else:
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["dense", "tokenwise", "full"])
+def test_owned_input_is_updated_in_place_and_callers_tensors_are_not(variant):
+    """``owns_input=True`` adds the residuals into the input (no new tensor); the
+    backbone hands its blocks its own tensor, so a caller's patch tokens stay intact."""
+    from eventful_pl.backbone import ViTBackbone
+
+    _, block = make_pair(variant, policy=TopRPolicy(5), input_size=(4, 4))
+    _, twin = make_pair(variant, policy=TopRPolicy(5), input_size=(4, 4))
+    twin.load_state_dict(block.state_dict())
+    with torch.no_grad():
+        for frame in video_stream(3, 2, 16, DIM):
+            owned = frame.clone()
+            out = block(owned, owns_input=True)
+            assert out.data_ptr() == owned.data_ptr()
+            torch.testing.assert_close(out, twin(frame), rtol=0, atol=0)
+
+    backbone = ViTBackbone(
+        dim=DIM, depth=2, heads=HEADS, input_size=4, block_variant=variant, policy=TopRPolicy(5)
+    ).eval()
+    with torch.no_grad():
+        for frame in video_stream(3, 2, 16, DIM):
+            kept = frame.clone()
+            backbone(frame)
+            assert torch.equal(frame, kept)
