@@ -18,7 +18,7 @@ Shapes: tokens (B, N, D); a batch is B independent streams.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -687,8 +687,11 @@ class EventfulBlock(QueryKeyEventfulBlock):
         log_norm = self.log_norm
         row_index = index.unsqueeze(1).expand(b, heads, -1)
         row_mass = exp_shifted_(rows, log_norm.gather(2, row_index).unsqueeze(-1)).sum(dim=-1)
-        removed = exp_shifted_(cols_old, log_norm.unsqueeze(-2)).sum(dim=-2)
-        probs = exp_shifted_(cols_new, log_norm.unsqueeze(-2))
+        shift = log_norm.unsqueeze(-2)
+        if not torch.is_grad_enabled():  # scaled once for both (see exp_shifted_)
+            shift = ScaledShift(shift.mul(-LOG2E))
+        removed = exp_shifted_(cols_old, shift).sum(dim=-2)
+        probs = exp_shifted_(cols_new, shift)
         kept = removed.neg_().add_(1.0).scatter_(2, row_index, 1.0)
         total = probs.sum(dim=-2).add_(kept).scatter_(2, row_index, row_mass)
         log_total = total.log()
@@ -700,16 +703,25 @@ class EventfulBlock(QueryKeyEventfulBlock):
             cols = logits.gather(3, expand_col_index(key_index, logits.shape))
             return exp_shifted_(cols.transpose(-1, -2), log_norm.unsqueeze(-2)).contiguous()
         log_norm.add_(log_total)
-        return probs.div_(total.unsqueeze(-2))
+        return probs.mul_(total.reciprocal_().unsqueeze(-2))
 
 
-def exp_shifted_(x: Tensor, shift: Tensor) -> Tensor:
+class ScaledShift(NamedTuple):
+    """A shift for :func:`exp_shifted_`, already multiplied by ``-log2(e)``."""
+
+    neg_log2: Tensor
+
+
+def exp_shifted_(x: Tensor, shift: Tensor | ScaledShift) -> Tensor:
     """``x = exp(x - shift)`` in place (``shift`` broadcasts to ``x``); returns ``x``.
 
     With gradients off, computed as ``exp2(x log2(e) - shift log2(e))``: one
     fused multiply-add pass and one ``exp2`` pass (on CPU ``exp2`` is about
     3x faster than ``exp``; the results agree to a few ulp times |x - shift|).
+    A :class:`ScaledShift` (gradients off only) skips scaling a shared shift again.
     """
+    if isinstance(shift, ScaledShift):
+        return torch.add(shift.neg_log2, x, alpha=LOG2E, out=x).exp2_()
     if torch.is_grad_enabled():
         return x.sub_(shift).exp_()
     return torch.add(shift * -LOG2E, x, alpha=LOG2E, out=x).exp2_()
