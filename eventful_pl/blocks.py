@@ -717,7 +717,9 @@ def exp_shifted_(x: Tensor, shift: Tensor | ScaledShift) -> Tensor:
 
     With gradients off, computed as ``exp2(x log2(e) - shift log2(e))``: one
     fused multiply-add pass and one ``exp2`` pass (on CPU ``exp2`` is about
-    3x faster than ``exp``; the results agree to a few ulp times |x - shift|).
+    3x faster than ``exp``; the results agree to a few ulp times |x - shift|,
+    and may differ in the last ulp with the tensor's size, e.g. between a
+    stream run alone and in a batch).
     A :class:`ScaledShift` (gradients off only) skips scaling a shared shift again.
     """
     if isinstance(shift, ScaledShift):

@@ -243,8 +243,13 @@ def test_cache_and_video_training_give_the_same_model(tmp_path, root):
         trainer(tmp_path, max_epochs=2, limit_val_batches=0).fit(lit, datamodule(root, cache))
         results.append({k: v.clone() for k, v in lit.model.state_dict().items()})
     assert any((tmp_path / "cache").rglob("*.pt"))  # the cache was written
+    # Features of a video alone (cache) and in a batch agree to float rounding
+    # (the CPU exp2 kernel rounds the last elements of a tensor differently).
+    # Softmax ignores the key bias, so its gradient is that rounding alone, which
+    # AdamW scales up to lr-sized steps: its tolerance is larger.
     for key, value in results[0].items():
-        torch.testing.assert_close(results[1][key], value, rtol=1e-4, atol=1e-5, msg=key)
+        atol = 1e-4 if key.endswith("qkv.bias") else 1e-5
+        torch.testing.assert_close(results[1][key], value, rtol=1e-4, atol=atol, msg=key)
     # Training changed the temporal model and classifier only.
     fresh = module(dropout=0.0).model.state_dict()
     assert not torch.equal(fresh["classifier.weight"], results[0]["classifier.weight"])
