@@ -107,7 +107,7 @@ class Result:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=list(CASES))
-    parser.add_argument("--frames", type=int, default=9, help="timed incremental frames")
+    parser.add_argument("--frames", type=int, default=15, help="timed incremental frames")
     parser.add_argument(
         "--warmup", type=int, default=2, help="untimed incremental frames after the flush"
     )

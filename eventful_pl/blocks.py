@@ -455,10 +455,13 @@ class EventfulBlock(QueryKeyEventfulBlock):
 
     Only the m selected key columns of A are ever formed on an incremental
     frame, never the whole matrix, its logits or its error. State: the row
-    log-normalisers of the softmax (B, H, N), the keys they were computed
-    with, per-query relative-position terms, the gate references (A stored
-    key-major, (B, H, Nk, N), so key columns are contiguous rows) and the
-    output (B, H, N, d). Updated query rows get an exact normaliser from their
+    log-normalisers of the softmax (B, H, N), the scaled queries and the keys
+    they were computed with, per-query relative-position terms, the gate
+    references (A stored key-major, (B, H, Nk, N), so key columns are
+    contiguous rows) and the output (B, H, N, d). Without pooling that is all
+    an incremental frame needs from the updated tokens' q, k and v, so there
+    is no qkv buffer; the projection gate reads the output heads in place.
+    Updated query rows get an exact normaliser from their
     recomputed row; every other row's normaliser is updated from the old and
     new logits of the updated columns only (its query is unchanged, so only
     those logits moved). If that update would lose precision (the replaced
