@@ -689,18 +689,22 @@ class EventfulBlock(QueryKeyEventfulBlock):
         b, heads, n, _ = self.q_scaled.shape
         log_norm = self.log_norm
         row_index = index.unsqueeze(1).expand(b, heads, -1)
-        row_mass = exp_shifted_(rows, log_norm.gather(2, row_index).unsqueeze(-1)).sum(dim=-1)
-        shift = log_norm.unsqueeze(-2)
-        if not torch.is_grad_enabled():  # scaled once for both (see exp_shifted_)
-            shift = ScaledShift(shift.mul(-LOG2E))
+        if torch.is_grad_enabled():
+            shift, row_shift = log_norm.unsqueeze(-2), log_norm.gather(2, row_index)
+        else:  # scaled once for all three (see exp_shifted_)
+            scaled = log_norm.mul(-LOG2E)
+            shift = ScaledShift(scaled.unsqueeze(-2))
+            row_shift = ScaledShift(scaled.gather(2, row_index))
+        row_mass = exp_shifted_(rows, row_shift.unsqueeze(-1)).sum(dim=-1)
         removed = exp_shifted_(cols_old, shift).sum(dim=-2)
         probs = exp_shifted_(cols_new, shift)
-        kept = removed.neg_().add_(1.0).scatter_(2, row_index, 1.0)
+        kept = torch.rsub(removed, 1.0).scatter_(2, row_index, 1.0)
         total = probs.sum(dim=-2).add_(kept).scatter_(2, row_index, row_mass)
         log_total = total.log()
-        if bool(kept.amin() < self.min_kept_mass) or not bool(
-            log_total.abs().amax() < self.max_log_shift
-        ):
+        # One sync for the checks; NaN fails every comparison.
+        least_kept, low, high = torch.stack((kept.amin(), *torch.aminmax(log_total))).tolist()
+        limit = self.max_log_shift
+        if not (least_kept >= self.min_kept_mass and -limit < low and high < limit):
             logits = self._full_logits(self.q_scaled, self.keys, counted=False)
             log_norm.copy_(torch.logsumexp(logits, dim=-1))
             cols = logits.gather(3, expand_col_index(key_index, logits.shape))
@@ -713,6 +717,9 @@ class ScaledShift(NamedTuple):
     """A shift for :func:`exp_shifted_`, already multiplied by ``-log2(e)``."""
 
     neg_log2: Tensor
+
+    def unsqueeze(self, dim: int) -> ScaledShift:
+        return ScaledShift(self.neg_log2.unsqueeze(dim))
 
 
 def exp_shifted_(x: Tensor, shift: Tensor | ScaledShift) -> Tensor:
