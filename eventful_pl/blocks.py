@@ -467,6 +467,11 @@ class EventfulBlock(QueryKeyEventfulBlock):
     those logits moved). If that update would lose precision (the replaced
     columns held nearly all of a row's mass), the normalisers are recomputed
     from the full logits for that frame.
+
+    State is updated in place, so incremental frames run under autograd but
+    cannot be backpropagated (flush frames train like the dense block; the
+    ``tokenwise`` and ``query_key`` variants backpropagate through incremental
+    frames too). Run streams under ``torch.no_grad()``, which is also faster.
     """
 
     variant: BlockVariant = "full"

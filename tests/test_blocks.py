@@ -133,7 +133,7 @@ def test_exp_shifted_matches_torch_exp(grad):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-30)
 
 
-@pytest.mark.parametrize("variant", ["tokenwise"])
+@pytest.mark.parametrize("variant", ["tokenwise", "query_key"])
 def test_eventful_blocks_run_under_autograd(variant):
     """Inputs and weights that require grad: incremental frames run and backpropagate."""
     from eventful_pl.backbone import ViTBackbone
