@@ -461,12 +461,14 @@ class EventfulBlock(QueryKeyEventfulBlock):
     contiguous rows) and the output (B, H, N, d). Without pooling that is all
     an incremental frame needs from the updated tokens' q, k and v, so there
     is no qkv buffer; the projection gate reads the output heads in place.
-    Updated query rows get an exact normaliser from their
-    recomputed row; every other row's normaliser is updated from the old and
-    new logits of the updated columns only (its query is unchanged, so only
-    those logits moved). If that update would lose precision (the replaced
-    columns held nearly all of a row's mass), the normalisers are recomputed
-    from the full logits for that frame.
+
+    Updated query rows get an exact normaliser from their recomputed row;
+    every other row's normaliser is updated from the old and new logits of
+    the updated columns only (its query is unchanged, so only those logits
+    moved). If that update would lose precision (the replaced columns held
+    nearly all of a row's mass, or a normaliser moved by more than
+    ``max_log_shift``), the normalisers are recomputed from the full logits
+    for that frame.
 
     State is updated in place, so incremental frames run under autograd but
     cannot be backpropagated (flush frames train like the dense block; the
