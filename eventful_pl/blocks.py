@@ -18,7 +18,7 @@ Shapes: tokens (B, N, D); a batch is B independent streams.
 from __future__ import annotations
 
 import math
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -617,11 +617,11 @@ class EventfulBlock(QueryKeyEventfulBlock):
         # the new keys) and of the updated key columns (all queries, stored
         # key-major (B * H, m, N)), before and after.
         scratch = self.workspaces
-        rows = scratch.get("rows", (b * heads, r, nk), q_rows)
-        rows = torch.bmm(
-            q_rows.view(b * heads, r, d), self.keys.view(b * heads, nk, d).transpose(1, 2), out=rows
+        rows = self.matmul(
+            q_rows.view(b * heads, r, d),
+            self.keys.view(b * heads, nk, d).transpose(1, 2),
+            out=scratch.get("rows", (b * heads, r, nk), q_rows),
         )
-        self.count("matmul", rows.numel() * d)
         cols_new = scratch.get("cols_new", (b * heads, m, n), q_rows)
         cols_old = scratch.get("cols_old", (b * heads, m, n), q_rows)
         if self.rel_pos is not None:
@@ -696,15 +696,9 @@ class EventfulBlock(QueryKeyEventfulBlock):
         b, heads, n, _ = self.q_scaled.shape
         log_norm = self.log_norm
         row_index = index.unsqueeze(1).expand(b, heads, -1)
-        if torch.is_grad_enabled():
-            shift, row_shift = log_norm.unsqueeze(-2), log_norm.gather(2, row_index)
-        else:  # scaled once for all three (see exp_shifted_)
-            scaled = log_norm.mul(-LOG2E)
-            shift = ScaledShift(scaled.unsqueeze(-2))
-            row_shift = ScaledShift(scaled.gather(2, row_index))
-        row_mass = exp_shifted_(rows, row_shift.unsqueeze(-1)).sum(dim=-1)
-        removed = exp_shifted_(cols_old, shift).sum(dim=-2)
-        probs = exp_shifted_(cols_new, shift)
+        row_mass = exp_shifted_(rows, log_norm.gather(2, row_index).unsqueeze(-1)).sum(dim=-1)
+        removed = exp_shifted_(cols_old, log_norm.unsqueeze(-2)).sum(dim=-2)
+        probs = exp_shifted_(cols_new, log_norm.unsqueeze(-2))
         kept = torch.rsub(removed, 1.0).scatter_(2, row_index, 1.0)
         total = probs.sum(dim=-2).add_(kept).scatter_(2, row_index, row_mass)
         log_total = total.log()
@@ -720,16 +714,7 @@ class EventfulBlock(QueryKeyEventfulBlock):
         return probs.mul_(total.reciprocal_().unsqueeze(-2))
 
 
-class ScaledShift(NamedTuple):
-    """A shift for :func:`exp_shifted_`, already multiplied by ``-log2(e)``."""
-
-    neg_log2: Tensor
-
-    def unsqueeze(self, dim: int) -> ScaledShift:
-        return ScaledShift(self.neg_log2.unsqueeze(dim))
-
-
-def exp_shifted_(x: Tensor, shift: Tensor | ScaledShift) -> Tensor:
+def exp_shifted_(x: Tensor, shift: Tensor) -> Tensor:
     """``x = exp(x - shift)`` in place (``shift`` broadcasts to ``x``); returns ``x``.
 
     With gradients off, computed as ``exp2(x log2(e) - shift log2(e))``: one
@@ -737,10 +722,7 @@ def exp_shifted_(x: Tensor, shift: Tensor | ScaledShift) -> Tensor:
     3x faster than ``exp``; the results agree to a few ulp times |x - shift|,
     and may differ in the last ulp with the tensor's size, e.g. between a
     stream run alone and in a batch).
-    A :class:`ScaledShift` (gradients off only) skips scaling a shared shift again.
     """
-    if isinstance(shift, ScaledShift):
-        return torch.add(shift.neg_log2, x, alpha=LOG2E, out=x).exp2_()
     if torch.is_grad_enabled():
         return x.sub_(shift).exp_()
     return torch.add(shift * -LOG2E, x, alpha=LOG2E, out=x).exp2_()

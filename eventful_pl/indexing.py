@@ -43,8 +43,7 @@ def gather_tokens(x: Tensor, index: Tensor, flat: Tensor | None = None) -> Tenso
         if flat is None:
             flat = flat_token_index(index, n)
         return x.view(b * n, *rest).index_select(0, flat).view(b, index.shape[1], *rest)
-    items = torch.arange(b, device=x.device).unsqueeze(1)
-    return x[items, index]
+    return x[_offsets(b, 1, x.device).unsqueeze(1), index]
 
 
 def scatter_tokens_(dst: Tensor, index: Tensor, src: Tensor, flat: Tensor | None = None) -> Tensor:
