@@ -84,6 +84,11 @@ def run_script(script: str, *args: str, timeout: int = 500) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+#: Clip data-module options of the tests: small batches and crops, loading in
+#: the test process, no random flips, two probe workers.
+SMALL_CLIPS = dict(batch_size=4, num_workers=0, crop_size=32, flip_prob=0.0, probe_workers=2)
+
+
 def quiet_trainer_options(root) -> dict:
     """Trainer options of the Lightning tests: one CPU process, no checkpoints,
     progress bar, model summary or sanity check, files under ``root``."""

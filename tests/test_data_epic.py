@@ -13,6 +13,7 @@ from datamodules.common import DataFormatError
 from datamodules.epic_kitchens import EpicKitchensDataModule, parse_timestamp, read_segments
 from datamodules.synthetic_video import EPIC_COLUMNS, make_epic_kitchens
 from datamodules.video import probe_video, read_frames
+from tests.helpers import SMALL_CLIPS
 
 
 @pytest.fixture(scope="module", params=["participant", "flat"])
@@ -25,16 +26,7 @@ def data(request, tmp_path_factory):
 
 
 def module(data, **kwargs) -> EpicKitchensDataModule:
-    options = dict(
-        batch_size=4,
-        num_workers=0,
-        frames=6,
-        stride=2,
-        crop_size=32,
-        flip_prob=0.0,
-        eval_short_side=0,
-        probe_workers=2,
-    )
+    options = dict(SMALL_CLIPS, frames=6, stride=2, eval_short_side=0)
     return EpicKitchensDataModule(str(data.root), **{**options, **kwargs})
 
 

@@ -15,6 +15,7 @@ from datamodules.kinetics import KineticsDataModule, read_annotations
 from datamodules.synthetic_video import make_kinetics
 from datamodules.video import read_frames
 from eventful_pl.models.vivit import ViViTPreprocessing, create_vivit
+from tests.helpers import SMALL_CLIPS
 
 # Unsorted on purpose: label index = position in the sorted names.
 NAMES = ("zoom down", "apple left", "moving right", "Kite up")
@@ -30,15 +31,7 @@ def data(tmp_path_factory):
 
 
 def module(data, **kwargs) -> KineticsDataModule:
-    options = dict(
-        batch_size=4,
-        num_workers=0,
-        frames=6,
-        stride=2,
-        crop_size=32,
-        flip_prob=0.0,
-        probe_workers=2,
-    )
+    options = dict(SMALL_CLIPS, frames=6, stride=2)
     return KineticsDataModule(str(data.root), **{**options, **kwargs})
 
 

@@ -510,6 +510,7 @@ import torch
 
 sys.path.insert(0, {repo!r})
 from datamodules.synthetic_detection import write_synthetic_vid  # noqa: E402
+from tests.helpers import quiet_trainer_options  # noqa: E402
 from tests.test_lightning_vitdet import datamodule, make_detecting, module  # noqa: E402
 
 
@@ -521,15 +522,10 @@ def main(devices: int, out: str) -> None:
     lit = module(variant="eventful", r=32, eval_r=[64, 16], warmup_steps=2)
     make_detecting(lit.model)
     trainer = L.Trainer(
-        accelerator="cpu",
-        devices=devices,
+        **{{**quiet_trainer_options(out), "devices": devices}},
         strategy="ddp_spawn" if devices > 1 else "auto",
         max_epochs=1,
         limit_train_batches=2,
-        num_sanity_val_steps=0,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
         logger=False,
     )
     dm = datamodule(data)

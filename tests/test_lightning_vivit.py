@@ -33,7 +33,7 @@ from eventful_pl.gflops import count_vivit
 from eventful_pl.lightning.callbacks import GFlopsCallback, TokenUpdateMapCallback
 from eventful_pl.lightning.vivit_module import ViViTFineTuning
 from eventful_pl.policies import TopRPolicy
-from tests.helpers import print_config, quiet_trainer_options, run_script
+from tests.helpers import SMALL_CLIPS, print_config, quiet_trainer_options, run_script
 
 TOKENS = 16  # 4 x 4 grid
 MODEL = "eventful_pl.lightning.vivit_module.ViViTFineTuning"
@@ -59,15 +59,7 @@ def module(**kwargs) -> ViViTFineTuning:
 
 
 def videos(root: Path, **kwargs) -> KineticsDataModule:
-    options = dict(
-        batch_size=4,
-        eval_batch_size=4,
-        num_workers=0,
-        crop_size=32,
-        eval_short_side=32,
-        flip_prob=0.0,
-        probe_workers=2,
-    )
+    options = dict(SMALL_CLIPS, eval_batch_size=4, eval_short_side=32)
     return KineticsDataModule(str(root), **{**options, **kwargs})
 
 
@@ -368,6 +360,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 sys.path.insert(0, {repo!r})
 from eventful_pl.lightning.callbacks import GFlopsCallback  # noqa: E402
+from tests.helpers import quiet_trainer_options  # noqa: E402
 from tests.test_lightning_vivit import datamodule, module  # noqa: E402
 
 
@@ -377,14 +370,9 @@ def main(devices: int, out: str) -> None:
     dm = datamodule({root!r}, out + "/cache")  # each run writes its own cache (by rank)
     dm.batch_size = 4 // devices
     trainer = L.Trainer(
-        accelerator="cpu",
-        devices=devices,
+        **{{**quiet_trainer_options(out), "devices": devices}},
         strategy="ddp_spawn" if devices > 1 else "auto",
         max_epochs=2,
-        num_sanity_val_steps=0,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
         logger=CSVLogger(out, name="run"),
         callbacks=[GFlopsCallback(print_table=False)],
     )
