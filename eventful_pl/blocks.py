@@ -340,7 +340,7 @@ class TokenwiseEventfulBlock(Block):
             h, index = self.qkv_gate(x)
             h = self.norm1(h)
         else:
-            h, index = self.qkv_gate(self.norm1(x))
+            h, index = self.qkv_gate.forward_normalized(x, self.norm1)
         y = self.attention_branch(self.linear(self.qkv, h), index)
 
         h, index = self.proj_gate(y)
@@ -350,7 +350,7 @@ class TokenwiseEventfulBlock(Block):
             h, index = self.mlp_gate(x)
             h = self.norm2(h)
         else:
-            h, index = self.mlp_gate(self.norm2(x))
+            h, index = self.mlp_gate.forward_normalized(x, self.norm2)
         # x is this call's own tensor (the first residual made it): add in place.
         return self.add(x, self.mlp_buffer(self.mlp(h), index), inplace=True)
 

@@ -12,6 +12,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from eventful_pl import kernels
 from eventful_pl.counting import Counted
 from eventful_pl.indexing import (
     expand_col_index,
@@ -63,7 +64,10 @@ class TokenGate(Counted, StreamState, nn.Module):
         self._error = None
 
     def error_norms(self, c: Tensor) -> Tensor:
-        """L2 norms (B, N) of ``c - p``, computed in a reused workspace."""
+        """L2 norms (B, N) of ``c - p``: one fused pass when the fused CPU
+        kernels apply, else computed in a reused workspace."""
+        if kernels.fused_kernels_available(c, self.p):
+            return kernels.error_norms(c.detach(), self.p)
         if self._error is None or self._error.shape != self.p.shape or self._error.dtype != c.dtype:
             self._error = torch.empty_like(self.p)
         # Selection only: no gradient flows through the error norms.
@@ -90,6 +94,25 @@ class TokenGate(Counted, StreamState, nn.Module):
         scatter_tokens_(self.p, index, c_sel.detach(), flat)
         return c_sel, index
 
+    def forward_normalized(self, x: Tensor, norm: nn.Module) -> tuple[Tensor, Tensor | None]:
+        """``self(norm(x))`` for x (B, N, D). With a LayerNorm and the fused CPU
+        kernels, an incremental frame never forms ``norm(x)`` for all tokens:
+        the error norms come from one fused pass and only the selected tokens
+        are normalised."""
+        if (
+            self.p is None
+            or not isinstance(norm, nn.LayerNorm)
+            or not kernels.fused_kernels_available(x, self.p)
+        ):
+            return self(norm(x))
+        self.count("gate", self.p.numel())
+        policy = _require_policy(self.policy, self)
+        index = policy.select(kernels.layer_norm_error_norms(x, norm, self.p))
+        flat = flat_token_index(index, x.shape[1])
+        c_sel = norm(gather_tokens(x, index, flat))
+        scatter_tokens_(self.p, index, c_sel, flat)
+        return c_sel, index
+
 
 class STGTGate(TokenGate):
     """The STGT baseline gate: the reference is always the previous frame.
@@ -104,6 +127,10 @@ class STGTGate(TokenGate):
         index, _, c_sel = self.select(c)
         self.p.view(c.shape).copy_(c.detach())
         return c_sel, index
+
+    def forward_normalized(self, x: Tensor, norm: nn.Module) -> tuple[Tensor, Tensor | None]:
+        """``self(norm(x))``: the reference takes every token of ``norm(x)``."""
+        return self(norm(x))
 
 
 class TokenBuffer(Counted, StreamState, nn.Module):

@@ -1,0 +1,125 @@
+"""Fused CPU kernels for eventful inference, compiled on first use.
+
+An eventful frame spends much of its non-GEMM time in passes over all N
+tokens that only feed a token gate: ``LayerNorm(x)`` written out in full,
+``c - p`` written out, then its norms read back. The kernels in
+``csrc/fused_cpu.cpp`` compute the gate's error norms in one pass that reads
+each input once and writes only the (B, N) norms:
+
+- :func:`error_norms`: ``||c - p||`` per token, ``c`` possibly a strided
+  view with channels in groups (attention heads read in place);
+- :func:`layer_norm_error_norms`: ``||LayerNorm(x) - p||`` per token without
+  materialising ``LayerNorm(x)``; the gate then normalises only the tokens
+  it selects.
+
+They are used when gradients are off and the tensors are float32 on CPU
+(see :func:`fused_kernels_available`); everything else, and every machine
+where the extension cannot be built (no C++ compiler), uses the equivalent
+PyTorch ops. The extension is built with ``torch.utils.cpp_extension.load``
+into PyTorch's extension cache (``TORCH_EXTENSIONS_DIR``, by default
+``~/.cache/torch_extensions``) the first time a kernel is needed (about 30 s),
+and loaded from there afterwards. ``EVENTFUL_PL_FUSED_KERNELS=0`` or
+:func:`set_fused_kernels` switch it off.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import Tensor, nn
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "fused_cpu.cpp"
+ENV_SWITCH = "EVENTFUL_PL_FUSED_KERNELS"
+# Instruction-set flags per PyTorch CPU capability (the build is named after
+# it, so a shared extension cache never hands one CPU another's build).
+_ISA_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mfma", "-mavx2"],
+    "AVX2": ["-mavx2", "-mfma"],
+}
+_enabled = os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def set_fused_kernels(enabled: bool) -> None:
+    """Turns the fused CPU kernels on or off (on by default unless
+    ``EVENTFUL_PL_FUSED_KERNELS=0``)."""
+    global _enabled
+    _enabled = bool(enabled)
+
+
+def fused_kernels_enabled() -> bool:
+    return _enabled
+
+
+def _capability() -> str:
+    capability = torch.backends.cpu.get_cpu_capability()
+    return capability if capability in _ISA_FLAGS else "DEFAULT"
+
+
+@functools.cache
+def load_extension() -> ModuleType | None:
+    """Builds (once per machine) and loads the extension; None if that fails,
+    with a warning that says why."""
+    capability = _capability()
+    cpp_logger = logging.getLogger("torch.utils.cpp_extension")
+    level = cpp_logger.level
+    cpp_logger.setLevel(logging.ERROR)  # "no CUDA runtime" notices: CPU-only build
+    try:
+        from torch.utils.cpp_extension import load
+
+        return load(
+            name=f"eventful_pl_fused_cpu_{capability.lower()}",
+            sources=[str(SOURCE)],
+            # OpenMP: at::parallel_for runs on PyTorch's own thread pool
+            # (torch's bundled libgomp.so.1 satisfies the link by soname).
+            extra_cflags=["-O3", "-fopenmp", *_ISA_FLAGS.get(capability, [])],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as err:  # no compiler, no headers, read-only cache, ...
+        warnings.warn(
+            f"eventful_pl: could not build the fused CPU kernels from {SOURCE} "
+            f"({type(err).__name__}: {str(err).strip()[:300]}); using PyTorch ops instead "
+            f"(set {ENV_SWITCH}=0 to silence this)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+    finally:
+        cpp_logger.setLevel(level)
+
+
+def fused_kernels_available(*tensors: Tensor) -> bool:
+    """Whether the fused kernels apply to these tensors: enabled, gradients
+    off, all float32 on CPU, and the extension builds."""
+    if not _enabled or torch.is_grad_enabled():
+        return False
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+        return False
+    return load_extension() is not None
+
+
+def error_norms(c: Tensor, p: Tensor) -> Tensor:
+    """``||c - p||`` per token: c (B, N, D) or (B, N, G, C) (any strides,
+    channels contiguous), p contiguous with B * N * D elements -> (B, N)."""
+    if c.ndim == 3:
+        c = c.unsqueeze(2)
+    if c.stride(-1) != 1:
+        c = c.contiguous()
+    return load_extension().error_norms(c, p)
+
+
+def layer_norm_error_norms(x: Tensor, norm: nn.LayerNorm, p: Tensor) -> Tensor:
+    """``||norm(x) - p||`` per token without materialising ``norm(x)``:
+    x, p (B, N, D) -> (B, N)."""
+    weight, bias = norm.weight, norm.bias
+    if weight is None:  # elementwise_affine=False
+        weight = torch.ones(x.shape[-1], dtype=x.dtype)
+    if bias is None:
+        bias = torch.zeros(x.shape[-1], dtype=x.dtype)
+    return load_extension().layer_norm_error_norms(x.contiguous(), weight, bias, norm.eps, p)

@@ -1,0 +1,131 @@
+"""Fused CPU kernels (eventful_pl.kernels) against the PyTorch ops they replace."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from eventful_pl import kernels
+from eventful_pl.gates import TokenGate
+from eventful_pl.policies import ThresholdPolicy, TopRPolicy
+from tests.helpers import make_backbones, video_stream
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("c++") is None, reason="no C++ compiler to build the fused kernels"
+)
+
+
+@pytest.fixture(autouse=True)
+def kernels_on():
+    """Every test starts with the kernels on and leaves them on."""
+    kernels.set_fused_kernels(True)
+    yield
+    kernels.set_fused_kernels(True)
+
+
+def test_extension_builds_and_applies() -> None:
+    x = torch.zeros(2, 3)
+    assert kernels.load_extension() is not None
+    with torch.no_grad():
+        assert kernels.fused_kernels_available(x)
+        assert not kernels.fused_kernels_available(x.double())
+        kernels.set_fused_kernels(False)
+        assert not kernels.fused_kernels_available(x)
+    kernels.set_fused_kernels(True)
+    assert not kernels.fused_kernels_available(x)  # gradients on
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_error_norms_match_torch(batch: int) -> None:
+    torch.manual_seed(0)
+    p = torch.randn(batch, 37, 48)
+    c = torch.randn(batch, 37, 48)
+    expected = (c - p).norm(dim=-1)
+    torch.testing.assert_close(kernels.error_norms(c, p), expected, rtol=1e-5, atol=1e-5)
+    # Heads read in place: (B, H, N, d) state viewed as (B, N, H, d).
+    heads = torch.randn(batch, 4, 37, 12)
+    view = heads.transpose(1, 2)
+    expected = (view.reshape(batch, 37, 48) - p).norm(dim=-1)
+    torch.testing.assert_close(kernels.error_norms(view, p), expected, rtol=1e-5, atol=1e-5)
+    # A view whose channels are not contiguous is copied first.
+    strided = torch.randn(batch, 37, 96)[..., ::2]
+    expected = (strided - p).norm(dim=-1)
+    torch.testing.assert_close(kernels.error_norms(strided, p), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("dim", [48, 50])  # 50: channels not a multiple of the vector width
+def test_layer_norm_error_norms_match_torch(affine: bool, dim: int) -> None:
+    torch.manual_seed(0)
+    norm = torch.nn.LayerNorm(dim, eps=1e-6, elementwise_affine=affine)
+    if affine:
+        with torch.no_grad():
+            norm.weight.normal_()
+            norm.bias.normal_()
+    x = 3 * torch.randn(3, 29, dim) + 1
+    p = torch.randn(3, 29, dim)
+    with torch.no_grad():
+        expected = (norm(x) - p).norm(dim=-1)
+        got = kernels.layer_norm_error_norms(x, norm, p)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("policy", [TopRPolicy(5), ThresholdPolicy(4.0)])
+def test_normalized_gate_same_with_and_without_kernels(policy) -> None:
+    """forward_normalized: same tokens, values and reference as gate(norm(x))."""
+    torch.manual_seed(0)
+    norm = torch.nn.LayerNorm(24, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    frames = [torch.randn(3, 16, 24)]
+    for _ in range(4):
+        frames.append(frames[-1] + 0.5 * torch.randn(3, 16, 24) * (torch.rand(3, 16, 1) < 0.4))
+    fused, plain = TokenGate(policy), TokenGate(policy)
+    with torch.no_grad():
+        for x in frames:
+            kernels.set_fused_kernels(True)
+            out_fused, index_fused = fused.forward_normalized(x, norm)
+            kernels.set_fused_kernels(False)
+            out_plain, index_plain = plain.forward_normalized(x, norm)
+            if index_plain is None:
+                assert index_fused is None
+            else:  # same tokens (top-r leaves their order open)
+                index_fused, order_fused = index_fused.sort(dim=1)
+                index_plain, order_plain = index_plain.sort(dim=1)
+                assert torch.equal(index_fused, index_plain)
+                out_fused = out_fused.gather(1, order_fused.unsqueeze(-1).expand_as(out_fused))
+                out_plain = out_plain.gather(1, order_plain.unsqueeze(-1).expand_as(out_plain))
+            torch.testing.assert_close(out_fused, out_plain, rtol=0, atol=0)
+            torch.testing.assert_close(fused.p, plain.p, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("variant", ["tokenwise", "query_key", "full"])
+def test_backbone_same_with_and_without_kernels(variant: str) -> None:
+    _, eventful = make_backbones(
+        variant, dim=32, depth=2, heads=4, input_size=(5, 5), class_token=True, policy=TopRPolicy(9)
+    )
+    stream = video_stream(frames=5, batch=3, tokens=25, dim=32)
+    outputs = {}
+    with torch.no_grad():
+        for enabled in (True, False):
+            kernels.set_fused_kernels(enabled)
+            eventful.reset()
+            outputs[enabled] = [eventful(x) for x in stream]
+    for fused, plain in zip(outputs[True], outputs[False], strict=True):
+        torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_build_failure_falls_back_with_a_warning(monkeypatch, tmp_path) -> None:
+    missing = tmp_path / "missing.cpp"
+    monkeypatch.setattr(kernels, "SOURCE", missing)
+    kernels.load_extension.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="missing.cpp"):
+            assert kernels.load_extension() is None
+        with torch.no_grad():
+            assert not kernels.fused_kernels_available(torch.zeros(2))
+    finally:
+        kernels.load_extension.cache_clear()
