@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from eventful_pl import kernels
 from eventful_pl.attention import (
     merge_heads,
     pool_grid,
@@ -695,6 +696,13 @@ class EventfulBlock(QueryKeyEventfulBlock):
         """
         b, heads, n, _ = self.q_scaled.shape
         log_norm = self.log_norm
+        fused = kernels.fused_kernels_available(rows, cols_old, cols_new, log_norm)
+        if fused and cols_new.is_contiguous():
+            if kernels.update_softmax(
+                rows, cols_old, cols_new, log_norm, index, self.min_kept_mass, self.max_log_shift
+            ):
+                return cols_new
+            return self._exact_softmax_columns(key_index)
         row_index = index.unsqueeze(1).expand(b, heads, -1)
         row_mass = exp_shifted_(rows, log_norm.gather(2, row_index).unsqueeze(-1)).sum(dim=-1)
         removed = exp_shifted_(cols_old, log_norm.unsqueeze(-2)).sum(dim=-2)
@@ -706,12 +714,17 @@ class EventfulBlock(QueryKeyEventfulBlock):
         least_kept, low, high = torch.stack((kept.amin(), *torch.aminmax(log_total))).tolist()
         limit = self.max_log_shift
         if not (least_kept >= self.min_kept_mass and -limit < low and high < limit):
-            logits = self._full_logits(self.q_scaled, self.keys, counted=False)
-            log_norm.copy_(torch.logsumexp(logits, dim=-1))
-            cols = logits.gather(3, expand_col_index(key_index, logits.shape))
-            return exp_shifted_(cols.transpose(-1, -2), log_norm.unsqueeze(-2)).contiguous()
+            return self._exact_softmax_columns(key_index)
         log_norm.add_(log_total)
         return probs.mul_(total.reciprocal_().unsqueeze(-2))
+
+    def _exact_softmax_columns(self, key_index: Tensor) -> Tensor:
+        """The fallback: recomputes the normalisers (B, H, N) from the full
+        logits; returns the softmax columns of the keys in ``key_index`` (B, H, m, N)."""
+        logits = self._full_logits(self.q_scaled, self.keys, counted=False)
+        self.log_norm.copy_(torch.logsumexp(logits, dim=-1))
+        cols = logits.gather(3, expand_col_index(key_index, logits.shape))
+        return exp_shifted_(cols.transpose(-1, -2), self.log_norm.unsqueeze(-2)).contiguous()
 
 
 def exp_shifted_(x: Tensor, shift: Tensor) -> Tensor:

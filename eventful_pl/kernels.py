@@ -84,7 +84,7 @@ def load_extension() -> ModuleType | None:
     except Exception as err:  # no compiler, no headers, read-only cache, ...
         warnings.warn(
             f"eventful_pl: could not build the fused CPU kernels from {SOURCE} "
-            f"({type(err).__name__}: {str(err).strip()[:300]}); using PyTorch ops instead "
+            f"({type(err).__name__}: {_error_summary(err)}); using PyTorch ops instead "
             f"(set {ENV_SWITCH}=0 to silence this)",
             RuntimeWarning,
             stacklevel=2,
@@ -92,6 +92,13 @@ def load_extension() -> ModuleType | None:
         return None
     finally:
         cpp_logger.setLevel(level)
+
+
+def _error_summary(err: Exception) -> str:
+    """The compiler's error lines of a failed build (else the message's end)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    errors = [line for line in lines if "error:" in line.lower()]
+    return " | ".join((errors or lines)[-3:])[-600:]
 
 
 def fused_kernels_available(*tensors: Tensor) -> bool:
@@ -123,3 +130,33 @@ def layer_norm_error_norms(x: Tensor, norm: nn.LayerNorm, p: Tensor) -> Tensor:
     if bias is None:
         bias = torch.zeros(x.shape[-1], dtype=x.dtype)
     return load_extension().layer_norm_error_norms(x.contiguous(), weight, bias, norm.eps, p)
+
+
+def update_softmax(
+    rows: Tensor,
+    cols_old: Tensor,
+    cols_new: Tensor,
+    log_norm: Tensor,
+    index: Tensor,
+    min_kept_mass: float,
+    max_log_shift: float,
+) -> bool:
+    """The full eventful block's incremental softmax update in two fused passes
+    (``EventfulBlock._update_softmax`` documents the method).
+
+    rows (B, H, r, Nk), cols_old and cols_new (B, H, m, N), log_norm (B, H, N),
+    index (B, r). On success updates ``log_norm`` in place, overwrites
+    ``cols_new`` with the new softmax columns and returns True; returns False
+    (``log_norm`` untouched) when the precision checks call for the exact
+    fallback.
+    """
+    b, heads, n = log_norm.shape
+    return load_extension().update_softmax(
+        rows.reshape(b * heads, rows.shape[-2], rows.shape[-1]),
+        cols_old.reshape(b * heads, cols_old.shape[-2], n),
+        cols_new.view(b * heads, cols_new.shape[-2], n),
+        log_norm.view(b * heads, n),
+        index.contiguous(),
+        min_kept_mass,
+        max_log_shift,
+    )

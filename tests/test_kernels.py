@@ -129,3 +129,84 @@ def test_build_failure_falls_back_with_a_warning(monkeypatch, tmp_path) -> None:
             assert not kernels.fused_kernels_available(torch.zeros(2))
     finally:
         kernels.load_extension.cache_clear()
+
+
+def softmax_inputs(batch: int, heads: int = 3, n: int = 21, r: int = 4, m: int = 5, seed: int = 0):
+    """Consistent logits of one incremental frame: (rows, cols_old, cols_new,
+    log_norm, index); rows and columns come from real queries and keys."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, n, 8, generator=gen)
+    k = torch.randn(batch, heads, n, 8, generator=gen)
+    log_norm = torch.logsumexp(q @ k.transpose(-1, -2), dim=-1)
+    index = torch.stack([torch.randperm(n, generator=gen)[:r] for _ in range(batch)])
+    key_index = torch.stack([torch.randperm(n, generator=gen)[:m] for _ in range(batch)])
+    k_old = k.gather(2, key_index[:, None, :, None].expand(-1, heads, -1, 8))
+    k_new = k_old + 0.5 * torch.randn(k_old.shape, generator=gen)
+    q = q.clone()
+    q.scatter_(2, index[:, None, :, None].expand(-1, heads, -1, 8), torch.randn(batch, heads, r, 8))
+    k.scatter_(2, key_index[:, None, :, None].expand(-1, heads, -1, 8), k_new)
+    rows = q.gather(2, index[:, None, :, None].expand(-1, heads, -1, 8)) @ k.transpose(-1, -2)
+    return rows, k_old @ q.transpose(-1, -2), k_new @ q.transpose(-1, -2), log_norm, index
+
+
+def reference_softmax_update(rows, cols_old, cols_new, log_norm, index):
+    """The method in float64: (new log-normalisers, new softmax columns)."""
+    rows, cols_old, cols_new, log_norm = (t.double() for t in (rows, cols_old, cols_new, log_norm))
+    shift = log_norm.unsqueeze(-2)
+    total = 1 - (cols_old - shift).exp().sum(-2) + (cols_new - shift).exp().sum(-2)
+    row_index = index.unsqueeze(1).expand(-1, log_norm.shape[1], -1)
+    row_mass = (rows - log_norm.gather(2, row_index).unsqueeze(-1)).exp().sum(-1)
+    new_norm = log_norm + total.scatter(2, row_index, row_mass).log()
+    return new_norm, (cols_new - new_norm.unsqueeze(-2)).exp()
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_update_softmax_matches_the_method(batch: int) -> None:
+    rows, cols_old, cols_new, log_norm, index = softmax_inputs(batch)
+    expected_norm, expected_cols = reference_softmax_update(
+        rows, cols_old, cols_new, log_norm, index
+    )
+    norm = log_norm.clone()
+    assert kernels.update_softmax(rows, cols_old, cols_new, norm, index, 1e-3, 60.0)
+    torch.testing.assert_close(norm.double(), expected_norm, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cols_new.double(), expected_cols, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("case", ["kept-mass", "log-shift", "nan"])
+def test_update_softmax_asks_for_the_fallback(case: str) -> None:
+    """Failed precision checks: returns False and leaves the normalisers as they were."""
+    rows, cols_old, cols_new, log_norm, index = softmax_inputs(2)
+    min_kept, max_shift = 1e-3, 60.0
+    if case == "kept-mass":
+        min_kept = 2.0  # no row keeps more than all of its mass
+    elif case == "log-shift":
+        cols_new[1, 2, 0, 7] += 200.0  # that row's normaliser would move by ~200
+    else:
+        cols_old[0, 1, 3, 2] = float("nan")
+    norm = log_norm.clone()
+    assert not kernels.update_softmax(rows, cols_old, cols_new, norm, index, min_kept, max_shift)
+    assert torch.equal(norm, log_norm)
+
+
+def test_update_softmax_exponentials_over_the_float_range() -> None:
+    """One key column over logits from -100 to 80 (relative to the normaliser):
+    the kernel's exponentials agree with torch.exp to float precision, with
+    no overflow or denormals."""
+    n = 181
+    log_norm = torch.zeros(1, 1, n)
+    cols_new = torch.linspace(-100.0, 80.0, n).view(1, 1, 1, n)
+    cols_old = torch.full((1, 1, 1, n), -200.0)  # removes nothing
+    rows = torch.zeros(1, 1, 1, n)
+    index = torch.tensor([[0]])
+    norm = log_norm.clone()
+    probs = cols_new.clone()
+    # Allow any shift: every row's mass is 1 + exp(logit).
+    assert kernels.update_softmax(rows, cols_old, probs, norm, index, 0.0, 1e9)
+    logits = torch.linspace(-100.0, 80.0, n).double()
+    expected = torch.log1p(logits.exp())
+    expected[0] = torch.tensor(float(n)).log()  # row 0 was recomputed: n logits of 0
+    torch.testing.assert_close(norm[0, 0].double(), expected, rtol=1e-6, atol=1e-6)
+    # The new column: exp(logit - log(1 + exp(logit))) = sigmoid(logit).
+    expected_probs = torch.sigmoid(logits)
+    expected_probs[0] = torch.exp(logits[0] - expected[0])
+    torch.testing.assert_close(probs[0, 0, 0].double(), expected_probs, rtol=2e-6, atol=1e-37)

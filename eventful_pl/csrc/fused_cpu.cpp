@@ -9,8 +9,11 @@
 
 #include <ATen/Parallel.h>
 
+#include <bit>
 #include <cmath>
 #include <cstdint>
+#include <limits>
+#include <vector>
 
 namespace {
 
@@ -53,6 +56,56 @@ inline float layer_norm_squared_distance(const float* __restrict x, const float*
     const float e = (x[i] * rstd + shift) * w[i] + b[i] - p[i];
     total += e * e;
   }
+  return total;
+}
+
+// exp(x) in float32 to about 1 ulp, written so that loops over it vectorise:
+// x = n ln2 + r (Cody-Waite, |r| <= ln2 / 2), exp(r) by its degree-7 Taylor
+// polynomial, times 2^n from the exponent bits. Below -87 it returns 0 (no
+// denormals), above 88 infinity; NaN stays NaN.
+inline float exp_float(float x) {
+  constexpr float kLog2e = 1.44269504088896341f;
+  constexpr float kLn2Hi = 0.693145751953125f;
+  constexpr float kLn2Lo = 1.42860682030941723e-6f;
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  float c = x < -87.0f ? -87.0f : x;
+  c = c > 88.0f ? 88.0f : c;
+  const float n = (c * kLog2e + kRound) - kRound;
+  const float r = (c - n * kLn2Hi) - n * kLn2Lo;
+  float poly = 1.0f / 5040.0f;
+  poly = poly * r + 1.0f / 720.0f;
+  poly = poly * r + 1.0f / 120.0f;
+  poly = poly * r + 1.0f / 24.0f;
+  poly = poly * r + 1.0f / 6.0f;
+  poly = poly * r + 0.5f;
+  poly = poly * r + 1.0f;
+  poly = poly * r + 1.0f;
+  const float scale = std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+  const float y = poly * scale;
+  return x < -87.0f ? 0.0f : (x > 88.0f ? std::numeric_limits<float>::infinity() : y);
+}
+
+// acc[i] += exp(logits[i] - shift[i]) for i < n; with `out`, also out[i] = that exp.
+inline void accumulate_exp(const float* __restrict logits, const float* __restrict shift,
+                           float* __restrict acc, float* __restrict out, int64_t n) {
+  if (out != nullptr) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const float e = exp_float(logits[i] - shift[i]);
+      out[i] = e;
+      acc[i] += e;
+    }
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) acc[i] += exp_float(logits[i] - shift[i]);
+  }
+}
+
+// Sum of exp(logits[i] - shift) for i < n.
+inline float sum_exp(const float* __restrict logits, float shift, int64_t n) {
+  float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+  for (int64_t i = 0; i < n; ++i) total += exp_float(logits[i] - shift);
   return total;
 }
 
@@ -119,8 +172,104 @@ at::Tensor layer_norm_error_norms(const at::Tensor& x, const at::Tensor& weight,
   return out;
 }
 
+// Incremental softmax normaliser update of the full eventful block (see
+// EventfulBlock._update_softmax, which this computes in two passes instead
+// of about fifteen). With L the row log-normalisers (B * H, N):
+//   rows (B * H, r, Nk): new logits of the updated query rows index (B, r);
+//   cols_old, cols_new (B * H, m, N): old and new logits of the updated key
+//   columns, key-major. All contiguous float32.
+// Every row keeps 1 - sum_j exp(cols_old - L) of its mass and adds
+// sum_j exp(cols_new - L); an updated row's mass is sum_k exp(rows - L).
+// If every row keeps at least min_kept_mass and every new mass lies in
+// (exp(-max_log_shift), exp(max_log_shift)), L += log(mass), cols_new is
+// overwritten with the new softmax columns exp(cols_new - L_new) and the
+// result is true. Otherwise L is left as it was, cols_new holds scratch and
+// the result is false (the caller recomputes the normalisers exactly).
+bool update_softmax(const at::Tensor& rows, const at::Tensor& cols_old, at::Tensor& cols_new,
+                    at::Tensor& log_norm, const at::Tensor& index, double min_kept_mass,
+                    double max_log_shift) {
+  const at::Tensor* inputs[] = {&rows, &cols_old, &cols_new, &log_norm};
+  for (const at::Tensor* t : inputs) {
+    check_float_cpu(*t, "update_softmax inputs");
+    TORCH_CHECK(t->is_contiguous(), "update_softmax inputs must be contiguous");
+  }
+  TORCH_CHECK(index.scalar_type() == at::kLong && index.is_contiguous() && index.dim() == 2,
+              "index must be a contiguous int64 (B, r) tensor");
+  TORCH_CHECK(rows.dim() == 3 && cols_old.dim() == 3 && log_norm.dim() == 2, "bad ranks");
+  const int64_t bh = log_norm.size(0), n = log_norm.size(1);
+  const int64_t r = rows.size(1), nk = rows.size(2), m = cols_old.size(1);
+  const int64_t batch = index.size(0);
+  TORCH_CHECK(bh % batch == 0 && index.size(1) == r, "index must be (B, r) with B dividing B * H");
+  TORCH_CHECK(rows.size(0) == bh && cols_old.sizes() == cols_new.sizes() &&
+                  cols_old.size(0) == bh && cols_old.size(2) == n,
+              "rows (B*H, r, Nk), cols (B*H, m, N) and log_norm (B*H, N) do not match");
+  const int64_t heads = bh / batch;
+  auto total = at::empty({bh, n}, log_norm.options());
+  const float* rows_data = rows.data_ptr<float>();
+  const float* old_data = cols_old.data_ptr<float>();
+  float* new_data = cols_new.data_ptr<float>();
+  float* norm_data = log_norm.data_ptr<float>();
+  const int64_t* index_data = index.data_ptr<int64_t>();
+  float* total_data = total.data_ptr<float>();
+  const float min_kept = static_cast<float>(min_kept_mass);
+  const float low = std::exp(static_cast<float>(-max_log_shift));
+  const float high = std::exp(static_cast<float>(max_log_shift));
+  std::vector<char> ok(bh, 1);
+  at::parallel_for(0, bh, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> removed(n);
+    for (int64_t g = begin; g < end; ++g) {
+      const float* shift = norm_data + g * n;
+      float* tot = total_data + g * n;
+      std::fill(removed.begin(), removed.end(), 0.0f);
+      std::fill(tot, tot + n, 0.0f);
+      for (int64_t j = 0; j < m; ++j) {
+        accumulate_exp(old_data + (g * m + j) * n, shift, removed.data(), nullptr, n);
+        float* col = new_data + (g * m + j) * n;
+        accumulate_exp(col, shift, tot, col, n);
+      }
+      bool good = true;
+      for (int64_t i = 0; i < n; ++i) {
+        const float kept = 1.0f - removed[i];
+        tot[i] += kept;
+        removed[i] = kept;
+      }
+      const int64_t* rows_index = index_data + (g / heads) * r;
+      for (int64_t t = 0; t < r; ++t) {
+        const int64_t i = rows_index[t];
+        removed[i] = 1.0f;
+        tot[i] = sum_exp(rows_data + (g * r + t) * nk, shift[i], nk);
+      }
+      for (int64_t i = 0; i < n; ++i)
+        good = good && removed[i] >= min_kept && tot[i] > low && tot[i] < high;
+      ok[g] = good;
+    }
+  });
+  for (int64_t g = 0; g < bh; ++g)
+    if (!ok[g]) return false;
+  at::parallel_for(0, bh, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> inverse(n);
+    for (int64_t g = begin; g < end; ++g) {
+      const float* tot = total_data + g * n;
+      float* shift = norm_data + g * n;
+      for (int64_t i = 0; i < n; ++i) {
+        inverse[i] = 1.0f / tot[i];
+        shift[i] += std::log(tot[i]);
+      }
+      for (int64_t j = 0; j < m; ++j) {
+        float* __restrict col = new_data + (g * m + j) * n;
+        const float* __restrict inv = inverse.data();
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) col[i] *= inv[i];
+      }
+    }
+  });
+  return true;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("error_norms", &error_norms, "L2 norms of c - p per token (B, N)");
   m.def("layer_norm_error_norms", &layer_norm_error_norms,
         "L2 norms of LayerNorm(x) - p per token (B, N)");
+  m.def("update_softmax", &update_softmax,
+        "incremental softmax normaliser update of the full eventful block");
 }
