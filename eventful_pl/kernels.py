@@ -160,3 +160,15 @@ def update_softmax(
         min_kept_mass,
         max_log_shift,
     )
+
+
+def attention_update(out: Tensor, a1: Tensor, v1: Tensor, a2: Tensor, v2: Tensor) -> Tensor:
+    """``out += a1^T @ v1 + a2^T @ v2`` in one pass over ``out``: out (G, N, d),
+    a1, a2 (G, m, N), v1, v2 (G, m, d), all contiguous; d a multiple of 16, at most 64."""
+    load_extension().attention_update(out, a1, v1, a2, v2)
+    return out
+
+
+def attention_update_supported(head_size: int) -> bool:
+    """Whether :func:`attention_update` handles this head size."""
+    return head_size % 16 == 0 and head_size <= 64

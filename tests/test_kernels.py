@@ -103,11 +103,18 @@ def test_normalized_gate_same_with_and_without_kernels(policy) -> None:
 
 
 @pytest.mark.parametrize("variant", ["tokenwise", "query_key", "full"])
-def test_backbone_same_with_and_without_kernels(variant: str) -> None:
+@pytest.mark.parametrize("dim", [32, 64])  # head size 8 (no attention_update) and 16
+def test_backbone_same_with_and_without_kernels(variant: str, dim: int) -> None:
     _, eventful = make_backbones(
-        variant, dim=32, depth=2, heads=4, input_size=(5, 5), class_token=True, policy=TopRPolicy(9)
+        variant,
+        dim=dim,
+        depth=2,
+        heads=4,
+        input_size=(5, 5),
+        class_token=True,
+        policy=TopRPolicy(9),
     )
-    stream = video_stream(frames=5, batch=3, tokens=25, dim=32)
+    stream = video_stream(frames=5, batch=3, tokens=25, dim=dim)
     outputs = {}
     with torch.no_grad():
         for enabled in (True, False):
@@ -210,3 +217,26 @@ def test_update_softmax_exponentials_over_the_float_range() -> None:
     expected_probs = torch.sigmoid(logits)
     expected_probs[0] = torch.exp(logits[0] - expected[0])
     torch.testing.assert_close(probs[0, 0, 0].double(), expected_probs, rtol=2e-6, atol=1e-37)
+
+
+@pytest.mark.parametrize("head_size", [16, 32, 48, 64])
+@pytest.mark.parametrize("tokens", [6, 37])  # a partial block of rows / several blocks
+def test_attention_update_matches_torch(head_size: int, tokens: int) -> None:
+    torch.manual_seed(0)
+    groups, keys = 5, 7
+    out = torch.randn(groups, tokens, head_size)
+    a1, a2 = torch.rand(groups, keys, tokens), torch.randn(groups, keys, tokens)
+    v1, v2 = torch.randn(groups, keys, head_size), torch.randn(groups, keys, head_size)
+    expected = out + a1.transpose(1, 2) @ v1 + a2.transpose(1, 2) @ v2
+    assert kernels.attention_update_supported(head_size)
+    kernels.attention_update(out, a1, v1, a2, v2)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_update_rejects_unsupported_head_sizes() -> None:
+    assert not kernels.attention_update_supported(8)
+    assert not kernels.attention_update_supported(80)
+    out = torch.zeros(1, 4, 8)
+    a, v = torch.zeros(1, 2, 4), torch.zeros(1, 2, 8)
+    with pytest.raises(RuntimeError, match="head size 8"):
+        kernels.attention_update(out, a, v, a, v)

@@ -9,9 +9,11 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -107,6 +109,46 @@ inline float sum_exp(const float* __restrict logits, float shift, int64_t n) {
 #pragma omp simd reduction(+ : total)
   for (int64_t i = 0; i < n; ++i) total += exp_float(logits[i] - shift);
   return total;
+}
+
+// 16 floats in one vector (GCC vector extension: one AVX-512 register, two
+// AVX2 registers, ... whatever the build targets).
+typedef float Vec16 __attribute__((vector_size(64)));
+constexpr int64_t kVec = 16;
+
+inline Vec16 load16(const float* p) {
+  Vec16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void store16(float* p, Vec16 v) { std::memcpy(p, &v, sizeof(v)); }
+
+// Output rows handled per task of attention_update.
+constexpr int kTileRows = 6;
+
+// Rows consecutive output rows of d = Chunks * 16 channels:
+//   out[i] += sum_t a1[t * n + i] * v1[t] + a2[t * n + i] * v2[t].
+template <int Rows, int Chunks>
+inline void update_tile(float* out, const float* a1, const float* v1, const float* a2,
+                        const float* v2, int64_t n, int64_t m) {
+  constexpr int64_t d = Chunks * kVec;
+  Vec16 acc[Rows][Chunks];
+  for (int i = 0; i < Rows; ++i)
+    for (int j = 0; j < Chunks; ++j) acc[i][j] = load16(out + i * d + j * kVec);
+  for (int pair = 0; pair < 2; ++pair) {
+    const float* a = pair == 0 ? a1 : a2;
+    const float* v = pair == 0 ? v1 : v2;
+    for (int64_t t = 0; t < m; ++t) {
+      Vec16 vt[Chunks];
+      for (int j = 0; j < Chunks; ++j) vt[j] = load16(v + t * d + j * kVec);
+      const float* a_t = a + t * n;
+      for (int i = 0; i < Rows; ++i)
+        for (int j = 0; j < Chunks; ++j) acc[i][j] += a_t[i] * vt[j];
+    }
+  }
+  for (int i = 0; i < Rows; ++i)
+    for (int j = 0; j < Chunks; ++j) store16(out + i * d + j * kVec, acc[i][j]);
 }
 
 }  // namespace
@@ -266,10 +308,68 @@ bool update_softmax(const at::Tensor& rows, const at::Tensor& cols_old, at::Tens
   return true;
 }
 
+// The full block's output update from the updated key columns:
+//   out[g] (N, d) += a1[g]^T @ v1[g] + a2[g]^T @ v2[g],
+//   a1, a2 (G, m, N) contiguous (softmax columns, key-major), v1, v2
+//   (G, m, d) contiguous, out (G, N, d) contiguous. d must be a multiple of
+//   16, at most 64. One pass over out; every task is (g, a block of rows).
+void attention_update(at::Tensor& out, const at::Tensor& a1, const at::Tensor& v1,
+                      const at::Tensor& a2, const at::Tensor& v2) {
+  const at::Tensor* inputs[] = {&out, &a1, &v1, &a2, &v2};
+  for (const at::Tensor* t : inputs) {
+    check_float_cpu(*t, "attention_update inputs");
+    TORCH_CHECK(t->is_contiguous() && t->dim() == 3, "attention_update inputs: contiguous, 3-D");
+  }
+  const int64_t groups = out.size(0), n = out.size(1), d = out.size(2), m = a1.size(1);
+  TORCH_CHECK(d % kVec == 0 && d <= 4 * kVec, "attention_update: head size ", d,
+              " must be a multiple of 16, at most 64");
+  TORCH_CHECK(a1.sizes() == a2.sizes() && a1.size(0) == groups && a1.size(2) == n &&
+                  v1.sizes() == v2.sizes() && v1.size(0) == groups && v1.size(1) == m &&
+                  v1.size(2) == d,
+              "attention_update: a (G, m, N), v (G, m, d) and out (G, N, d) do not match");
+  const int64_t chunks = d / kVec;
+  const int64_t blocks = (n + kTileRows - 1) / kTileRows;
+  const int64_t grain = std::max<int64_t>(1, blocks / 4);
+  float* out_data = out.data_ptr<float>();
+  const float* a_data[2] = {a1.data_ptr<float>(), a2.data_ptr<float>()};
+  const float* v_data[2] = {v1.data_ptr<float>(), v2.data_ptr<float>()};
+  at::parallel_for(0, groups * blocks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t g = task / blocks, row = (task % blocks) * kTileRows;
+      const int64_t rows = std::min<int64_t>(kTileRows, n - row);
+      float* out_g = out_data + (g * n + row) * d;
+      const float* a1_g = a_data[0] + g * m * n + row;
+      const float* a2_g = a_data[1] + g * m * n + row;
+      const float* v1_g = v_data[0] + g * m * d;
+      const float* v2_g = v_data[1] + g * m * d;
+      if (rows == kTileRows) {
+        switch (chunks) {
+          case 1: update_tile<kTileRows, 1>(out_g, a1_g, v1_g, a2_g, v2_g, n, m); break;
+          case 2: update_tile<kTileRows, 2>(out_g, a1_g, v1_g, a2_g, v2_g, n, m); break;
+          case 3: update_tile<kTileRows, 3>(out_g, a1_g, v1_g, a2_g, v2_g, n, m); break;
+          default: update_tile<kTileRows, 4>(out_g, a1_g, v1_g, a2_g, v2_g, n, m); break;
+        }
+        continue;
+      }
+      for (int64_t i = 0; i < rows; ++i) {
+        float* o = out_g + i * d;
+        switch (chunks) {
+          case 1: update_tile<1, 1>(o, a1_g + i, v1_g, a2_g + i, v2_g, n, m); break;
+          case 2: update_tile<1, 2>(o, a1_g + i, v1_g, a2_g + i, v2_g, n, m); break;
+          case 3: update_tile<1, 3>(o, a1_g + i, v1_g, a2_g + i, v2_g, n, m); break;
+          default: update_tile<1, 4>(o, a1_g + i, v1_g, a2_g + i, v2_g, n, m); break;
+        }
+      }
+    }
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("error_norms", &error_norms, "L2 norms of c - p per token (B, N)");
   m.def("layer_norm_error_norms", &layer_norm_error_norms,
         "L2 norms of LayerNorm(x) - p per token (B, N)");
   m.def("update_softmax", &update_softmax,
         "incremental softmax normaliser update of the full eventful block");
+  m.def("attention_update", &attention_update,
+        "out[g] += a1[g]^T @ v1[g] + a2[g]^T @ v2[g] (the full block's output update)");
 }
