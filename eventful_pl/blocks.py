@@ -41,7 +41,6 @@ from eventful_pl.indexing import (
     flat_row_index,
     gather_rows,
     gather_tokens,
-    scatter_rows_,
 )
 from eventful_pl.linear import linear
 from eventful_pl.policies import TokenPolicy
@@ -341,7 +340,7 @@ class TokenwiseEventfulBlock(Block):
             h, index = self.qkv_gate(x)
             h = self.norm1(h)
         else:
-            h, index = self.qkv_gate.forward_normalized(x, self.norm1)
+            h, index = self.qkv_gate(x, norm=self.norm1)
         y = self.attention_branch(self.linear(self.qkv, h), index)
 
         h, index = self.proj_gate(y)
@@ -351,7 +350,7 @@ class TokenwiseEventfulBlock(Block):
             h, index = self.mlp_gate(x)
             h = self.norm2(h)
         else:
-            h, index = self.mlp_gate.forward_normalized(x, self.norm2)
+            h, index = self.mlp_gate(x, norm=self.norm2)
         # x is this call's own tensor (the first residual made it): add in place.
         return self.add(x, self.mlp_buffer(self.mlp(h), index), inplace=True)
 
@@ -491,8 +490,8 @@ class EventfulBlock(QueryKeyEventfulBlock):
         self.a_gate = DeltaGate("row")  # on A^T: key columns as rows
         self.output: Tensor | None = None
         self.log_norm: Tensor | None = None
-        self.keys: Tensor | None = None
-        self.q_scaled: Tensor | None = None
+        self.keys_t: Tensor | None = None
+        self.q_scaled_t: Tensor | None = None
         self.rel_h_t: Tensor | None = None
         self.rel_w_t: Tensor | None = None
         self.workspaces = Workspaces()
@@ -501,16 +500,17 @@ class EventfulBlock(QueryKeyEventfulBlock):
         super().reset_state()
         self.output = None
         self.log_norm = None
-        self.keys = None
-        self.q_scaled = None
+        self.keys_t = None
+        self.q_scaled_t = None
         self.rel_h_t = None
         self.rel_w_t = None
 
-    def _full_logits(self, q_scaled: Tensor, k: Tensor, counted: bool) -> Tensor:
-        """Logits (B, H, N, Nk) of scaled queries with relative position, from the cached terms."""
-        logits = q_scaled @ k.transpose(-2, -1)
+    def _full_logits(self, q_scaled_t: Tensor, keys_t: Tensor, counted: bool) -> Tensor:
+        """Logits (B, H, N, Nk) of channel-major scaled queries (B, H, d, N) and
+        keys (B, H, d, Nk), with relative position from the cached terms."""
+        logits = q_scaled_t.transpose(-2, -1) @ keys_t
         if counted:
-            self.count("matmul", logits.numel() * q_scaled.shape[-1])
+            self.count("matmul", logits.numel() * q_scaled_t.shape[-2])
         if self.rel_pos is not None:
             rel_h, rel_w = self.rel_h_t.transpose(-1, -2), self.rel_w_t.transpose(-1, -2)
             self.rel_pos.add_to(logits, rel_h, rel_w, counted=counted)
@@ -554,10 +554,13 @@ class EventfulBlock(QueryKeyEventfulBlock):
             rel_h, rel_w = self.rel_pos.terms(q)
             self.rel_h_t = rel_h.transpose(-1, -2).contiguous()
             self.rel_w_t = rel_w.transpose(-1, -2).contiguous()
-        q_scaled = (q / self.scale).contiguous()
-        # State: the scaled queries, of which later frames replace the updated rows.
-        self.q_scaled = q_scaled.detach().clone() if torch.is_grad_enabled() else q_scaled
-        logits = self._full_logits(q_scaled, k, counted=True)
+        # State: the scaled queries and the keys, channel-major (B, H, d, N), so
+        # that the products with them stream whole rows; later frames replace
+        # the updated tokens' columns.
+        q_scaled_t = (q / self.scale).transpose(-1, -2).contiguous()
+        self.q_scaled_t = q_scaled_t.detach().clone() if torch.is_grad_enabled() else q_scaled_t
+        self.keys_t = k.detach().transpose(-1, -2).contiguous()
+        logits = self._full_logits(q_scaled_t, k.transpose(-1, -2), counted=True)
         self.log_norm = torch.logsumexp(logits, dim=-1)
         if torch.is_grad_enabled():  # logsumexp's backward needs the logits
             probs = (logits - self.log_norm.unsqueeze(-1)).exp().to(dtype)
@@ -565,7 +568,6 @@ class EventfulBlock(QueryKeyEventfulBlock):
         else:
             probs = exp_shifted_(logits, self.log_norm.unsqueeze(-1)).to(dtype)
         v = v.to(dtype)
-        self.keys = k.contiguous().clone()
         self.v_gate.flush(v)
         self.a_gate.flush(probs.transpose(-1, -2).contiguous(), copy=False)
         self.output = self.matmul(probs, v)
@@ -596,8 +598,8 @@ class EventfulBlock(QueryKeyEventfulBlock):
                 f"{type(self).__name__}: its attention state was reset but not its gates; "
                 "reset whole models with eventful_pl.reset_stream_state(model)"
             )
-        b, heads, n, d = self.q_scaled.shape
-        nk = self.keys.shape[2]
+        b, heads, d, n = self.q_scaled_t.shape
+        nk = self.keys_t.shape[3]
         key_index = index
         if self.pool_size is not None:
             key_index = pool_token_index(index, self.attention_size, self.pool_size)
@@ -606,61 +608,28 @@ class EventfulBlock(QueryKeyEventfulBlock):
         if self.rel_pos is not None:
             rel_h_rows, rel_w_rows = self.rel_pos.terms_for_rows(q_new, index)
         q_rows = q_new / self.scale if torch.is_grad_enabled() else q_new.div_(self.scale)
-        # State: only the updated queries and keys changed. One flat row index
-        # serves every key-major state (keys, V and A references).
+        # State: only the updated queries and keys changed (their columns of
+        # the channel-major states). One flat row index serves every key-major
+        # state (V and A references).
         key_rows = flat_row_index(key_index, heads, nk)
-        scatter_rows_(self.q_scaled, index, q_rows)
-        k_old = gather_rows(self.keys, key_index, key_rows)
-        scatter_rows_(self.keys, key_index, k_new, key_rows)
-        q_scaled_t = self.q_scaled.view(b * heads, n, d).transpose(1, 2)
-
-        # Logits of the updated query rows (all keys; the key state now holds
-        # the new keys) and of the updated key columns (all queries, stored
-        # key-major (B * H, m, N)), before and after.
-        scratch = self.workspaces
-        rows = self.matmul(
-            q_rows.view(b * heads, r, d),
-            self.keys.view(b * heads, nk, d).transpose(1, 2),
-            out=scratch.get("rows", (b * heads, r, nk), q_rows),
+        self.q_scaled_t.scatter_(
+            3, expand_col_index(index, (b, heads, d, r)), q_rows.transpose(-1, -2)
         )
-        cols_new = scratch.get("cols_new", (b * heads, m, n), q_rows)
-        cols_old = scratch.get("cols_old", (b * heads, m, n), q_rows)
-        if self.rel_pos is not None:
-            kh, kw = self.rel_pos.key_size
-            rows = rows.view(b, heads, r, nk)
-            self.rel_pos.add_to(rows, rel_h_rows, rel_w_rows, counted=False)
-            # Old terms of unchanged rows equal the new ones; updated rows are
-            # recomputed exactly below, so one term serves both.
-            self.rel_h_t.scatter_(
-                3, expand_col_index(index, self.rel_h_t.shape), rel_h_rows.transpose(-1, -2)
-            )
-            self.rel_w_t.scatter_(
-                3, expand_col_index(index, self.rel_w_t.shape), rel_w_rows.transpose(-1, -2)
-            )
-            rel = gather_rows(self.rel_h_t, key_index // kw, out=cols_old)
-            rel_w = gather_rows(self.rel_w_t, key_index % kw, out=cols_new)
-            rel = rel.add_(rel_w).view(b * heads, m, n)
-            k_new_flat = k_new.view(b * heads, m, d)
-            if cols_new is None:
-                cols_new = torch.baddbmm(rel, k_new_flat, q_scaled_t)
-            else:
-                torch.baddbmm(rel, k_new_flat, q_scaled_t, out=cols_new)
-            cols_old = rel.baddbmm_(k_old.view(b * heads, m, d), q_scaled_t)
-            # Counted as the method defines it: terms and adds over the full matrix.
-            self.count("einsum", b * heads * n * (kh + kw) * d)
-            self.count("add", 2 * b * heads * n * nk)
+        key_cols = expand_col_index(key_index, (b, heads, d, m))
+        k_old = self.keys_t.gather(3, key_cols).transpose(-1, -2)  # (B, H, m, d), strided
+        self.keys_t.scatter_(3, key_cols, k_new.transpose(-1, -2))
+        if (
+            self.rel_pos is None
+            and not torch.is_grad_enabled()
+            and kernels.fused_kernels_available(q_rows, self.q_scaled_t, self.log_norm)
+        ):
+            a_new = self._fused_softmax_columns(q_rows, k_new, k_old, index, key_index)
         else:
-            cols_new = torch.bmm(k_new.view(b * heads, m, d), q_scaled_t, out=cols_new)
-            cols_old = torch.bmm(k_old.view(b * heads, m, d), q_scaled_t, out=cols_old)
-        self.count("matmul", cols_new.numel() * d)
-
-        a_new = self._update_softmax(
-            rows.view(b, heads, r, nk),
-            cols_old.view(b, heads, m, n),
-            cols_new.view(b, heads, m, n),
-            index,
-            key_index,
-        ).to(dtype)
+            rel_rows = None if self.rel_pos is None else (rel_h_rows, rel_w_rows)
+            a_new = self._softmax_columns(q_rows, k_new, k_old, index, key_index, rel_rows)
+        # Counted as the method defines it: the updated rows and key columns of A.
+        self.count("matmul", b * heads * (r * nk + m * n) * d)
+        a_new = a_new.to(dtype)
         v_new = v_new.to(dtype)
         v_new, v_delta = self.v_gate.update_selected(v_new, key_index, flat_rows=key_rows)
         a_new, a_delta = self.a_gate.update_selected(a_new, key_index, flat_rows=key_rows)
@@ -678,6 +647,93 @@ class EventfulBlock(QueryKeyEventfulBlock):
         self.count("matmul", 2 * out.numel() * m)
         self.count("accumulator", v_new.numel() + 2 * out.numel())
         return self.output
+
+    def _softmax_columns(
+        self,
+        q_rows: Tensor,
+        k_new: Tensor,
+        k_old: Tensor,
+        index: Tensor,
+        key_index: Tensor,
+        rel_rows: tuple[Tensor, Tensor] | None,
+    ) -> Tensor:
+        """New softmax columns (B, H, m, N) of the updated keys, normalisers
+        updated, from PyTorch products: the logits of the updated query rows
+        (all keys; the key state already holds the new keys) and of the
+        updated key columns (all queries, key-major), before and after.
+
+        q_rows (B, H, r, d) scaled; k_new, k_old (B, H, m, d); rel_rows: the
+        updated rows' relative-position terms, if any.
+        """
+        b, heads, d, n = self.q_scaled_t.shape
+        nk, r, m = self.keys_t.shape[3], index.shape[1], key_index.shape[1]
+        q_scaled_t = self.q_scaled_t.view(b * heads, d, n)
+        scratch = self.workspaces
+        rows = torch.bmm(
+            q_rows.reshape(b * heads, r, d),
+            self.keys_t.view(b * heads, d, nk),
+            out=scratch.get("rows", (b * heads, r, nk), q_rows),
+        )
+        cols_new = scratch.get("cols_new", (b * heads, m, n), q_rows)
+        cols_old = scratch.get("cols_old", (b * heads, m, n), q_rows)
+        k_new, k_old = k_new.reshape(b * heads, m, d), k_old.reshape(b * heads, m, d)
+        if rel_rows is not None:
+            rel_h_rows, rel_w_rows = rel_rows
+            kh, kw = self.rel_pos.key_size
+            rows = rows.view(b, heads, r, nk)
+            self.rel_pos.add_to(rows, rel_h_rows, rel_w_rows, counted=False)
+            # Old terms of unchanged rows equal the new ones; updated rows are
+            # recomputed exactly below, so one term serves both.
+            self.rel_h_t.scatter_(
+                3, expand_col_index(index, self.rel_h_t.shape), rel_h_rows.transpose(-1, -2)
+            )
+            self.rel_w_t.scatter_(
+                3, expand_col_index(index, self.rel_w_t.shape), rel_w_rows.transpose(-1, -2)
+            )
+            rel = gather_rows(self.rel_h_t, key_index // kw, out=cols_old)
+            rel_w = gather_rows(self.rel_w_t, key_index % kw, out=cols_new)
+            rel = rel.add_(rel_w).view(b * heads, m, n)
+            if cols_new is None:
+                cols_new = torch.baddbmm(rel, k_new, q_scaled_t)
+            else:
+                torch.baddbmm(rel, k_new, q_scaled_t, out=cols_new)
+            cols_old = rel.baddbmm_(k_old, q_scaled_t)
+            # Counted as the method defines it: terms and adds over the full matrix.
+            self.count("einsum", b * heads * n * (kh + kw) * d)
+            self.count("add", 2 * b * heads * n * nk)
+        else:
+            cols_new = torch.bmm(k_new, q_scaled_t, out=cols_new)
+            cols_old = torch.bmm(k_old, q_scaled_t, out=cols_old)
+        return self._update_softmax(
+            rows.view(b, heads, r, nk),
+            cols_old.view(b, heads, m, n),
+            cols_new.view(b, heads, m, n),
+            index,
+            key_index,
+        )
+
+    def _fused_softmax_columns(
+        self, q_rows: Tensor, k_new: Tensor, k_old: Tensor, index: Tensor, key_index: Tensor
+    ) -> Tensor:
+        """:meth:`_softmax_columns` (no relative position) in one fused CPU
+        kernel that never stores a logit."""
+        b, heads, d, n = self.q_scaled_t.shape
+        nk, r, m = self.keys_t.shape[3], index.shape[1], key_index.shape[1]
+        probs = self.workspaces.get("cols_new", (b * heads, m, n), q_rows)
+        if kernels.incremental_softmax(
+            q_rows.reshape(b * heads, r, d),
+            self.keys_t.view(b * heads, d, nk),
+            k_new.reshape(b * heads, m, d),
+            k_old.reshape(b * heads, m, d),
+            self.q_scaled_t.view(b * heads, d, n),
+            self.log_norm.view(b * heads, n),
+            index,
+            probs,
+            self.min_kept_mass,
+            self.max_log_shift,
+        ):
+            return probs.view(b, heads, m, n)
+        return self._exact_softmax_columns(key_index)
 
     def _update_softmax(
         self,
@@ -700,7 +756,7 @@ class EventfulBlock(QueryKeyEventfulBlock):
         ``max_log_shift`` (precision), the normalisers are recomputed from the
         full logits for that frame.
         """
-        b, heads, n, _ = self.q_scaled.shape
+        b, heads, _, n = self.q_scaled_t.shape
         log_norm = self.log_norm
         fused = kernels.fused_kernels_available(rows, cols_old, cols_new, log_norm)
         if fused and cols_new.is_contiguous():
@@ -727,7 +783,7 @@ class EventfulBlock(QueryKeyEventfulBlock):
     def _exact_softmax_columns(self, key_index: Tensor) -> Tensor:
         """The fallback: recomputes the normalisers (B, H, N) from the full
         logits; returns the softmax columns of the keys in ``key_index`` (B, H, m, N)."""
-        logits = self._full_logits(self.q_scaled, self.keys, counted=False)
+        logits = self._full_logits(self.q_scaled_t, self.keys_t, counted=False)
         self.log_norm.copy_(torch.logsumexp(logits, dim=-1))
         cols = logits.gather(3, expand_col_index(key_index, logits.shape))
         return exp_shifted_(cols.transpose(-1, -2), self.log_norm.unsqueeze(-2)).contiguous()

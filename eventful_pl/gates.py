@@ -86,7 +86,21 @@ class TokenGate(Counted, StreamState, nn.Module):
         flat = flat_token_index(index, c.shape[1])
         return index, flat, gather_tokens(c, index, flat).flatten(2)
 
-    def forward(self, c: Tensor) -> tuple[Tensor, Tensor | None]:
+    def forward(self, c: Tensor, norm: nn.Module | None = None) -> tuple[Tensor, Tensor | None]:
+        """Gates ``c``, or ``norm(c)`` if a norm is given (for x (B, N, D)).
+
+        With a LayerNorm and the fused CPU kernels, an incremental frame never
+        forms ``norm(c)`` for all tokens: the error norms come from one fused
+        pass and only the selected tokens are normalised.
+        """
+        if norm is not None:
+            if (
+                self.p is not None
+                and isinstance(norm, nn.LayerNorm)
+                and kernels.fused_kernels_available(c, self.p)
+            ):
+                return self._gate_layer_norm(c, norm)
+            c = norm(c)
         if self.p is None:
             return self.flush(c), None
         self.count("gate", self.p.numel())
@@ -94,17 +108,8 @@ class TokenGate(Counted, StreamState, nn.Module):
         scatter_tokens_(self.p, index, c_sel.detach(), flat)
         return c_sel, index
 
-    def forward_normalized(self, x: Tensor, norm: nn.Module) -> tuple[Tensor, Tensor | None]:
-        """``self(norm(x))`` for x (B, N, D). With a LayerNorm and the fused CPU
-        kernels, an incremental frame never forms ``norm(x)`` for all tokens:
-        the error norms come from one fused pass and only the selected tokens
-        are normalised."""
-        if (
-            self.p is None
-            or not isinstance(norm, nn.LayerNorm)
-            or not kernels.fused_kernels_available(x, self.p)
-        ):
-            return self(norm(x))
+    def _gate_layer_norm(self, x: Tensor, norm: nn.LayerNorm) -> tuple[Tensor, Tensor]:
+        """The incremental ``forward(x, norm)`` with the fused kernel."""
         self.count("gate", self.p.numel())
         policy = _require_policy(self.policy, self)
         index = policy.select(kernels.layer_norm_error_norms(x, norm, self.p))
@@ -120,17 +125,15 @@ class STGTGate(TokenGate):
     Small changes never accumulate: ``p = c`` for every token on every frame.
     """
 
-    def forward(self, c: Tensor) -> tuple[Tensor, Tensor | None]:
+    def forward(self, c: Tensor, norm: nn.Module | None = None) -> tuple[Tensor, Tensor | None]:
+        if norm is not None:  # the reference takes every token of norm(c)
+            c = norm(c)
         if self.p is None:
             return self.flush(c), None
         self.count("gate", self.p.numel())
         index, _, c_sel = self.select(c)
         self.p.view(c.shape).copy_(c.detach())
         return c_sel, index
-
-    def forward_normalized(self, x: Tensor, norm: nn.Module) -> tuple[Tensor, Tensor | None]:
-        """``self(norm(x))``: the reference takes every token of ``norm(x)``."""
-        return self(norm(x))
 
 
 class TokenBuffer(Counted, StreamState, nn.Module):

@@ -162,6 +162,40 @@ def update_softmax(
     )
 
 
+def incremental_softmax(
+    q_rows: Tensor,
+    keys_t: Tensor,
+    k_new: Tensor,
+    k_old: Tensor,
+    q_t: Tensor,
+    log_norm: Tensor,
+    index: Tensor,
+    probs: Tensor,
+    min_kept_mass: float,
+    max_log_shift: float,
+) -> bool:
+    """The full block's incremental logits and softmax update in one kernel
+    that never stores a logit (G = B * H groups; no relative position).
+
+    q_rows (G, r, d), keys_t (G, d, Nk), k_new and k_old (G, m, d), q_t
+    (G, d, N), log_norm (G, N), index (B, r), probs (G, m, N) (written).
+    Same result and fallback contract as :func:`update_softmax` given the
+    logits ``q_rows @ keys_t``, ``k_old @ q_t`` and ``k_new @ q_t``.
+    """
+    return load_extension().incremental_softmax(
+        q_rows,
+        keys_t,
+        k_new,
+        k_old,
+        q_t,
+        log_norm,
+        index.contiguous(),
+        probs,
+        min_kept_mass,
+        max_log_shift,
+    )
+
+
 def attention_update(out: Tensor, a1: Tensor, v1: Tensor, a2: Tensor, v2: Tensor) -> Tensor:
     """``out += a1^T @ v1 + a2^T @ v2`` in one pass over ``out``: out (G, N, d),
     a1, a2 (G, m, N), v1, v2 (G, m, d), all contiguous; d a multiple of 16, at most 64."""

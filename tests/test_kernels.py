@@ -74,7 +74,7 @@ def test_layer_norm_error_norms_match_torch(affine: bool, dim: int) -> None:
 
 @pytest.mark.parametrize("policy", [TopRPolicy(5), ThresholdPolicy(4.0)])
 def test_normalized_gate_same_with_and_without_kernels(policy) -> None:
-    """forward_normalized: same tokens, values and reference as gate(norm(x))."""
+    """gate(x, norm=norm): same tokens, values and reference with the fused kernel."""
     torch.manual_seed(0)
     norm = torch.nn.LayerNorm(24, eps=1e-6)
     with torch.no_grad():
@@ -87,9 +87,9 @@ def test_normalized_gate_same_with_and_without_kernels(policy) -> None:
     with torch.no_grad():
         for x in frames:
             kernels.set_fused_kernels(True)
-            out_fused, index_fused = fused.forward_normalized(x, norm)
+            out_fused, index_fused = fused(x, norm=norm)
             kernels.set_fused_kernels(False)
-            out_plain, index_plain = plain.forward_normalized(x, norm)
+            out_plain, index_plain = plain(x, norm=norm)
             if index_plain is None:
                 assert index_fused is None
             else:  # same tokens (top-r leaves their order open)
@@ -138,21 +138,31 @@ def test_build_failure_falls_back_with_a_warning(monkeypatch, tmp_path) -> None:
         kernels.load_extension.cache_clear()
 
 
-def softmax_inputs(batch: int, heads: int = 3, n: int = 21, r: int = 4, m: int = 5, seed: int = 0):
-    """Consistent logits of one incremental frame: (rows, cols_old, cols_new,
-    log_norm, index); rows and columns come from real queries and keys."""
+def frame_state(batch: int, heads: int, n: int, r: int, m: int, seed: int, d: int = 8):
+    """One incremental frame of the full block's attention state: the queries
+    q and keys k after the update (B, H, N, d), the replaced keys k_old
+    (B, H, m, d), the old log-normalisers (B, H, N), the updated query rows
+    index (B, r) and key index (B, m)."""
     gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(batch, heads, n, 8, generator=gen)
-    k = torch.randn(batch, heads, n, 8, generator=gen)
+    q = torch.randn(batch, heads, n, d, generator=gen)
+    k = torch.randn(batch, heads, n, d, generator=gen)
     log_norm = torch.logsumexp(q @ k.transpose(-1, -2), dim=-1)
     index = torch.stack([torch.randperm(n, generator=gen)[:r] for _ in range(batch)])
     key_index = torch.stack([torch.randperm(n, generator=gen)[:m] for _ in range(batch)])
-    k_old = k.gather(2, key_index[:, None, :, None].expand(-1, heads, -1, 8))
+    k_old = k.gather(2, key_index[:, None, :, None].expand(-1, heads, -1, d))
     k_new = k_old + 0.5 * torch.randn(k_old.shape, generator=gen)
-    q = q.clone()
-    q.scatter_(2, index[:, None, :, None].expand(-1, heads, -1, 8), torch.randn(batch, heads, r, 8))
-    k.scatter_(2, key_index[:, None, :, None].expand(-1, heads, -1, 8), k_new)
-    rows = q.gather(2, index[:, None, :, None].expand(-1, heads, -1, 8)) @ k.transpose(-1, -2)
+    q.scatter_(2, index[:, None, :, None].expand(-1, heads, -1, d), torch.randn(batch, heads, r, d))
+    k.scatter_(2, key_index[:, None, :, None].expand(-1, heads, -1, d), k_new)
+    return q, k, k_old, log_norm, index, key_index
+
+
+def softmax_inputs(batch: int, heads: int = 3, n: int = 21, r: int = 4, m: int = 5, seed: int = 0):
+    """Consistent logits of one incremental frame: (rows, cols_old, cols_new,
+    log_norm, index); rows and columns come from real queries and keys."""
+    q, k, k_old, log_norm, index, key_index = frame_state(batch, heads, n, r, m, seed)
+    d = q.shape[-1]
+    k_new = k.gather(2, key_index[:, None, :, None].expand(-1, heads, -1, d))
+    rows = q.gather(2, index[:, None, :, None].expand(-1, heads, -1, d)) @ k.transpose(-1, -2)
     return rows, k_old @ q.transpose(-1, -2), k_new @ q.transpose(-1, -2), log_norm, index
 
 
@@ -240,3 +250,53 @@ def test_attention_update_rejects_unsupported_head_sizes() -> None:
     a, v = torch.zeros(1, 2, 4), torch.zeros(1, 2, 8)
     with pytest.raises(RuntimeError, match="head size 8"):
         kernels.attention_update(out, a, v, a, v)
+
+
+def fused_softmax_call(q, k, k_old, log_norm, index, key_index, **checks):
+    """incremental_softmax on a frame_state; returns (result, log_norm, probs)."""
+    b, heads, n, d = q.shape
+    g, r, m = b * heads, index.shape[1], key_index.shape[1]
+    k_new = k.gather(2, key_index[:, None, :, None].expand(-1, heads, -1, d))
+    q_rows = q.gather(2, index[:, None, :, None].expand(-1, heads, -1, d))
+    norm = log_norm.clone()
+    probs = torch.empty(g, m, n)
+    ok = kernels.incremental_softmax(
+        q_rows.reshape(g, r, d),
+        k.transpose(-1, -2).contiguous().view(g, d, n),
+        k_new.reshape(g, m, d),
+        k_old.reshape(g, m, d),
+        q.transpose(-1, -2).contiguous().view(g, d, n),
+        norm.view(g, n),
+        index,
+        probs,
+        checks.get("min_kept_mass", 1e-3),
+        checks.get("max_log_shift", 60.0),
+    )
+    return ok, norm, probs.view(b, heads, m, n)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("n", [21, 70, 128])  # within one panel, a partial panel, whole panels
+def test_incremental_softmax_matches_the_method(batch: int, n: int) -> None:
+    q, k, k_old, log_norm, index, key_index = frame_state(batch, 3, n, r=7, m=8, seed=1)
+    d = q.shape[-1]
+    k_new = k.gather(2, key_index[:, None, :, None].expand(-1, 3, -1, d))
+    rows = q.gather(2, index[:, None, :, None].expand(-1, 3, -1, d)) @ k.transpose(-1, -2)
+    expected_norm, expected_cols = reference_softmax_update(
+        rows, k_old @ q.transpose(-1, -2), k_new @ q.transpose(-1, -2), log_norm, index
+    )
+    ok, norm, probs = fused_softmax_call(q, k, k_old, log_norm, index, key_index)
+    assert ok
+    torch.testing.assert_close(norm.double(), expected_norm, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(probs.double(), expected_cols, rtol=1e-5, atol=1e-7)
+
+
+def test_incremental_softmax_asks_for_the_fallback() -> None:
+    q, k, k_old, log_norm, index, key_index = frame_state(2, 3, 70, r=7, m=8, seed=2)
+    k_old[1, 2, 3, 0] = float("nan")
+    ok, norm, _ = fused_softmax_call(q, k, k_old, log_norm, index, key_index)
+    assert not ok
+    assert torch.equal(norm, log_norm)
+    ok, norm, _ = fused_softmax_call(*frame_state(2, 3, 70, r=7, m=8, seed=2), min_kept_mass=2.0)
+    assert not ok
+    assert torch.equal(norm, log_norm)

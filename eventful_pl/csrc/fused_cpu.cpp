@@ -124,8 +124,92 @@ inline Vec16 load16(const float* p) {
 
 inline void store16(float* p, Vec16 v) { std::memcpy(p, &v, sizeof(v)); }
 
-// Output rows handled per task of attention_update.
+// Output rows handled per task of attention_update, and rows of a logits tile.
 constexpr int kTileRows = 6;
+// Columns of a logits tile: four vectors.
+constexpr int64_t kPanel = 4 * kVec;
+
+typedef int32_t Vec16i __attribute__((vector_size(64)));
+
+inline Vec16 splat(float x) { return Vec16{} + x; }
+
+// exp_float on 16 lanes.
+inline Vec16 exp_vec(Vec16 x) {
+  const Vec16 low = splat(-87.0f), high = splat(88.0f);
+  Vec16 c = x < low ? low : x;
+  c = c > high ? high : c;
+  const Vec16 n = (c * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const Vec16 r = (c - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;
+  Vec16 poly = splat(1.0f / 5040.0f);
+  poly = poly * r + 1.0f / 720.0f;
+  poly = poly * r + 1.0f / 120.0f;
+  poly = poly * r + 1.0f / 24.0f;
+  poly = poly * r + 1.0f / 6.0f;
+  poly = poly * r + 0.5f;
+  poly = poly * r + 1.0f;
+  poly = poly * r + 1.0f;
+  const Vec16i bits = (__builtin_convertvector(n, Vec16i) + 127) << 23;
+  Vec16 scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  Vec16 y = poly * scale;
+  y = x < low ? splat(0.0f) : y;
+  return x > high ? splat(std::numeric_limits<float>::infinity()) : y;
+}
+
+// Logits tile: acc[i] (64 lanes as 4 vectors) = sum_t a[i * a_row + t * a_col] * b[t * ldb + 0:64].
+template <int Rows>
+inline void logits_tile(const float* a, int64_t a_row, int64_t a_col, const float* b, int64_t ldb,
+                        int64_t k, Vec16 (&out)[kTileRows][4]) {
+  Vec16 acc[Rows][4];  // local, so that it stays in registers
+  for (int i = 0; i < Rows; ++i)
+    for (int j = 0; j < 4; ++j) acc[i][j] = Vec16{};
+  for (int64_t t = 0; t < k; ++t) {
+    const float* b_row = b + t * ldb;
+    const Vec16 b0 = load16(b_row), b1 = load16(b_row + kVec);
+    const Vec16 b2 = load16(b_row + 2 * kVec), b3 = load16(b_row + 3 * kVec);
+    for (int i = 0; i < Rows; ++i) {
+      const float s = a[i * a_row + t * a_col];
+      acc[i][0] += s * b0;
+      acc[i][1] += s * b1;
+      acc[i][2] += s * b2;
+      acc[i][3] += s * b3;
+    }
+  }
+  for (int i = 0; i < Rows; ++i)
+    for (int j = 0; j < 4; ++j) out[i][j] = acc[i][j];
+}
+
+// Calls tile(row, rows, acc) for the logits a[0:m] @ b[:, 0:64] in tiles of
+// up to kTileRows rows.
+template <typename Epilogue>
+inline void for_each_logits_tile(const float* a, int64_t a_row, int64_t a_col, const float* b,
+                                 int64_t ldb, int64_t m, int64_t k, Epilogue&& tile) {
+  Vec16 acc[kTileRows][4];
+  int64_t i = 0;
+  for (; i + kTileRows <= m; i += kTileRows) {
+    logits_tile<kTileRows>(a + i * a_row, a_row, a_col, b, ldb, k, acc);
+    tile(i, kTileRows, acc);
+  }
+  for (; i < m; ++i) {
+    logits_tile<1>(a + i * a_row, a_row, a_col, b, ldb, k, acc);
+    tile(i, 1, acc);
+  }
+}
+
+// A (k, 64) panel of b (rows ldb apart) starting at column `col`: b itself
+// when 64 columns remain, else a zero-padded copy in `pad`.
+inline const float* panel_of(const float* b, int64_t ldb, int64_t k, int64_t col, int64_t width,
+                             std::vector<float>& pad, int64_t& panel_ld) {
+  if (width == kPanel) {
+    panel_ld = ldb;
+    return b + col;
+  }
+  pad.assign(k * kPanel, 0.0f);
+  for (int64_t t = 0; t < k; ++t)
+    std::copy(b + t * ldb + col, b + t * ldb + col + width, pad.data() + t * kPanel);
+  panel_ld = kPanel;
+  return pad.data();
+}
 
 // Rows consecutive output rows of d = Chunks * 16 channels:
 //   out[i] += sum_t a1[t * n + i] * v1[t] + a2[t * n + i] * v2[t].
@@ -149,6 +233,29 @@ inline void update_tile(float* out, const float* a1, const float* v1, const floa
   }
   for (int i = 0; i < Rows; ++i)
     for (int j = 0; j < Chunks; ++j) store16(out + i * d + j * kVec, acc[i][j]);
+}
+
+// Second pass of the softmax update: L += log(mass); columns /= mass.
+//   cols (G, m, N), log_norm and mass (G, N), contiguous.
+void normalise_columns(float* cols, float* log_norm, const float* mass, int64_t groups, int64_t m,
+                       int64_t n) {
+  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> inverse(n);
+    for (int64_t g = begin; g < end; ++g) {
+      const float* tot = mass + g * n;
+      float* shift = log_norm + g * n;
+      for (int64_t i = 0; i < n; ++i) {
+        inverse[i] = 1.0f / tot[i];
+        shift[i] += std::log(tot[i]);
+      }
+      for (int64_t j = 0; j < m; ++j) {
+        float* __restrict col = cols + (g * m + j) * n;
+        const float* __restrict inv = inverse.data();
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) col[i] *= inv[i];
+      }
+    }
+  });
 }
 
 }  // namespace
@@ -288,23 +395,7 @@ bool update_softmax(const at::Tensor& rows, const at::Tensor& cols_old, at::Tens
   });
   for (int64_t g = 0; g < bh; ++g)
     if (!ok[g]) return false;
-  at::parallel_for(0, bh, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> inverse(n);
-    for (int64_t g = begin; g < end; ++g) {
-      const float* tot = total_data + g * n;
-      float* shift = norm_data + g * n;
-      for (int64_t i = 0; i < n; ++i) {
-        inverse[i] = 1.0f / tot[i];
-        shift[i] += std::log(tot[i]);
-      }
-      for (int64_t j = 0; j < m; ++j) {
-        float* __restrict col = new_data + (g * m + j) * n;
-        const float* __restrict inv = inverse.data();
-#pragma omp simd
-        for (int64_t i = 0; i < n; ++i) col[i] *= inv[i];
-      }
-    }
-  });
+  normalise_columns(new_data, norm_data, total_data, bh, m, n);
   return true;
 }
 
@@ -364,12 +455,179 @@ void attention_update(at::Tensor& out, const at::Tensor& a1, const at::Tensor& v
   });
 }
 
+// The full block's incremental frame from queries and keys to new softmax
+// columns, without storing any logits (EventfulBlock._incremental; no
+// relative position). G = B * H groups:
+//   q_rows (G, r, d): the updated (scaled) queries, rows index (B, r);
+//   keys_t (G, d, Nk): all keys (new ones in place), channels-major;
+//   k_new, k_old (G, m, d): the updated keys, new and old (any strides);
+//   q_t (G, d, N): all scaled queries (new ones in place), channels-major;
+//   log_norm (G, N): the row log-normalisers L; probs (G, m, N): output.
+// Computes the logits of the updated key columns (new and old) and of the
+// updated query rows tile by tile, takes their exponentials relative to L
+// and accumulates the masses as update_softmax does, with the same checks
+// and result (probs: the new softmax columns of the updated keys).
+bool incremental_softmax(const at::Tensor& q_rows, const at::Tensor& keys_t,
+                         const at::Tensor& k_new, const at::Tensor& k_old, const at::Tensor& q_t,
+                         at::Tensor& log_norm, const at::Tensor& index, at::Tensor& probs,
+                         double min_kept_mass, double max_log_shift) {
+  const at::Tensor* inputs[] = {&q_rows, &keys_t, &k_new, &k_old, &q_t, &log_norm, &probs};
+  for (const at::Tensor* t : inputs) {
+    check_float_cpu(*t, "incremental_softmax inputs");
+    TORCH_CHECK(t->dim() == 3 || t == &log_norm, "incremental_softmax: 3-D inputs expected");
+  }
+  TORCH_CHECK(keys_t.stride(2) == 1 && q_t.stride(2) == 1, "keys_t and q_t: contiguous rows");
+  TORCH_CHECK(log_norm.is_contiguous() && probs.is_contiguous(),
+              "log_norm and probs must be contiguous");
+  TORCH_CHECK(index.scalar_type() == at::kLong && index.is_contiguous() && index.dim() == 2,
+              "index must be a contiguous int64 (B, r) tensor");
+  const int64_t groups = q_t.size(0), d = q_t.size(1), n = q_t.size(2);
+  const int64_t r = q_rows.size(1), nk = keys_t.size(2), m = k_new.size(1);
+  const int64_t batch = index.size(0);
+  TORCH_CHECK(groups % batch == 0 && index.size(1) == r, "index must be (B, r)");
+  TORCH_CHECK(q_rows.size(0) == groups && q_rows.size(2) == d && keys_t.size(0) == groups &&
+                  keys_t.size(1) == d && k_new.sizes() == k_old.sizes() &&
+                  k_new.size(0) == groups && k_new.size(2) == d && log_norm.size(0) == groups &&
+                  log_norm.size(1) == n && probs.size(0) == groups && probs.size(1) == m &&
+                  probs.size(2) == n,
+              "incremental_softmax: shapes do not match");
+  const int64_t heads = groups / batch;
+  const int64_t panels = (n + kPanel - 1) / kPanel, key_panels = (nk + kPanel - 1) / kPanel;
+  auto total = at::empty({groups, n}, log_norm.options());
+  auto kept = at::empty({groups, n}, log_norm.options());
+  auto partial = at::zeros({groups, key_panels, r}, log_norm.options());
+  const float* qr = q_rows.data_ptr<float>();
+  const float* kt = keys_t.data_ptr<float>();
+  const float* kn = k_new.data_ptr<float>();
+  const float* ko = k_old.data_ptr<float>();
+  const float* qt = q_t.data_ptr<float>();
+  float* norm_data = log_norm.data_ptr<float>();
+  float* probs_data = probs.data_ptr<float>();
+  float* total_data = total.data_ptr<float>();
+  float* kept_data = kept.data_ptr<float>();
+  float* partial_data = partial.data_ptr<float>();
+  const int64_t* index_data = index.data_ptr<int64_t>();
+  const int64_t qr_g = q_rows.stride(0), qr_row = q_rows.stride(1), qr_col = q_rows.stride(2);
+  const int64_t kn_g = k_new.stride(0), kn_row = k_new.stride(1), kn_col = k_new.stride(2);
+  const int64_t ko_g = k_old.stride(0), ko_row = k_old.stride(1), ko_col = k_old.stride(2);
+  const int64_t kt_g = keys_t.stride(0), kt_ld = keys_t.stride(1);
+  const int64_t qt_g = q_t.stride(0), qt_ld = q_t.stride(1);
+
+  // Per group: key columns, one 64-query panel per task; query rows, one
+  // 64-key panel per task.
+  at::parallel_for(0, groups * (panels + key_panels), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> pad, out_pad;
+    for (int64_t task = begin; task < end; ++task) {
+      // Tasks in group order, so that every thread's share is balanced.
+      const int64_t g = task / (panels + key_panels), local = task % (panels + key_panels);
+      const bool columns = local < panels;
+      const int64_t col = (columns ? local : local - panels) * kPanel;
+      if (columns) {
+        const int64_t width = std::min(kPanel, n - col);
+        int64_t ld = 0;
+        const float* b = panel_of(qt + g * qt_g, qt_ld, d, col, width, pad, ld);
+        float shift_lanes[kPanel] = {0.0f};
+        std::copy(norm_data + g * n + col, norm_data + g * n + col + width, shift_lanes);
+        Vec16 shift[4], mass[4], removed[4];
+        for (int j = 0; j < 4; ++j) {
+          shift[j] = load16(shift_lanes + j * kVec);
+          mass[j] = Vec16{};
+          removed[j] = Vec16{};
+        }
+        out_pad.assign(kTileRows * kPanel, 0.0f);
+        float* out_g = probs_data + g * m * n + col;
+        for_each_logits_tile(kn + g * kn_g, kn_row, kn_col, b, ld, m, d,
+                             [&](int64_t row, int rows, Vec16 (&acc)[kTileRows][4]) {
+                               for (int i = 0; i < rows; ++i) {
+                                 for (int j = 0; j < 4; ++j) {
+                                   const Vec16 e = exp_vec(acc[i][j] - shift[j]);
+                                   mass[j] += e;
+                                   store16(out_pad.data() + i * kPanel + j * kVec, e);
+                                 }
+                                 std::copy(out_pad.data() + i * kPanel,
+                                           out_pad.data() + i * kPanel + width,
+                                           out_g + (row + i) * n);
+                               }
+                             });
+        for_each_logits_tile(ko + g * ko_g, ko_row, ko_col, b, ld, m, d,
+                             [&](int64_t, int rows, Vec16 (&acc)[kTileRows][4]) {
+                               for (int i = 0; i < rows; ++i)
+                                 for (int j = 0; j < 4; ++j)
+                                   removed[j] += exp_vec(acc[i][j] - shift[j]);
+                             });
+        float mass_lanes[kPanel], removed_lanes[kPanel];
+        for (int j = 0; j < 4; ++j) {
+          store16(mass_lanes + j * kVec, mass[j]);
+          store16(removed_lanes + j * kVec, removed[j]);
+        }
+        for (int64_t i = 0; i < width; ++i) {
+          kept_data[g * n + col + i] = 1.0f - removed_lanes[i];
+          total_data[g * n + col + i] = mass_lanes[i] + (1.0f - removed_lanes[i]);
+        }
+      } else {
+        const int64_t width = std::min(kPanel, nk - col);
+        int64_t ld = 0;
+        const float* b = panel_of(kt + g * kt_g, kt_ld, d, col, width, pad, ld);
+        float valid_lanes[kPanel] = {0.0f};
+        std::fill(valid_lanes, valid_lanes + width, 1.0f);
+        Vec16 valid[4];
+        for (int j = 0; j < 4; ++j) valid[j] = load16(valid_lanes + j * kVec);
+        const int64_t* rows_index = index_data + (g / heads) * r;
+        float* partial_g = partial_data + (g * key_panels + col / kPanel) * r;
+        for_each_logits_tile(qr + g * qr_g, qr_row, qr_col, b, ld, r, d,
+                             [&](int64_t row, int rows, Vec16 (&acc)[kTileRows][4]) {
+                               for (int i = 0; i < rows; ++i) {
+                                 const float shift = norm_data[g * n + rows_index[row + i]];
+                                 Vec16 sum = Vec16{};
+                                 for (int j = 0; j < 4; ++j)
+                                   sum += exp_vec(acc[i][j] - shift) * valid[j];
+                                 float lanes[kVec];
+                                 store16(lanes, sum);
+                                 float s = 0.0f;
+                                 for (int64_t l = 0; l < kVec; ++l) s += lanes[l];
+                                 partial_g[row + i] = s;
+                               }
+                             });
+      }
+    }
+  });
+
+  // Updated rows: their recomputed mass, all of it kept. Then the checks.
+  const float min_kept = static_cast<float>(min_kept_mass);
+  const float low = std::exp(static_cast<float>(-max_log_shift));
+  const float high = std::exp(static_cast<float>(max_log_shift));
+  std::vector<char> ok(groups, 1);
+  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t* rows_index = index_data + (g / heads) * r;
+      for (int64_t t = 0; t < r; ++t) {
+        float mass = 0.0f;
+        for (int64_t p = 0; p < key_panels; ++p) mass += partial_data[(g * key_panels + p) * r + t];
+        kept_data[g * n + rows_index[t]] = 1.0f;
+        total_data[g * n + rows_index[t]] = mass;
+      }
+      bool good = true;
+      for (int64_t i = 0; i < n; ++i) {
+        const float tot = total_data[g * n + i];
+        good = good && kept_data[g * n + i] >= min_kept && tot > low && tot < high;
+      }
+      ok[g] = good;
+    }
+  });
+  for (int64_t g = 0; g < groups; ++g)
+    if (!ok[g]) return false;
+  normalise_columns(probs_data, norm_data, total_data, groups, m, n);
+  return true;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("error_norms", &error_norms, "L2 norms of c - p per token (B, N)");
   m.def("layer_norm_error_norms", &layer_norm_error_norms,
         "L2 norms of LayerNorm(x) - p per token (B, N)");
   m.def("update_softmax", &update_softmax,
         "incremental softmax normaliser update of the full eventful block");
+  m.def("incremental_softmax", &incremental_softmax,
+        "the full block's logits and softmax update of an incremental frame, fused");
   m.def("attention_update", &attention_update,
         "out[g] += a1[g]^T @ v1[g] + a2[g]^T @ v2[g] (the full block's output update)");
 }

@@ -43,7 +43,7 @@ def record_token_updates(model: nn.Module, gates: str = "qkv_gate") -> Iterator[
 
             def hook(_module, inputs, output, name=name):
                 index = output[1]
-                tokens = inputs[0].shape[-2]
+                tokens = inputs[0].shape[1]  # (B, N, D) or heads (B, N, H, d)
                 records[name].append((None if index is None else index.detach().cpu(), tokens))
 
             handles.append(module.register_forward_hook(hook))
