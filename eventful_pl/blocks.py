@@ -631,19 +631,28 @@ class EventfulBlock(QueryKeyEventfulBlock):
         self.count("matmul", b * heads * (r * nk + m * n) * d)
         a_new = a_new.to(dtype)
         v_new = v_new.to(dtype)
-        v_new, v_delta = self.v_gate.update_selected(v_new, key_index, flat_rows=key_rows)
-        a_new, a_delta = self.a_gate.update_selected(a_new, key_index, flat_rows=key_rows)
         out = self.output.view(b * heads, n, d)
-        v_old = (v_new - v_delta).view(b * heads, m, d)
-        a_new, a_delta = a_new.view(b * heads, m, n), a_delta.view(b * heads, m, n)
-        v_delta = v_delta.view(b * heads, m, d)
         if kernels.attention_update_supported(d) and kernels.fused_kernels_available(
-            out, a_new, a_delta, v_delta, v_old
+            out, a_new, v_new, self.a_gate.p, self.v_gate.p
         ):
-            kernels.attention_update(out, a_new, v_delta, a_delta, v_old)
+            # Reads the old columns and values from the gate references, then
+            # the new ones replace them: no gathered copies, no deltas.
+            kernels.attention_update(
+                out,
+                a_new.reshape(b * heads, m, n),
+                v_new.reshape(b * heads, m, d),
+                self.a_gate.p.view(b * heads, nk, n),
+                self.v_gate.p.view(b * heads, nk, d),
+                key_index,
+            )
+            self.v_gate.commit_selected(v_new, key_index, flat_rows=key_rows)
+            self.a_gate.commit_selected(a_new, key_index, flat_rows=key_rows)
         else:
-            out.baddbmm_(a_new.transpose(1, 2), v_delta)
-            out.baddbmm_(a_delta.transpose(1, 2), v_old)
+            v_new, v_delta = self.v_gate.update_selected(v_new, key_index, flat_rows=key_rows)
+            a_new, a_delta = self.a_gate.update_selected(a_new, key_index, flat_rows=key_rows)
+            v_old = (v_new - v_delta).view(b * heads, m, d)
+            out.baddbmm_(a_new.view(b * heads, m, n).transpose(1, 2), v_delta.view(b * heads, m, d))
+            out.baddbmm_(a_delta.view(b * heads, m, n).transpose(1, 2), v_old)
         self.count("matmul", 2 * out.numel() * m)
         self.count("accumulator", v_new.numel() + 2 * out.numel())
         return self.output

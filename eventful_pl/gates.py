@@ -243,18 +243,29 @@ class DeltaGate(Counted, StreamState, nn.Module):
         """
         if self.p is None:
             raise RuntimeError("DeltaGate.update_selected called before a flush")
-        self.count("gate", self.p.numel())
         if self.structure == "row" and self.p.ndim == 4 and self.p.is_contiguous():
             scratch = self.workspaces.get("delta", tuple(c_sel.shape), c_sel)
             old = gather_rows(self.p, index, flat_rows, out=scratch)
             e_sel = c_sel - old if scratch is None else torch.sub(c_sel, old, out=old)
-            scatter_rows_(self.p, index, c_sel, flat_rows)
+            self.commit_selected(c_sel, index, flat_rows)
             return c_sel, e_sel
+        self.count("gate", self.p.numel())
         if expanded is None:
             expanded = self._expand(index, tuple(self.p.shape))
         e_sel = c_sel - self.p.gather(self.token_dim, expanded)
         self.p.scatter_(self.token_dim, expanded, c_sel)
         return c_sel, e_sel
+
+    def commit_selected(
+        self, c_sel: Tensor, index: Tensor, flat_rows: Tensor | None = None
+    ) -> None:
+        """The reference half of :meth:`update_selected` for a caller that read
+        the old rows itself (row gates on contiguous (B, H, N, C) references):
+        counts the gate and writes ``c_sel`` (B, H, k, C) into the reference."""
+        if self.p is None:
+            raise RuntimeError("DeltaGate.commit_selected called before a flush")
+        self.count("gate", self.p.numel())
+        scatter_rows_(self.p, index, c_sel, flat_rows)
 
 
 def set_policy(model: nn.Module, policy: TokenPolicy | None) -> None:

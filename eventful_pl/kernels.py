@@ -196,10 +196,23 @@ def incremental_softmax(
     )
 
 
-def attention_update(out: Tensor, a1: Tensor, v1: Tensor, a2: Tensor, v2: Tensor) -> Tensor:
-    """``out += a1^T @ v1 + a2^T @ v2`` in one pass over ``out``: out (G, N, d),
-    a1, a2 (G, m, N), v1, v2 (G, m, d), all contiguous; d a multiple of 16, at most 64."""
-    load_extension().attention_update(out, a1, v1, a2, v2)
+def attention_update(
+    out: Tensor,
+    a_new: Tensor,
+    v_new: Tensor,
+    a_ref: Tensor,
+    v_ref: Tensor,
+    key_index: Tensor,
+) -> Tensor:
+    """The full block's output update in one pass over ``out``, reading the old
+    columns and values straight from the delta gates' references:
+    ``out += a_new^T v_new - a_ref[keys]^T v_ref[keys]`` (= ``A_new dV + dA V_old``).
+
+    out (G, N, d), a_new (G, m, N), v_new (G, m, d), a_ref (G, Nk, N), v_ref
+    (G, Nk, d), all contiguous, G = B * H; key_index (B, m). d a multiple of
+    16, at most 64. The references are only read.
+    """
+    load_extension().attention_update(out, a_new, v_new, a_ref, v_ref, key_index.contiguous())
     return out
 
 

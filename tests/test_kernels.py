@@ -231,16 +231,28 @@ def test_update_softmax_exponentials_over_the_float_range() -> None:
 
 @pytest.mark.parametrize("head_size", [16, 32, 48, 64])
 @pytest.mark.parametrize("tokens", [6, 37])  # a partial block of rows / several blocks
-def test_attention_update_matches_torch(head_size: int, tokens: int) -> None:
+@pytest.mark.parametrize("batch", [1, 2])
+def test_attention_update_matches_the_delta_form(head_size: int, tokens: int, batch: int) -> None:
+    """out += A_new dV + dA V_old, with the old columns and values read from
+    the references at each item's own key index."""
     torch.manual_seed(0)
-    groups, keys = 5, 7
-    out = torch.randn(groups, tokens, head_size)
-    a1, a2 = torch.rand(groups, keys, tokens), torch.randn(groups, keys, tokens)
-    v1, v2 = torch.randn(groups, keys, head_size), torch.randn(groups, keys, head_size)
-    expected = out + a1.transpose(1, 2) @ v1 + a2.transpose(1, 2) @ v2
+    heads, keys, updated = 3, 11, 4
+    g = batch * heads
+    out = torch.randn(g, tokens, head_size)
+    a_ref, v_ref = torch.rand(g, keys, tokens), torch.randn(g, keys, head_size)
+    a_new, v_new = torch.rand(g, updated, tokens), torch.randn(g, updated, head_size)
+    key_index = torch.stack([torch.randperm(keys)[:updated] for _ in range(batch)])
+    rows = key_index.repeat_interleave(heads, dim=0)  # (G, m)
+    a_old = a_ref.gather(1, rows[..., None].expand(-1, -1, tokens))
+    v_old = v_ref.gather(1, rows[..., None].expand(-1, -1, head_size))
+    expected = (
+        out + a_new.transpose(1, 2) @ (v_new - v_old) + (a_new - a_old).transpose(1, 2) @ v_old
+    )
+    references = (a_ref.clone(), v_ref.clone())
     assert kernels.attention_update_supported(head_size)
-    kernels.attention_update(out, a1, v1, a2, v2)
+    kernels.attention_update(out, a_new, v_new, a_ref, v_ref, key_index)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(a_ref, references[0]) and torch.equal(v_ref, references[1])
 
 
 def test_attention_update_rejects_unsupported_head_sizes() -> None:
@@ -249,7 +261,7 @@ def test_attention_update_rejects_unsupported_head_sizes() -> None:
     out = torch.zeros(1, 4, 8)
     a, v = torch.zeros(1, 2, 4), torch.zeros(1, 2, 8)
     with pytest.raises(RuntimeError, match="head size 8"):
-        kernels.attention_update(out, a, v, a, v)
+        kernels.attention_update(out, a, v, a, v, torch.zeros(1, 2, dtype=torch.long))
 
 
 def fused_softmax_call(q, k, k_old, log_norm, index, key_index, **checks):

@@ -211,24 +211,28 @@ inline const float* panel_of(const float* b, int64_t ldb, int64_t k, int64_t col
   return pad.data();
 }
 
-// Rows consecutive output rows of d = Chunks * 16 channels:
-//   out[i] += sum_t a1[t * n + i] * v1[t] + a2[t * n + i] * v2[t].
+// Rows consecutive output rows of d = Chunks * 16 channels, from m pairs of
+// (softmax column, value) rows, new and old:
+//   out[i] += sum_t a_new[t][i] * v_new[t] - a_old[t][i] * v_old[t].
+// a_*[t] points at its row, whose column `col` is output row 0; v_*[t] at
+// its d values.
 template <int Rows, int Chunks>
-inline void update_tile(float* out, const float* a1, const float* v1, const float* a2,
-                        const float* v2, int64_t n, int64_t m) {
+inline void update_tile(float* out, const float* const* a_new, const float* const* v_new,
+                        const float* const* a_old, const float* const* v_old, int64_t m,
+                        int64_t col) {
   constexpr int64_t d = Chunks * kVec;
   Vec16 acc[Rows][Chunks];
   for (int i = 0; i < Rows; ++i)
     for (int j = 0; j < Chunks; ++j) acc[i][j] = load16(out + i * d + j * kVec);
-  for (int pair = 0; pair < 2; ++pair) {
-    const float* a = pair == 0 ? a1 : a2;
-    const float* v = pair == 0 ? v1 : v2;
-    for (int64_t t = 0; t < m; ++t) {
-      Vec16 vt[Chunks];
-      for (int j = 0; j < Chunks; ++j) vt[j] = load16(v + t * d + j * kVec);
-      const float* a_t = a + t * n;
-      for (int i = 0; i < Rows; ++i)
-        for (int j = 0; j < Chunks; ++j) acc[i][j] += a_t[i] * vt[j];
+  for (int64_t t = 0; t < m; ++t) {
+    Vec16 vn[Chunks], vo[Chunks];
+    for (int j = 0; j < Chunks; ++j) {
+      vn[j] = load16(v_new[t] + j * kVec);
+      vo[j] = load16(v_old[t] + j * kVec);
+    }
+    for (int i = 0; i < Rows; ++i) {
+      const float an = a_new[t][col + i], ao = a_old[t][col + i];
+      for (int j = 0; j < Chunks; ++j) acc[i][j] += an * vn[j] - ao * vo[j];
     }
   }
   for (int i = 0; i < Rows; ++i)
@@ -399,56 +403,79 @@ bool update_softmax(const at::Tensor& rows, const at::Tensor& cols_old, at::Tens
   return true;
 }
 
-// The full block's output update from the updated key columns:
-//   out[g] (N, d) += a1[g]^T @ v1[g] + a2[g]^T @ v2[g],
-//   a1, a2 (G, m, N) contiguous (softmax columns, key-major), v1, v2
-//   (G, m, d) contiguous, out (G, N, d) contiguous. d must be a multiple of
-//   16, at most 64. One pass over out; every task is (g, a block of rows).
-void attention_update(at::Tensor& out, const at::Tensor& a1, const at::Tensor& v1,
-                      const at::Tensor& a2, const at::Tensor& v2) {
-  const at::Tensor* inputs[] = {&out, &a1, &v1, &a2, &v2};
+// The full block's output update from the updated key columns, reading the
+// old columns and values straight from the delta gates' references:
+//   out[g] (N, d) += a_new[g]^T @ v_new[g] - a_ref[g][keys]^T @ v_ref[g][keys]
+// which is the method's A_new dV + dA V_old. a_new (G, m, N), v_new (G, m, d),
+// a_ref (G, Nk, N) (key-major), v_ref (G, Nk, d), out (G, N, d), all
+// contiguous; key_index (B, m) the updated keys of each batch item. d must be
+// a multiple of 16, at most 64. The references are only read: the caller
+// writes the new rows into them afterwards. One pass over out; every task is
+// (g, a block of kTileRows output rows).
+void attention_update(at::Tensor& out, const at::Tensor& a_new, const at::Tensor& v_new,
+                      const at::Tensor& a_ref, const at::Tensor& v_ref,
+                      const at::Tensor& key_index) {
+  const at::Tensor* inputs[] = {&out, &a_new, &v_new, &a_ref, &v_ref};
   for (const at::Tensor* t : inputs) {
     check_float_cpu(*t, "attention_update inputs");
     TORCH_CHECK(t->is_contiguous() && t->dim() == 3, "attention_update inputs: contiguous, 3-D");
   }
-  const int64_t groups = out.size(0), n = out.size(1), d = out.size(2), m = a1.size(1);
+  TORCH_CHECK(key_index.scalar_type() == at::kLong && key_index.is_contiguous() &&
+                  key_index.dim() == 2,
+              "key_index must be a contiguous int64 (B, m) tensor");
+  const int64_t groups = out.size(0), n = out.size(1), d = out.size(2), m = a_new.size(1);
+  const int64_t nk = a_ref.size(1), batch = key_index.size(0);
   TORCH_CHECK(d % kVec == 0 && d <= 4 * kVec, "attention_update: head size ", d,
               " must be a multiple of 16, at most 64");
-  TORCH_CHECK(a1.sizes() == a2.sizes() && a1.size(0) == groups && a1.size(2) == n &&
-                  v1.sizes() == v2.sizes() && v1.size(0) == groups && v1.size(1) == m &&
-                  v1.size(2) == d,
-              "attention_update: a (G, m, N), v (G, m, d) and out (G, N, d) do not match");
-  const int64_t chunks = d / kVec;
+  TORCH_CHECK(a_new.size(0) == groups && a_new.size(2) == n && v_new.size(0) == groups &&
+                  v_new.size(1) == m && v_new.size(2) == d && a_ref.size(0) == groups &&
+                  a_ref.size(2) == n && v_ref.size(0) == groups && v_ref.size(1) == nk &&
+                  v_ref.size(2) == d && groups % batch == 0 && key_index.size(1) == m,
+              "attention_update: shapes do not match");
+  const int64_t heads = groups / batch, chunks = d / kVec;
   const int64_t blocks = (n + kTileRows - 1) / kTileRows;
   const int64_t grain = std::max<int64_t>(1, blocks / 4);
   float* out_data = out.data_ptr<float>();
-  const float* a_data[2] = {a1.data_ptr<float>(), a2.data_ptr<float>()};
-  const float* v_data[2] = {v1.data_ptr<float>(), v2.data_ptr<float>()};
+  const float* an_data = a_new.data_ptr<float>();
+  const float* vn_data = v_new.data_ptr<float>();
+  const float* ar_data = a_ref.data_ptr<float>();
+  const float* vr_data = v_ref.data_ptr<float>();
+  const int64_t* key_data = key_index.data_ptr<int64_t>();
   at::parallel_for(0, groups * blocks, grain, [&](int64_t begin, int64_t end) {
+    std::vector<const float*> an(m), vn(m), ao(m), vo(m);
+    int64_t current = -1;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t g = task / blocks, row = (task % blocks) * kTileRows;
       const int64_t rows = std::min<int64_t>(kTileRows, n - row);
+      if (g != current) {
+        const int64_t* keys = key_data + (g / heads) * m;
+        for (int64_t t = 0; t < m; ++t) {
+          an[t] = an_data + (g * m + t) * n;
+          vn[t] = vn_data + (g * m + t) * d;
+          ao[t] = ar_data + (g * nk + keys[t]) * n;
+          vo[t] = vr_data + (g * nk + keys[t]) * d;
+        }
+        current = g;
+      }
       float* out_g = out_data + (g * n + row) * d;
-      const float* a1_g = a_data[0] + g * m * n + row;
-      const float* a2_g = a_data[1] + g * m * n + row;
-      const float* v1_g = v_data[0] + g * m * d;
-      const float* v2_g = v_data[1] + g * m * d;
+      const float *const *a1 = an.data(), *const *v1 = vn.data();
+      const float *const *a2 = ao.data(), *const *v2 = vo.data();
       if (rows == kTileRows) {
         switch (chunks) {
-          case 1: update_tile<kTileRows, 1>(out_g, a1_g, v1_g, a2_g, v2_g, n, m); break;
-          case 2: update_tile<kTileRows, 2>(out_g, a1_g, v1_g, a2_g, v2_g, n, m); break;
-          case 3: update_tile<kTileRows, 3>(out_g, a1_g, v1_g, a2_g, v2_g, n, m); break;
-          default: update_tile<kTileRows, 4>(out_g, a1_g, v1_g, a2_g, v2_g, n, m); break;
+          case 1: update_tile<kTileRows, 1>(out_g, a1, v1, a2, v2, m, row); break;
+          case 2: update_tile<kTileRows, 2>(out_g, a1, v1, a2, v2, m, row); break;
+          case 3: update_tile<kTileRows, 3>(out_g, a1, v1, a2, v2, m, row); break;
+          default: update_tile<kTileRows, 4>(out_g, a1, v1, a2, v2, m, row); break;
         }
         continue;
       }
       for (int64_t i = 0; i < rows; ++i) {
         float* o = out_g + i * d;
         switch (chunks) {
-          case 1: update_tile<1, 1>(o, a1_g + i, v1_g, a2_g + i, v2_g, n, m); break;
-          case 2: update_tile<1, 2>(o, a1_g + i, v1_g, a2_g + i, v2_g, n, m); break;
-          case 3: update_tile<1, 3>(o, a1_g + i, v1_g, a2_g + i, v2_g, n, m); break;
-          default: update_tile<1, 4>(o, a1_g + i, v1_g, a2_g + i, v2_g, n, m); break;
+          case 1: update_tile<1, 1>(o, a1, v1, a2, v2, m, row + i); break;
+          case 2: update_tile<1, 2>(o, a1, v1, a2, v2, m, row + i); break;
+          case 3: update_tile<1, 3>(o, a1, v1, a2, v2, m, row + i); break;
+          default: update_tile<1, 4>(o, a1, v1, a2, v2, m, row + i); break;
         }
       }
     }
@@ -629,5 +656,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("incremental_softmax", &incremental_softmax,
         "the full block's logits and softmax update of an incremental frame, fused");
   m.def("attention_update", &attention_update,
-        "out[g] += a1[g]^T @ v1[g] + a2[g]^T @ v2[g] (the full block's output update)");
+        "the full block's output update from the updated key columns and the references");
 }
