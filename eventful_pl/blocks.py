@@ -635,8 +635,9 @@ class EventfulBlock(QueryKeyEventfulBlock):
         if kernels.attention_update_supported(d) and kernels.fused_kernels_available(
             out, a_new, v_new, self.a_gate.p, self.v_gate.p
         ):
-            # Reads the old columns and values from the gate references, then
-            # the new ones replace them: no gathered copies, no deltas.
+            # Reads the old columns and values from the gate references and
+            # writes the new columns into the A reference in the same pass: no
+            # gathered copies, no deltas.
             kernels.attention_update(
                 out,
                 a_new.reshape(b * heads, m, n),
@@ -646,7 +647,7 @@ class EventfulBlock(QueryKeyEventfulBlock):
                 key_index,
             )
             self.v_gate.commit_selected(v_new, key_index, flat_rows=key_rows)
-            self.a_gate.commit_selected(a_new, key_index, flat_rows=key_rows)
+            self.a_gate.commit_selected(a_new, key_index, written=True)
         else:
             v_new, v_delta = self.v_gate.update_selected(v_new, key_index, flat_rows=key_rows)
             a_new, a_delta = self.a_gate.update_selected(a_new, key_index, flat_rows=key_rows)

@@ -257,15 +257,21 @@ class DeltaGate(Counted, StreamState, nn.Module):
         return c_sel, e_sel
 
     def commit_selected(
-        self, c_sel: Tensor, index: Tensor, flat_rows: Tensor | None = None
+        self,
+        c_sel: Tensor,
+        index: Tensor,
+        flat_rows: Tensor | None = None,
+        written: bool = False,
     ) -> None:
         """The reference half of :meth:`update_selected` for a caller that read
         the old rows itself (row gates on contiguous (B, H, N, C) references):
-        counts the gate and writes ``c_sel`` (B, H, k, C) into the reference."""
+        counts the gate and writes ``c_sel`` (B, H, k, C) into the reference,
+        unless the caller already ``written`` it there (a fused kernel)."""
         if self.p is None:
             raise RuntimeError("DeltaGate.commit_selected called before a flush")
         self.count("gate", self.p.numel())
-        scatter_rows_(self.p, index, c_sel, flat_rows)
+        if not written:
+            scatter_rows_(self.p, index, c_sel, flat_rows)
 
 
 def set_policy(model: nn.Module, policy: TokenPolicy | None) -> None:

@@ -206,11 +206,12 @@ def attention_update(
 ) -> Tensor:
     """The full block's output update in one pass over ``out``, reading the old
     columns and values straight from the delta gates' references:
-    ``out += a_new^T v_new - a_ref[keys]^T v_ref[keys]`` (= ``A_new dV + dA V_old``).
+    ``out += a_new^T v_new - a_ref[keys]^T v_ref[keys]`` (= ``A_new dV + dA V_old``),
+    then ``a_ref[keys] = a_new`` in the same pass (``v_ref`` is only read).
 
     out (G, N, d), a_new (G, m, N), v_new (G, m, d), a_ref (G, Nk, N), v_ref
-    (G, Nk, d), all contiguous, G = B * H; key_index (B, m). d a multiple of
-    16, at most 64. The references are only read.
+    (G, Nk, d), all contiguous, G = B * H; key_index (B, m), no key twice.
+    d a multiple of 16, at most 64.
     """
     load_extension().attention_update(out, a_new, v_new, a_ref, v_ref, key_index.contiguous())
     return out

@@ -234,7 +234,8 @@ def test_update_softmax_exponentials_over_the_float_range() -> None:
 @pytest.mark.parametrize("batch", [1, 2])
 def test_attention_update_matches_the_delta_form(head_size: int, tokens: int, batch: int) -> None:
     """out += A_new dV + dA V_old, with the old columns and values read from
-    the references at each item's own key index."""
+    the references at each item's own key index; the A reference takes the
+    new columns."""
     torch.manual_seed(0)
     heads, keys, updated = 3, 11, 4
     g = batch * heads
@@ -248,11 +249,13 @@ def test_attention_update_matches_the_delta_form(head_size: int, tokens: int, ba
     expected = (
         out + a_new.transpose(1, 2) @ (v_new - v_old) + (a_new - a_old).transpose(1, 2) @ v_old
     )
-    references = (a_ref.clone(), v_ref.clone())
+    expected_a_ref = a_ref.scatter(1, rows[..., None].expand(-1, -1, tokens), a_new)
+    v_before = v_ref.clone()
     assert kernels.attention_update_supported(head_size)
     kernels.attention_update(out, a_new, v_new, a_ref, v_ref, key_index)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    assert torch.equal(a_ref, references[0]) and torch.equal(v_ref, references[1])
+    assert torch.equal(a_ref, expected_a_ref)  # the new columns replaced the old ones
+    assert torch.equal(v_ref, v_before)
 
 
 def test_attention_update_rejects_unsupported_head_sizes() -> None:

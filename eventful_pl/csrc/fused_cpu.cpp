@@ -239,6 +239,13 @@ inline void update_tile(float* out, const float* const* a_new, const float* cons
     for (int j = 0; j < Chunks; ++j) store16(out + i * d + j * kVec, acc[i][j]);
 }
 
+// After a tile: the new columns replace the old ones in the reference, for
+// the tile's `rows` output rows only (no other task reads them).
+inline void commit_columns(const float* const* a_new, float* const* a_old, int64_t m, int64_t col,
+                           int64_t rows) {
+  for (int64_t t = 0; t < m; ++t) std::copy(a_new[t] + col, a_new[t] + col + rows, a_old[t] + col);
+}
+
 // Second pass of the softmax update: L += log(mass); columns /= mass.
 //   cols (G, m, N), log_norm and mass (G, N), contiguous.
 void normalise_columns(float* cols, float* log_norm, const float* mass, int64_t groups, int64_t m,
@@ -408,13 +415,12 @@ bool update_softmax(const at::Tensor& rows, const at::Tensor& cols_old, at::Tens
 //   out[g] (N, d) += a_new[g]^T @ v_new[g] - a_ref[g][keys]^T @ v_ref[g][keys]
 // which is the method's A_new dV + dA V_old. a_new (G, m, N), v_new (G, m, d),
 // a_ref (G, Nk, N) (key-major), v_ref (G, Nk, d), out (G, N, d), all
-// contiguous; key_index (B, m) the updated keys of each batch item. d must be
-// a multiple of 16, at most 64. The references are only read: the caller
-// writes the new rows into them afterwards. One pass over out; every task is
-// (g, a block of kTileRows output rows).
+// contiguous; key_index (B, m) the updated keys of each batch item (no key
+// twice). d must be a multiple of 16, at most 64. Each task, (g, a block of
+// kTileRows output rows), then writes its part of the new columns into
+// a_ref: the A reference is updated in the same pass. v_ref is only read.
 void attention_update(at::Tensor& out, const at::Tensor& a_new, const at::Tensor& v_new,
-                      const at::Tensor& a_ref, const at::Tensor& v_ref,
-                      const at::Tensor& key_index) {
+                      at::Tensor& a_ref, const at::Tensor& v_ref, const at::Tensor& key_index) {
   const at::Tensor* inputs[] = {&out, &a_new, &v_new, &a_ref, &v_ref};
   for (const at::Tensor* t : inputs) {
     check_float_cpu(*t, "attention_update inputs");
@@ -438,11 +444,12 @@ void attention_update(at::Tensor& out, const at::Tensor& a_new, const at::Tensor
   float* out_data = out.data_ptr<float>();
   const float* an_data = a_new.data_ptr<float>();
   const float* vn_data = v_new.data_ptr<float>();
-  const float* ar_data = a_ref.data_ptr<float>();
+  float* ar_data = a_ref.data_ptr<float>();
   const float* vr_data = v_ref.data_ptr<float>();
   const int64_t* key_data = key_index.data_ptr<int64_t>();
   at::parallel_for(0, groups * blocks, grain, [&](int64_t begin, int64_t end) {
-    std::vector<const float*> an(m), vn(m), ao(m), vo(m);
+    std::vector<const float*> an(m), vn(m), vo(m);
+    std::vector<float*> ao(m);
     int64_t current = -1;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t g = task / blocks, row = (task % blocks) * kTileRows;
@@ -459,7 +466,7 @@ void attention_update(at::Tensor& out, const at::Tensor& a_new, const at::Tensor
       }
       float* out_g = out_data + (g * n + row) * d;
       const float *const *a1 = an.data(), *const *v1 = vn.data();
-      const float *const *a2 = ao.data(), *const *v2 = vo.data();
+      const float *const *a2 = const_cast<const float* const*>(ao.data()), *const *v2 = vo.data();
       if (rows == kTileRows) {
         switch (chunks) {
           case 1: update_tile<kTileRows, 1>(out_g, a1, v1, a2, v2, m, row); break;
@@ -467,6 +474,7 @@ void attention_update(at::Tensor& out, const at::Tensor& a_new, const at::Tensor
           case 3: update_tile<kTileRows, 3>(out_g, a1, v1, a2, v2, m, row); break;
           default: update_tile<kTileRows, 4>(out_g, a1, v1, a2, v2, m, row); break;
         }
+        commit_columns(a1, ao.data(), m, row, rows);
         continue;
       }
       for (int64_t i = 0; i < rows; ++i) {
@@ -478,6 +486,7 @@ void attention_update(at::Tensor& out, const at::Tensor& a_new, const at::Tensor
           default: update_tile<1, 4>(o, a1, v1, a2, v2, m, row + i); break;
         }
       }
+      commit_columns(a1, ao.data(), m, row, rows);
     }
   });
 }
