@@ -456,7 +456,8 @@ class EventfulBlock(QueryKeyEventfulBlock):
     Only the m selected key columns of A are ever formed on an incremental
     frame, never the whole matrix, its logits or its error. State: the row
     log-normalisers of the softmax (B, H, N), the scaled queries and the keys
-    they were computed with, per-query relative-position terms, the gate
+    they were computed with (channel-major, (B, H, d, N), so that products
+    with them stream whole rows), per-query relative-position terms, the gate
     references (A stored key-major, (B, H, Nk, N), so key columns are
     contiguous rows) and the output (B, H, N, d). Without pooling that is all
     an incremental frame needs from the updated tokens' q, k and v, so there
@@ -469,6 +470,13 @@ class EventfulBlock(QueryKeyEventfulBlock):
     nearly all of a row's mass, or a normaliser moved by more than
     ``max_log_shift``), the normalisers are recomputed from the full logits
     for that frame.
+
+    With gradients off on CPU in float32, the fused kernels of
+    :mod:`eventful_pl.kernels` take an incremental frame from the updated
+    queries and keys to the new softmax columns without storing a logit (no
+    relative position), and update the output from the gate references in
+    one pass (head sizes that are multiples of 16, up to 64); elsewhere the
+    same steps run as PyTorch ops.
 
     State is updated in place, so incremental frames run under autograd but
     cannot be backpropagated (flush frames train like the dense block; the

@@ -1,16 +1,24 @@
 """Fused CPU kernels for eventful inference, compiled on first use.
 
-An eventful frame spends much of its non-GEMM time in passes over all N
-tokens that only feed a token gate: ``LayerNorm(x)`` written out in full,
-``c - p`` written out, then its norms read back. The kernels in
-``csrc/fused_cpu.cpp`` compute the gate's error norms in one pass that reads
-each input once and writes only the (B, N) norms:
+An eventful frame spends much of its non-GEMM time in memory-bound passes
+over tokens and attention state: ``LayerNorm(x)`` written out in full only to
+feed a gate, ``c - p`` written out and read back for its norms, logits
+stored and read back for their exponentials, gathered copies of reference
+rows and their deltas. The kernels in ``csrc/fused_cpu.cpp`` do each of these
+in one pass that reads every input once:
 
 - :func:`error_norms`: ``||c - p||`` per token, ``c`` possibly a strided
   view with channels in groups (attention heads read in place);
 - :func:`layer_norm_error_norms`: ``||LayerNorm(x) - p||`` per token without
   materialising ``LayerNorm(x)``; the gate then normalises only the tokens
-  it selects.
+  it selects;
+- :func:`update_softmax`: the full block's incremental softmax normaliser
+  update from given logits (used with relative position);
+- :func:`incremental_softmax`: the same from the updated queries and keys,
+  computing the logits tile by tile in registers, never storing one;
+- :func:`attention_update`: the full block's output update ``A_new dV +
+  dA V_old``, reading the old columns and values straight from the delta
+  gates' references and writing the new columns back in the same pass.
 
 They are used when gradients are off and the tensors are float32 on CPU
 (see :func:`fused_kernels_available`); everything else, and every machine

@@ -105,20 +105,30 @@ def test_position_caches_follow_weight_updates():
 @pytest.mark.parametrize(
     ("option", "value"), [("min_kept_mass", 2.0), ("max_log_shift", 0.0)], ids=["kept", "shift"]
 )
-def test_full_block_normaliser_update_matches_exact_recompute(option, value):
+@pytest.mark.parametrize("relative", [None, 6], ids=["global", "relpos"])
+@pytest.mark.parametrize("fused", [True, False], ids=["kernels", "torch"])
+def test_full_block_normaliser_update_matches_exact_recompute(option, value, relative, fused):
     """The incremental softmax normaliser equals an exact recompute on every frame
-    (the exact fallback taken every frame, through either of its triggers)."""
+    (the exact fallback taken every frame, through either of its triggers), on
+    each path: the fused kernel from queries and keys (global), the fused update
+    from stored logits (relative position) and PyTorch ops (kernels off)."""
+    from eventful_pl import kernels
     from eventful_pl.policies import TopRPolicy
 
-    _, incremental = make_pair(
-        "full", policy=TopRPolicy(6), input_size=(6, 6), relative_embedding_size=6
-    )
-    _, exact = make_pair("full", policy=TopRPolicy(6), input_size=(6, 6), relative_embedding_size=6)
+    options = dict(policy=TopRPolicy(6), input_size=(6, 6), relative_embedding_size=relative)
+    _, incremental = make_pair("full", **options)
+    _, exact = make_pair("full", **options)
     setattr(exact, option, value)
-    with torch.no_grad():
-        for frame in video_stream(8, 2, 36, DIM, change=3.0):
-            torch.testing.assert_close(incremental(frame), exact(frame), rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(incremental.log_norm, exact.log_norm, rtol=1e-5, atol=1e-5)
+    kernels.set_fused_kernels(fused)
+    try:
+        with torch.no_grad():
+            for frame in video_stream(8, 2, 36, DIM, change=3.0):
+                torch.testing.assert_close(incremental(frame), exact(frame), rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(
+                    incremental.log_norm, exact.log_norm, rtol=1e-5, atol=1e-5
+                )
+    finally:
+        kernels.set_fused_kernels(True)
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
