@@ -10,7 +10,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -61,56 +60,6 @@ inline float layer_norm_squared_distance(const float* __restrict x, const float*
   return total;
 }
 
-// exp(x) in float32 to about 1 ulp, written so that loops over it vectorise:
-// x = n ln2 + r (Cody-Waite, |r| <= ln2 / 2), exp(r) by its degree-7 Taylor
-// polynomial, times 2^n from the exponent bits. Below -87 it returns 0 (no
-// denormals), above 88 infinity; NaN stays NaN.
-inline float exp_float(float x) {
-  constexpr float kLog2e = 1.44269504088896341f;
-  constexpr float kLn2Hi = 0.693145751953125f;
-  constexpr float kLn2Lo = 1.42860682030941723e-6f;
-  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  float c = x < -87.0f ? -87.0f : x;
-  c = c > 88.0f ? 88.0f : c;
-  const float n = (c * kLog2e + kRound) - kRound;
-  const float r = (c - n * kLn2Hi) - n * kLn2Lo;
-  float poly = 1.0f / 5040.0f;
-  poly = poly * r + 1.0f / 720.0f;
-  poly = poly * r + 1.0f / 120.0f;
-  poly = poly * r + 1.0f / 24.0f;
-  poly = poly * r + 1.0f / 6.0f;
-  poly = poly * r + 0.5f;
-  poly = poly * r + 1.0f;
-  poly = poly * r + 1.0f;
-  const float scale = std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
-  const float y = poly * scale;
-  return x < -87.0f ? 0.0f : (x > 88.0f ? std::numeric_limits<float>::infinity() : y);
-}
-
-// acc[i] += exp(logits[i] - shift[i]) for i < n; with `out`, also out[i] = that exp.
-inline void accumulate_exp(const float* __restrict logits, const float* __restrict shift,
-                           float* __restrict acc, float* __restrict out, int64_t n) {
-  if (out != nullptr) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      const float e = exp_float(logits[i] - shift[i]);
-      out[i] = e;
-      acc[i] += e;
-    }
-  } else {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) acc[i] += exp_float(logits[i] - shift[i]);
-  }
-}
-
-// Sum of exp(logits[i] - shift) for i < n.
-inline float sum_exp(const float* __restrict logits, float shift, int64_t n) {
-  float total = 0.0f;
-#pragma omp simd reduction(+ : total)
-  for (int64_t i = 0; i < n; ++i) total += exp_float(logits[i] - shift);
-  return total;
-}
-
 // 16 floats in one vector (GCC vector extension: one AVX-512 register, two
 // AVX2 registers, ... whatever the build targets).
 typedef float Vec16 __attribute__((vector_size(64)));
@@ -133,7 +82,10 @@ typedef int32_t Vec16i __attribute__((vector_size(64)));
 
 inline Vec16 splat(float x) { return Vec16{} + x; }
 
-// exp_float on 16 lanes.
+// exp(x) on 16 lanes in float32 to about 1 ulp: x = n ln2 + r (Cody-Waite,
+// |r| <= ln2 / 2), exp(r) by its degree-7 Taylor polynomial, times 2^n from
+// the exponent bits. Below -87 it gives 0 (no denormals), above 88 infinity;
+// NaN stays NaN.
 inline Vec16 exp_vec(Vec16 x) {
   const Vec16 low = splat(-87.0f), high = splat(88.0f);
   Vec16 c = x < low ? low : x;
@@ -154,6 +106,51 @@ inline Vec16 exp_vec(Vec16 x) {
   Vec16 y = poly * scale;
   y = x < low ? splat(0.0f) : y;
   return x > high ? splat(std::numeric_limits<float>::infinity()) : y;
+}
+
+// n floats from p in whole vectors, the last one padded with `fill`.
+inline Vec16 load_tail(const float* p, int64_t n, float fill) {
+  float lanes[kVec];
+  std::fill(lanes, lanes + kVec, fill);
+  std::copy(p, p + n, lanes);
+  return load16(lanes);
+}
+
+inline void store_tail(float* p, Vec16 v, int64_t n) {
+  float lanes[kVec];
+  store16(lanes, v);
+  std::copy(lanes, lanes + n, p);
+}
+
+// acc[i] += exp(logits[i] - shift[i]) for i < n; with `out`, also out[i] = that exp.
+inline void accumulate_exp(const float* logits, const float* shift, float* acc, float* out,
+                           int64_t n) {
+  for (int64_t i = 0; i < n; i += kVec) {
+    const int64_t count = std::min(kVec, n - i);
+    if (count == kVec) {
+      const Vec16 e = exp_vec(load16(logits + i) - load16(shift + i));
+      store16(acc + i, load16(acc + i) + e);
+      if (out != nullptr) store16(out + i, e);
+    } else {
+      const Vec16 e = exp_vec(load_tail(logits + i, count, 0.0f) - load_tail(shift + i, count, 0.0f));
+      store_tail(acc + i, load_tail(acc + i, count, 0.0f) + e, count);
+      if (out != nullptr) store_tail(out + i, e, count);
+    }
+  }
+}
+
+// Sum of exp(logits[i] - shift) for i < n.
+inline float sum_exp(const float* logits, float shift, int64_t n) {
+  Vec16 total = Vec16{};
+  int64_t i = 0;
+  for (; i + kVec <= n; i += kVec) total += exp_vec(load16(logits + i) - shift);
+  if (i < n)  // padding with -inf adds exp(-inf) = 0
+    total += exp_vec(load_tail(logits + i, n - i, -std::numeric_limits<float>::infinity()) - shift);
+  float lanes[kVec];
+  store16(lanes, total);
+  float sum = 0.0f;
+  for (int64_t l = 0; l < kVec; ++l) sum += lanes[l];
+  return sum;
 }
 
 // Logits tile: acc[i] (64 lanes as 4 vectors) = sum_t a[i * a_row + t * a_col] * b[t * ldb + 0:64].
