@@ -626,10 +626,8 @@ class EventfulBlock(QueryKeyEventfulBlock):
         key_cols = expand_col_index(key_index, (b, heads, d, m))
         k_old = self.keys_t.gather(3, key_cols).transpose(-1, -2)  # (B, H, m, d), strided
         self.keys_t.scatter_(3, key_cols, k_new.transpose(-1, -2))
-        if (
-            self.rel_pos is None
-            and not torch.is_grad_enabled()
-            and kernels.fused_kernels_available(q_rows, self.q_scaled_t, self.log_norm)
+        if self.rel_pos is None and kernels.fused_kernels_available(
+            q_rows, self.q_scaled_t, self.log_norm
         ):
             a_new = self._fused_softmax_columns(q_rows, k_new, k_old, index, key_index)
         else:

@@ -60,10 +60,6 @@ def set_fused_kernels(enabled: bool) -> None:
     _enabled = bool(enabled)
 
 
-def fused_kernels_enabled() -> bool:
-    return _enabled
-
-
 def _capability() -> str:
     capability = torch.backends.cpu.get_cpu_capability()
     return capability if capability in _ISA_FLAGS else "DEFAULT"

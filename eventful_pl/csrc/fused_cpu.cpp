@@ -266,6 +266,41 @@ void normalise_columns(float* cols, float* log_norm, const float* mass, int64_t 
   });
 }
 
+void check_index(const at::Tensor& index, const char* name) {
+  TORCH_CHECK(index.scalar_type() == at::kLong && index.is_contiguous() && index.dim() == 2,
+              name, " must be a contiguous int64 (B, k) tensor");
+}
+
+// The precision checks of the incremental softmax update: every row keeps at
+// least min_kept_mass of its old mass and its new mass lies in
+// (exp(-max_log_shift), exp(max_log_shift)). NaN fails them.
+struct MassCheck {
+  float min_kept, low, high;
+
+  MassCheck(double min_kept_mass, double max_log_shift)
+      : min_kept(static_cast<float>(min_kept_mass)),
+        low(std::exp(static_cast<float>(-max_log_shift))),
+        high(std::exp(static_cast<float>(max_log_shift))) {}
+
+  // Whether all n rows of one group pass, given their kept and new masses.
+  bool passes(const float* kept, const float* mass, int64_t n) const {
+    bool good = true;
+    for (int64_t i = 0; i < n; ++i)
+      good = good && kept[i] >= min_kept && mass[i] > low && mass[i] < high;
+    return good;
+  }
+};
+
+// The end of both softmax updates: if every group passed its checks,
+// normalise_columns and true; else nothing changes and false.
+bool normalise_if_passed(const std::vector<char>& passed, float* cols, float* log_norm,
+                         const float* mass, int64_t groups, int64_t m, int64_t n) {
+  for (int64_t g = 0; g < groups; ++g)
+    if (!passed[g]) return false;
+  normalise_columns(cols, log_norm, mass, groups, m, n);
+  return true;
+}
+
 }  // namespace
 
 // L2 norms of c - p per token.
@@ -350,8 +385,7 @@ bool update_softmax(const at::Tensor& rows, const at::Tensor& cols_old, at::Tens
     check_float_cpu(*t, "update_softmax inputs");
     TORCH_CHECK(t->is_contiguous(), "update_softmax inputs must be contiguous");
   }
-  TORCH_CHECK(index.scalar_type() == at::kLong && index.is_contiguous() && index.dim() == 2,
-              "index must be a contiguous int64 (B, r) tensor");
+  check_index(index, "index");
   TORCH_CHECK(rows.dim() == 3 && cols_old.dim() == 3 && log_norm.dim() == 2, "bad ranks");
   const int64_t bh = log_norm.size(0), n = log_norm.size(1);
   const int64_t r = rows.size(1), nk = rows.size(2), m = cols_old.size(1);
@@ -368,9 +402,7 @@ bool update_softmax(const at::Tensor& rows, const at::Tensor& cols_old, at::Tens
   float* norm_data = log_norm.data_ptr<float>();
   const int64_t* index_data = index.data_ptr<int64_t>();
   float* total_data = total.data_ptr<float>();
-  const float min_kept = static_cast<float>(min_kept_mass);
-  const float low = std::exp(static_cast<float>(-max_log_shift));
-  const float high = std::exp(static_cast<float>(max_log_shift));
+  const MassCheck check(min_kept_mass, max_log_shift);
   std::vector<char> ok(bh, 1);
   at::parallel_for(0, bh, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> removed(n);
@@ -384,7 +416,6 @@ bool update_softmax(const at::Tensor& rows, const at::Tensor& cols_old, at::Tens
         float* col = new_data + (g * m + j) * n;
         accumulate_exp(col, shift, tot, col, n);
       }
-      bool good = true;
       for (int64_t i = 0; i < n; ++i) {
         const float kept = 1.0f - removed[i];
         tot[i] += kept;
@@ -396,15 +427,10 @@ bool update_softmax(const at::Tensor& rows, const at::Tensor& cols_old, at::Tens
         removed[i] = 1.0f;
         tot[i] = sum_exp(rows_data + (g * r + t) * nk, shift[i], nk);
       }
-      for (int64_t i = 0; i < n; ++i)
-        good = good && removed[i] >= min_kept && tot[i] > low && tot[i] < high;
-      ok[g] = good;
+      ok[g] = check.passes(removed.data(), tot, n);  // removed now holds the kept mass
     }
   });
-  for (int64_t g = 0; g < bh; ++g)
-    if (!ok[g]) return false;
-  normalise_columns(new_data, norm_data, total_data, bh, m, n);
-  return true;
+  return normalise_if_passed(ok, new_data, norm_data, total_data, bh, m, n);
 }
 
 // The full block's output update from the updated key columns, reading the
@@ -423,9 +449,7 @@ void attention_update(at::Tensor& out, const at::Tensor& a_new, const at::Tensor
     check_float_cpu(*t, "attention_update inputs");
     TORCH_CHECK(t->is_contiguous() && t->dim() == 3, "attention_update inputs: contiguous, 3-D");
   }
-  TORCH_CHECK(key_index.scalar_type() == at::kLong && key_index.is_contiguous() &&
-                  key_index.dim() == 2,
-              "key_index must be a contiguous int64 (B, m) tensor");
+  check_index(key_index, "key_index");
   const int64_t groups = out.size(0), n = out.size(1), d = out.size(2), m = a_new.size(1);
   const int64_t nk = a_ref.size(1), batch = key_index.size(0);
   TORCH_CHECK(d % kVec == 0 && d <= 4 * kVec, "attention_update: head size ", d,
@@ -512,8 +536,7 @@ bool incremental_softmax(const at::Tensor& q_rows, const at::Tensor& keys_t,
   TORCH_CHECK(keys_t.stride(2) == 1 && q_t.stride(2) == 1, "keys_t and q_t: contiguous rows");
   TORCH_CHECK(log_norm.is_contiguous() && probs.is_contiguous(),
               "log_norm and probs must be contiguous");
-  TORCH_CHECK(index.scalar_type() == at::kLong && index.is_contiguous() && index.dim() == 2,
-              "index must be a contiguous int64 (B, r) tensor");
+  check_index(index, "index");
   const int64_t groups = q_t.size(0), d = q_t.size(1), n = q_t.size(2);
   const int64_t r = q_rows.size(1), nk = keys_t.size(2), m = k_new.size(1);
   const int64_t batch = index.size(0);
@@ -626,9 +649,7 @@ bool incremental_softmax(const at::Tensor& q_rows, const at::Tensor& keys_t,
   });
 
   // Updated rows: their recomputed mass, all of it kept. Then the checks.
-  const float min_kept = static_cast<float>(min_kept_mass);
-  const float low = std::exp(static_cast<float>(-max_log_shift));
-  const float high = std::exp(static_cast<float>(max_log_shift));
+  const MassCheck check(min_kept_mass, max_log_shift);
   std::vector<char> ok(groups, 1);
   at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
@@ -639,18 +660,10 @@ bool incremental_softmax(const at::Tensor& q_rows, const at::Tensor& keys_t,
         kept_data[g * n + rows_index[t]] = 1.0f;
         total_data[g * n + rows_index[t]] = mass;
       }
-      bool good = true;
-      for (int64_t i = 0; i < n; ++i) {
-        const float tot = total_data[g * n + i];
-        good = good && kept_data[g * n + i] >= min_kept && tot > low && tot < high;
-      }
-      ok[g] = good;
+      ok[g] = check.passes(kept_data + g * n, total_data + g * n, n);
     }
   });
-  for (int64_t g = 0; g < groups; ++g)
-    if (!ok[g]) return false;
-  normalise_columns(probs_data, norm_data, total_data, groups, m, n);
-  return true;
+  return normalise_if_passed(ok, probs_data, norm_data, total_data, groups, m, n);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
