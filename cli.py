@@ -6,7 +6,10 @@
 
 ``count`` prints the operation counts of the config's model (see
 ``eventful_pl/count_command.py``); every other subcommand is LightningCLI's,
-with the model and data given by ``class_path`` in the config.
+with the model and data given by ``class_path`` in the config. Checkpoints
+load with ``weights_only``, the command line wins over a checkpoint's stored
+options, and no existing file is replaced by the saved config (see
+``eventful_pl/lightning/cli.py``).
 """
 
 from __future__ import annotations
@@ -14,22 +17,17 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from lightning.pytorch.cli import LightningCLI
+from eventful_pl.lightning.cli import EventfulCLI
 
 
-def cli_main(args: Sequence[str] | None = None) -> LightningCLI | dict:
+def cli_main(args: Sequence[str] | None = None) -> EventfulCLI | dict:
     """Runs the command line on ``args`` (default: ``sys.argv[1:]``)."""
     args = list(sys.argv[1:] if args is None else args)
     if args and args[0] == "count":
         from eventful_pl.count_command import main as count_main
 
         return count_main(args[1:])
-    return LightningCLI(
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        args=args,
-        save_config_kwargs={"overwrite": True},
-    )
+    return EventfulCLI(subclass_mode_model=True, subclass_mode_data=True, args=args)
 
 
 if __name__ == "__main__":

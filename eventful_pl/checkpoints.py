@@ -88,6 +88,45 @@ def load_converted(
     model.load_state_dict(dict(state_dict), strict=False)
 
 
+class UntrustedCheckpointError(ValueError):
+    """A checkpoint holds more than tensors, arrays and plain containers, so
+    reading it would run code it names; it is refused unless trusted."""
+
+
+#: Globals a detectron2-style ``.pkl`` may name: numpy arrays, dtypes and
+#: scalars, and ordered dicts. Nothing here runs code beyond building them.
+SAFE_PICKLE_GLOBALS: frozenset[tuple[str, str]] = frozenset(
+    {
+        ("collections", "OrderedDict"),
+        ("_codecs", "encode"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        *(
+            (module, name)
+            for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+            for name in ("_reconstruct", "scalar")
+        ),
+        *((module, "_frombuffer") for module in ("numpy.core.numeric", "numpy._core.numeric")),
+    }
+)
+
+TRUST_HINT = (
+    "If you trust the file's origin, set trust_pretrained: true in the model's config "
+    "(read_checkpoint(..., trusted=True) in Python)"
+)
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickler that builds only :data:`SAFE_PICKLE_GLOBALS`."""
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) in SAFE_PICKLE_GLOBALS or (
+            module.startswith("numpy.dtypes") and name.endswith("DType")
+        ):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"unsupported global {module}.{name}")
+
+
 def _to_tensors(obj: object) -> object:
     if isinstance(obj, np.ndarray):
         return torch.from_numpy(np.ascontiguousarray(obj))
@@ -96,25 +135,57 @@ def _to_tensors(obj: object) -> object:
     return obj
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
-    """Reads a ``.pth``/``.pt``/``.ckpt`` (torch) or ``.pkl`` (pickled numpy,
-    as detectron2 publishes) file and returns its flat state dict.
+def _load_file(path: Path, trusted: bool) -> object:
+    """The file's contents: torch files with ``weights_only`` unless trusted,
+    pickles through :class:`_ArrayUnpickler` unless trusted."""
+    try:
+        if path.suffix == ".pkl":
+            with path.open("rb") as f:
+                if trusted:
+                    return pickle.load(f, encoding="latin1")
+                return _ArrayUnpickler(f, encoding="latin1").load()
+        return torch.load(path, map_location="cpu", weights_only=not trusted)
+    except pickle.UnpicklingError as error:
+        if trusted:
+            raise ValueError(f"cannot read checkpoint {path}: {error}") from error
+        detail = _unsafe_global(str(error))
+        raise UntrustedCheckpointError(
+            f"checkpoint {path} holds more than tensors, arrays and plain containers"
+            f" ({detail}); it was not loaded, because reading it would run code named"
+            f" in the file. {TRUST_HINT}"
+        ) from error
+    except Exception as error:  # noqa: BLE001 (re-raised with the file name)
+        raise ValueError(f"cannot read checkpoint {path}: {error}") from error
+
+
+def _unsafe_global(message: str) -> str:
+    """The offending global of an unpickling error, else its last line."""
+    match = re.search(r"unsupported global:?\s+(?:global\s+)?([\w.]+)", message, re.I)
+    if match:
+        return f"it names {match.group(1)}"
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    return lines[-1][:200] if lines else "unreadable"
+
+
+def read_checkpoint(path: str | os.PathLike, trusted: bool = False) -> dict[str, Tensor]:
+    """Reads a ``.pth``/``.pt``/``.pyth``/``.ckpt`` (torch) or ``.pkl`` (pickled
+    numpy, as detectron2 publishes) file and returns its flat state dict.
 
     Unwraps the usual containers: ``{"model": ...}``, ``{"model_state": ...}``
     (TAdaConv), ``{"state_dict": ...}`` (Lightning). numpy arrays become tensors.
+
+    Args:
+        path: The checkpoint file.
+        trusted: Read the file with plain pickle, which runs whatever code the
+            file names. By default torch files load with
+            ``torch.load(weights_only=True)`` and ``.pkl`` files admit only numpy
+            arrays, dtypes, scalars and containers; a file that needs more raises
+            :class:`UntrustedCheckpointError` naming it.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        if path.suffix == ".pkl":
-            with path.open("rb") as f:
-                data = pickle.load(f, encoding="latin1")
-        else:
-            data = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # noqa: BLE001 (re-raised with the file name)
-        raise ValueError(f"cannot read checkpoint {path}: {error}") from error
-    data = _to_tensors(data)
+    data = _to_tensors(_load_file(path, trusted))
     for key in ("model", "model_state", "state_dict"):
         if isinstance(data, Mapping) and key in data and isinstance(data[key], Mapping):
             data = data[key]

@@ -218,11 +218,18 @@ def convert_timm_state_dict(
     return renamed, unmatched
 
 
-def load_timm_vit(model: EventfulViT, source: str | os.PathLike | Mapping[str, Tensor]) -> None:
-    """Loads a timm ViT state dict (file or mapping) into ``model``."""
+def load_timm_vit(
+    model: EventfulViT,
+    source: str | os.PathLike | Mapping[str, Tensor],
+    trusted: bool = False,
+) -> None:
+    """Loads a timm ViT state dict (file or mapping) into ``model``.
+
+    ``trusted``: see :func:`~eventful_pl.checkpoints.read_checkpoint`.
+    """
     name = "(state dict)"
     if not isinstance(source, Mapping):
-        name, source = str(source), read_checkpoint(source)
+        name, source = str(source), read_checkpoint(source, trusted)
     renamed, unmatched = convert_timm_state_dict(
         source, class_token=model.backbone.class_token is not None
     )

@@ -132,34 +132,43 @@ def _drop_class_slot(state_dict: dict[str, Tensor], model: ViTDet) -> None:
             state_dict[key] = state_dict[key][:, 1:]
 
 
-def _state_dict(source: str | os.PathLike | Mapping[str, Tensor]) -> tuple[dict, str]:
+def _state_dict(
+    source: str | os.PathLike | Mapping[str, Tensor], trusted: bool = False
+) -> tuple[dict, str]:
     if isinstance(source, Mapping):
         return dict(source), "(state dict)"
-    return read_checkpoint(source), str(source)
+    return read_checkpoint(source, trusted), str(source)
 
 
-def _load(model: ViTDet, source, rules: list[RenameRule], fmt: str) -> None:
-    state_dict, name = _state_dict(source)
+def _load(model: ViTDet, source, rules: list[RenameRule], fmt: str, trusted: bool = False) -> None:
+    state_dict, name = _state_dict(source, trusted)
     renamed, unmatched = rename_keys(state_dict, rules)
     _drop_class_slot(renamed, model)
     _background_first(renamed)
     load_converted(model, renamed, f"{name} ({fmt} layout)", unmatched)
 
 
-def load_detectron2_vitdet(model: ViTDet, source: str | os.PathLike | Mapping[str, Tensor]) -> None:
-    """Loads a detectron2 ViTDet checkpoint (``.pkl``/``.pth`` file or state dict)."""
-    _load(model, source, DETECTRON2_RULES, "detectron2")
+Source = str | os.PathLike | Mapping[str, Tensor]
 
 
-def load_original_vitdet(model: ViTDet, source: str | os.PathLike | Mapping[str, Tensor]) -> None:
+def load_detectron2_vitdet(model: ViTDet, source: Source, trusted: bool = False) -> None:
+    """Loads a detectron2 ViTDet checkpoint (``.pkl``/``.pth`` file or state dict).
+
+    ``trusted``: see :func:`~eventful_pl.checkpoints.read_checkpoint`.
+    """
+    _load(model, source, DETECTRON2_RULES, "detectron2", trusted)
+
+
+def load_original_vitdet(model: ViTDet, source: Source, trusted: bool = False) -> None:
     """Loads a ViTDet checkpoint saved by the original eventful-transformer code."""
-    _load(model, source, ORIGINAL_RULES, "eventful-transformer")
+    _load(model, source, ORIGINAL_RULES, "eventful-transformer", trusted)
 
 
-def load_vitdet_checkpoint(model: ViTDet, source: str | os.PathLike | Mapping[str, Tensor]) -> str:
+def load_vitdet_checkpoint(model: ViTDet, source: Source, trusted: bool = False) -> str:
     """Detects the layout (detectron2, original eventful-transformer, or ours) and
-    loads it. Returns the layout name."""
-    state_dict, name = _state_dict(source)
+    loads it. Returns the layout name. ``trusted``: see
+    :func:`~eventful_pl.checkpoints.read_checkpoint`."""
+    state_dict, name = _state_dict(source, trusted)
     if any(k.startswith("backbone.net.") for k in state_dict):
         load_detectron2_vitdet(model, state_dict)
         return "detectron2"

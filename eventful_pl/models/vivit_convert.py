@@ -81,14 +81,16 @@ def _strip_prefix(state_dict: Mapping[str, Tensor], prefix: str = "module.") -> 
     return {k.removeprefix(prefix): v for k, v in state_dict.items()}
 
 
-def _state_dict(source: str | os.PathLike | Mapping[str, Tensor]) -> tuple[dict, str]:
+def _state_dict(
+    source: str | os.PathLike | Mapping[str, Tensor], trusted: bool = False
+) -> tuple[dict, str]:
     if isinstance(source, Mapping):
         return _strip_prefix(source), "(state dict)"
-    return _strip_prefix(read_checkpoint(source)), str(source)
+    return _strip_prefix(read_checkpoint(source, trusted)), str(source)
 
 
-def _load(model, source, rules, fmt: str, temporal_only: bool) -> None:
-    state_dict, name = _state_dict(source)
+def _load(model, source, rules, fmt: str, temporal_only: bool, trusted: bool = False) -> None:
+    state_dict, name = _state_dict(source, trusted)
     renamed, unmatched = rename_keys(state_dict, rules)
     # Class tokens: (1, 1, D) in every layout; TAdaConv may store (1, D).
     for key in ("spatial.class_token", "temporal.class_token"):
@@ -99,31 +101,43 @@ def _load(model, source, rules, fmt: str, temporal_only: bool) -> None:
 
 
 def load_tadaconv_vivit(
-    model: FactorizedViViT, source: str | os.PathLike | Mapping[str, Tensor]
+    model: FactorizedViViT,
+    source: str | os.PathLike | Mapping[str, Tensor],
+    trusted: bool = False,
 ) -> None:
-    """Loads a TAdaConv ViViT Fact. Enc. checkpoint (file or state dict) into ``model``."""
-    _load(model, source, TADACONV_RULES, "TAdaConv", temporal_only=False)
+    """Loads a TAdaConv ViViT Fact. Enc. checkpoint (file or state dict) into ``model``.
+
+    ``trusted``: see :func:`~eventful_pl.checkpoints.read_checkpoint`.
+    """
+    _load(model, source, TADACONV_RULES, "TAdaConv", temporal_only=False, trusted=trusted)
 
 
 def load_original_vivit(
     model: FactorizedViViT,
     source: str | os.PathLike | Mapping[str, Tensor],
     temporal_only: bool = False,
+    trusted: bool = False,
 ) -> None:
     """Loads a checkpoint saved by the original eventful-transformer code.
 
     ``temporal_only``: the file holds only the fine-tuned temporal model and
-    classifier; the spatial half is left as it is.
+    classifier; the spatial half is left as it is. ``trusted``: see
+    :func:`~eventful_pl.checkpoints.read_checkpoint`.
     """
-    _load(model, source, ORIGINAL_RULES, "eventful-transformer", temporal_only)
+    _load(model, source, ORIGINAL_RULES, "eventful-transformer", temporal_only, trusted)
 
 
 def load_vivit_checkpoint(
-    model: FactorizedViViT, source: str | os.PathLike | Mapping[str, Tensor]
+    model: FactorizedViViT,
+    source: str | os.PathLike | Mapping[str, Tensor],
+    trusted: bool = False,
 ) -> str:
     """Detects the layout (TAdaConv, original eventful-transformer, or ours) and
-    loads it. Returns the layout name."""
-    state_dict, name = _state_dict(source)
+    loads it. Returns the layout name.
+
+    ``trusted``: see :func:`~eventful_pl.checkpoints.read_checkpoint`.
+    """
+    state_dict, name = _state_dict(source, trusted)
     if any(k.startswith("backbone.") for k in state_dict):
         load_tadaconv_vivit(model, state_dict)
         return "tadaconv"
