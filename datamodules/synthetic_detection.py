@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 from torchvision.io import encode_jpeg
 
+from datamodules.synthetic_video import require_empty_folder
 from datamodules.vid_annotations import VID_CLASSES, VID_WNIDS
 
 #: label -> (shape, RGB colour) of the synthetic objects (airplane, bear, car).
@@ -289,8 +290,10 @@ def write_synthetic_vid(
 
     Returns:
         paths, ``video_id -> image_ids``, the drawn boxes and the damaged files.
+
+    ``root`` must not exist or be empty (FileExistsError otherwise).
     """
-    root = Path(root)
+    root = require_empty_folder(root)
     generator = torch.Generator().manual_seed(seed)
     writer = _Writer(root, size, generator)
     data = writer.data

@@ -25,7 +25,9 @@ real copy. Needs the ``av`` package (installed with the project).
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
+import os
+import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -228,6 +230,31 @@ def _colour_change(
 _ID_CHARS = np.array(list("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"))
 
 
+def require_empty_folder(root: str | Path, what: str = "a synthetic dataset") -> Path:
+    """``root`` as a Path if it does not exist or is an empty folder; else a
+    FileExistsError: a synthetic dataset never writes into a folder that holds files."""
+    root = Path(root)
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise FileExistsError(
+            f"{root} is not empty: {what} is written only into a folder that does not "
+            "exist or is empty, never among existing files. Choose a new folder."
+        )
+    return root
+
+
+def write_new_folder(root: str | Path, write: Callable[[Path], object], what: str) -> None:
+    """Calls ``write(folder)`` on a hidden sibling of ``root`` and renames it to
+    ``root`` when done, so ``root`` never holds half a dataset (a killed run
+    leaves only the hidden folder, removed by the next try). ``root`` must not
+    exist or be empty (:func:`require_empty_folder`)."""
+    root = require_empty_folder(root, what)
+    partial = root.with_name(f".{root.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    write(partial)
+    os.rename(partial, root)  # replaces an empty folder, never a full one
+
+
 def make_kinetics(
     root: str | Path,
     videos_per_class: int = 4,
@@ -273,8 +300,9 @@ def make_kinetics(
 
     Clip names are ``{youtube_id}_{time_start:06d}_{time_end:06d}.mp4``; label
     indices follow the sorted names (= direction index for the defaults).
+    ``root`` must not exist or be empty (FileExistsError otherwise).
     """
-    root = Path(root)
+    root = require_empty_folder(root)
     if task not in ("direction", "colour_order"):
         raise ValueError(f"task must be 'direction' or 'colour_order', got {task!r}")
     default = (
@@ -376,7 +404,7 @@ def make_epic_kitchens(
     1-based and inclusive (``stop_frame`` = last frame), timestamps
     ``HH:MM:SS.ff``. Split names in ``items``: ``"train"``, ``"validation"``.
     """
-    root = Path(root)
+    root = require_empty_folder(root)
     rng = np.random.default_rng(seed)
     data = SyntheticDataset(root, CLASSES, {"train": [], "validation": []})
     rows: dict[str, list[dict]] = {"train": [], "validation": []}

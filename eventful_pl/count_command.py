@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse.typing import PositiveInt
 from torch import nn
 
 from eventful_pl.counting import OP_KINDS
@@ -39,16 +40,18 @@ def build_parser() -> ArgumentParser:
     )
     parser.add_argument("--config", action=ActionConfigFile, help="YAML config with a model")
     parser.add_subclass_arguments(nn.Module, "model", required=True, instantiate=True)
-    parser.add_argument("--r", type=int, nargs="+", default=[], help="top-r values to count")
+    parser.add_argument(
+        "--r", type=PositiveInt, nargs="+", default=[], help="top-r values to count (> 0)"
+    )
     parser.add_argument("--thresholds", type=float, nargs="+", default=[], help="thresholds h")
     parser.add_argument(
         "--video", type=str | None, default=None, help="video file for threshold counts"
     )
     parser.add_argument(
         "--video_length",
-        type=int | None,
+        type=PositiveInt | None,
         default=None,
-        help="ViTDet: frames per video for the average (default: --video's length, else 100)",
+        help="ViTDet: frames per video for the average, > 0 (default: --video's length, else 100)",
     )
     parser.add_argument("--no_dense", action="store_true", help="skip the dense setting")
     parser.add_argument("--json", action="store_true", help="print one JSON object")

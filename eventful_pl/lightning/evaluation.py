@@ -22,15 +22,21 @@ in ``on_validation_end``/``on_test_end``):
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import lightning as L
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torchmetrics import Metric, MetricCollection
 
+from eventful_pl.lightning.rng_state import CHECKPOINT_KEY, capture_rng_states, restore_rng_states
 from eventful_pl.lightning.sweep import EvalSetting, OpsMeter, build_sweep
 
 STAGES = ("val", "test")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A training loss is NaN or infinite; the run stops before it updates the weights."""
 
 
 def metric_key(name: str) -> str:
@@ -113,6 +119,44 @@ class EventfulEvalModule(L.LightningModule):
                     f"has {model_classes}: set model_kwargs.num_classes: {data_classes} "
                     "(or use the data the preset was made for)"
                 )
+
+    def check_finite_loss(self, loss: Tensor, ids: Sequence[Any] | None) -> None:
+        """Stops the run (every rank at once) when ``loss`` is not finite, before
+        the optimizer step writes NaN into the weights; the message names the
+        batch's items (``ids``) so the bad inputs can be found."""
+        bad = not bool(torch.isfinite(loss.detach()).all())
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:
+            bad_anywhere = trainer.strategy.reduce_boolean_decision(bad, all=False)
+        else:
+            bad_anywhere = bad
+        if not bad_anywhere:
+            return
+        where = ""
+        if trainer is not None:
+            where = f" at epoch {trainer.current_epoch}, global step {trainer.global_step}"
+        if bad:
+            shown = ", ".join(str(i) for i in list(ids)[:32]) if ids is not None else "unknown"
+            value = float(loss.detach().float().sum())
+            what = f"the training loss is {value}{where} for the batch of: {shown}"
+        else:
+            what = f"the training loss is not finite on another rank{where}"
+        raise NonFiniteLossError(
+            f"{what}. The run stops before this step changes the weights. Check these "
+            "inputs (their videos or feature-cache entries) or lower the learning rate, "
+            "then resume from the last checkpoint with --ckpt_path."
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Saves the random generators' states (dropout, shuffles, worker seeds)."""
+        checkpoint[CHECKPOINT_KEY] = capture_rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restores the generators saved by :meth:`on_save_checkpoint`, so a
+        resumed run draws what the uninterrupted run would have drawn."""
+        states = checkpoint.get(CHECKPOINT_KEY)
+        if states is not None:
+            restore_rng_states(states)
 
     def _begin_eval(self, stage: str) -> None:
         self.eval_stage = stage
