@@ -7,8 +7,10 @@ are computed once per (dataset, split, r) and read back as ``(features, label)``
 Layout of one cache (``feature_cache_dir(root, dataset, split, r)``)::
 
     <root>/<dataset>/<split>/r<r>/manifest.json   # model config, r, weight hash, items
-    <root>/<dataset>/<split>/r<r>/<id>.pt         # {"features": (V, T', D), "label", "id"}
-    <root>/<dataset>/<split>/r<r>/<id>.skip       # JSON: why the video was skipped
+    <root>/<dataset>/<split>/r<r>/<id>.pt         # {"features": (V, T', D), "label", "id",
+                                                  #  "sha256", "shape", "dtype"}
+    <root>/<dataset>/<split>/r<r>/<id>.skip       # JSON: why the video was skipped, and the
+                                                  # video's size and mtime_ns at the time
 
 Every entry is written to a temporary file and moved into place with
 ``os.replace``: a killed run leaves no half entry, and the next run resumes,
@@ -16,6 +18,22 @@ skipping the entries already there. The manifest records what made the
 cache; a cache made by another model, r, weights, dataset, split, frame size
 or item list is refused with :class:`FeatureCacheMismatch`. Under DDP each
 rank writes its own shard (:func:`datamodules.common.shard`) of the entries.
+
+Entries are verified, not trusted. Each records the SHA-256 of its features'
+bytes, their shape and dtype; every read checks them, the manifest's feature
+shape and dtype, the id and label, and that the features are finite. The
+writer checks the entries it finds and rewrites a bad one (unreadable,
+truncated, changed bytes, wrong shape, non-finite, or without a checksum:
+written by an older version) from its video, warning with its path; a reader
+meeting a bad entry raises :class:`FeatureCacheCorrupt` naming the file
+(rerun the writer to repair the cache). Features that are not finite are
+never cached: the video is recorded as skipped (reason ``non-finite
+features``, warned and counted; re-tried by every run, as the model's
+precision may have changed), and the writer stops if the first
+:data:`NONFINITE_STOP` videos it computes all give non-finite features (the
+model is broken, not the videos). A video skipped as missing or unreadable
+is tried again by the next run once its file changes (size, modification
+time, or it now exists).
 
 Usage::
 
@@ -41,8 +59,10 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -90,6 +110,18 @@ SPATIAL_KEYS = (
 #: Manifest fields a cache must match to be reused or read.
 CHECKED = ("format", "dataset", "split", "r", "spatial_config", "spatial_hash", "short_side")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+#: Keys of a cache entry.
+ENTRY_KEYS = frozenset({"features", "label", "id", "sha256", "shape", "dtype"})
+#: Skip reason of a video whose features are not finite.
+NONFINITE = "non-finite features"
+#: The writer stops when this many videos it computes give non-finite features
+#: before any gives finite ones.
+NONFINITE_STOP = 8
+REPAIR = (
+    "rerun the feature cache writer with the same settings (write_feature_cache / "
+    "python -m datamodules.features): it checks every entry and rewrites bad ones "
+    "from their videos"
+)
 
 
 class FeatureCacheMismatch(RuntimeError):
@@ -98,6 +130,17 @@ class FeatureCacheMismatch(RuntimeError):
 
 class FeatureCacheIncomplete(RuntimeError):
     """A feature cache lacks entries (its writer was interrupted)."""
+
+
+class FeatureCacheCorrupt(RuntimeError):
+    """A file of a feature cache is unreadable or fails its checks; the message names it.
+
+    ``path``: the file (None when the error was re-raised from a DataLoader worker).
+    """
+
+    def __init__(self, message: str, path: str | Path | None = None) -> None:
+        super().__init__(message)
+        self.path = Path(path) if path is not None else None
 
 
 # ------------------------------------------------------------------------ manifest
@@ -170,14 +213,36 @@ def make_manifest(
 
 
 def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
-    """The manifest of a cache; FileNotFoundError if the folder holds no cache."""
+    """The manifest of a cache; FileNotFoundError if the folder holds no cache,
+    FeatureCacheCorrupt (naming the file) if the manifest cannot be read."""
     path = Path(cache_dir) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(
             f"no feature cache at {cache_dir} ({MANIFEST} not found); write it first "
             "(write_feature_cache / python -m datamodules.features)"
         )
-    return json.loads(path.read_text())
+    problem = None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        problem = f"cannot be read ({error})"
+    else:
+        if not isinstance(manifest, dict):
+            problem = f"is not a feature cache manifest (a JSON {type(manifest).__name__})"
+        elif absent := [k for k in (*CHECKED, "items") if k not in manifest]:
+            problem = f"is not a feature cache manifest (fields missing: {absent})"
+        elif not isinstance(manifest["items"], list) or not all(
+            isinstance(i, list) and len(i) == 2 for i in manifest["items"]
+        ):
+            problem = "is not a feature cache manifest (items must be [id, label] pairs)"
+    if problem is not None:
+        raise FeatureCacheCorrupt(
+            f"feature cache manifest {path} {problem}. It records how the cache was made, "
+            f"so the entries cannot be checked without it: delete the folder {cache_dir} "
+            "and write the cache again",
+            path,
+        )
+    return manifest
 
 
 def check_manifest(
@@ -241,11 +306,130 @@ def _ensure_manifest(cache_dir: Path, manifest: dict[str, Any]) -> None:
     path = cache_dir / MANIFEST
     if path.is_file():
         wanted = {k: manifest[k] for k in (*CHECKED, "dtype", "items")}
-        check_manifest(json.loads(path.read_text()), wanted, cache_dir)
+        check_manifest(read_manifest(cache_dir), wanted, cache_dir)
         return
     cache_dir.mkdir(parents=True, exist_ok=True)
     text = json.dumps(manifest, indent=1).encode()
     _write_atomic(path, lambda f: f.write(text))
+
+
+# ------------------------------------------------------------------------- entries
+
+
+def features_sha256(features: Tensor) -> str:
+    """SHA-256 of a tensor's bytes (as stored, in C order)."""
+    value = features.detach().cpu().contiguous().reshape(-1)
+    return hashlib.sha256(value.view(torch.uint8).numpy()).hexdigest()
+
+
+def make_entry(features: Tensor, label: int, item_id: str) -> dict[str, Any]:
+    """A cache entry: the features with their checksum, shape and dtype."""
+    features = features.contiguous()
+    return {
+        "features": features,
+        "label": label,
+        "id": item_id,
+        "sha256": features_sha256(features),
+        "shape": list(features.shape),
+        "dtype": str(features.dtype).removeprefix("torch."),
+    }
+
+
+def _short(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
+
+
+def check_entry(
+    path: str | Path,
+    item_id: str | None = None,
+    label: int | None = None,
+    shape: Sequence[int] | None = None,
+    dtype: str | None = None,
+) -> tuple[dict[str, Any] | None, str | None]:
+    """Loads one cache entry (``weights_only``) and checks it.
+
+    Checks: it loads; it is an entry with a checksum; its id and label are
+    ``item_id`` and ``label``; its features have the recorded and the expected
+    ``shape`` and ``dtype`` (dtype name, e.g. ``"float16"``); their bytes have
+    the recorded SHA-256; they are finite. (None: that check is left out.)
+
+    Returns ``(entry, None)``, or ``(None, problem)`` with what is wrong.
+    """
+    try:
+        entry = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated zip, bad or unsafe pickle, I/O error
+        return None, f"cannot be read ({_short(error)})"
+    if not isinstance(entry, dict) or not {"features", "label", "id"} <= entry.keys():
+        keys = sorted(map(str, entry)) if isinstance(entry, dict) else type(entry).__name__
+        return None, f"is not a feature cache entry (holds {keys})"
+    if not ENTRY_KEYS <= entry.keys():
+        return None, "has no checksum (written by an older version of the writer): unverified"
+    features = entry["features"]
+    if not isinstance(features, Tensor):
+        return None, f"holds features of type {type(features).__name__}, not a tensor"
+    if item_id is not None and entry["id"] != item_id:
+        return None, f"holds item {entry['id']!r}, not {item_id!r}"
+    if label is not None and entry["label"] != label:
+        return None, f"holds label {entry['label']!r}, not {label!r} (the manifest's)"
+    have_shape, have_dtype = list(features.shape), str(features.dtype).removeprefix("torch.")
+    if [have_shape, have_dtype] != [entry["shape"], entry["dtype"]]:
+        return None, (
+            f"holds features of shape {tuple(have_shape)} {have_dtype}, recorded as "
+            f"{tuple(entry['shape'])} {entry['dtype']}"
+        )
+    if shape is not None and have_shape != list(shape):
+        return None, f"holds features of shape {tuple(have_shape)}, not {tuple(shape)}"
+    if dtype is not None and have_dtype != dtype:
+        return None, f"holds {have_dtype} features, not {dtype}"
+    if features_sha256(features) != entry["sha256"]:
+        return None, "fails its checksum: its bytes changed after it was written"
+    finite = torch.isfinite(features)
+    if not bool(finite.all()):
+        nan = int(features.isnan().sum())
+        return None, f"holds non-finite features ({nan} NaN, {int((~finite).sum()) - nan} inf)"
+    return entry, None
+
+
+def video_state(path: str | Path) -> dict[str, Any]:
+    """What a skip record keeps of its video: path, and size and mtime_ns, or absence."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return {"path": str(path), "exists": False}
+    return {"path": str(path), "exists": True, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _load_skip(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        return None, f"cannot be read ({_short(error)})"
+    if isinstance(record, dict) and isinstance(record.get("reason"), str):
+        return record, None
+    return None, "is not a skip record (no reason)"
+
+
+def read_skip(path: str | Path) -> dict[str, Any]:
+    """A skip record; FeatureCacheCorrupt naming the file if it cannot be read."""
+    record, problem = _load_skip(Path(path))
+    if record is None:
+        raise FeatureCacheCorrupt(f"feature cache skip record {path} {problem}; {REPAIR}", path)
+    return record
+
+
+def _skip_is_current(record: Mapping[str, Any], item: ClipItem) -> bool:
+    """Whether a skip still holds: same video (size, mtime) and not a non-finite skip."""
+    return (
+        record.get("id") == item.id
+        and record["reason"] != NONFINITE
+        and record.get("video") == video_state(item.path)
+    )
+
+
+def _warn_list(header: str, lines: Sequence[str], shown: int = 10) -> None:
+    more = f"\n  ... and {len(lines) - shown} more" if len(lines) > shown else ""
+    warnings.warn(header + "".join(f"\n  {line}" for line in lines[:shown]) + more, stacklevel=3)
 
 
 # -------------------------------------------------------------------------- writer
@@ -253,21 +437,47 @@ def _ensure_manifest(cache_dir: Path, manifest: dict[str, Any]) -> None:
 
 @dataclass
 class CacheReport:
-    """What one rank's writer did: entries written now, found done, skipped (by reason)."""
+    """What one rank's writer did and found.
+
+    ``written``: entries written by this run (new, or replacing bad ones);
+    ``rewritten``: of those, the ones that replaced a bad entry;
+    ``existing``: entries found and verified; ``skipped``: this shard's
+    skipped videos by reason (this run's and earlier runs'), of which
+    ``skipped_earlier`` were recorded by earlier runs; ``retried``: videos
+    skipped by an earlier run and tried again (changed since, or non-finite);
+    ``bad``: ``"path: problem"`` of each bad entry or skip record found (removed).
+    ``written + existing + sum(skipped.values()) == shard_size``.
+    """
 
     path: Path
     shard_size: int
     written: int = 0
     existing: int = 0
     skipped: Counter = field(default_factory=Counter)
+    rewritten: int = 0
+    skipped_earlier: int = 0
+    retried: int = 0
+    bad: list[str] = field(default_factory=list)
+
+    @property
+    def with_features(self) -> int:
+        """Items of this shard that have features in the cache."""
+        return self.written + self.existing
 
     def summary(self) -> str:
-        detail = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items()))
-        return (
-            f"feature cache {self.path}: {self.shard_size} items in this shard, "
-            f"{self.written} written, {self.existing} already there, "
-            f"{sum(self.skipped.values())} skipped" + (f" ({detail})" if detail else "")
-        )
+        skipped = sum(self.skipped.values())
+        detail = [f"{self.skipped_earlier} from earlier runs"] if self.skipped_earlier else []
+        if self.skipped:
+            detail.append(", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())))
+        text = f"feature cache {self.path}: {self.shard_size} items in this shard, "
+        text += f"{self.written} written"
+        if self.rewritten:
+            text += f" ({self.rewritten} rewritten: bad entries)"
+        text += f", {self.existing} already there, {skipped} skipped"
+        text += f" ({'; '.join(detail)})" if detail else ""
+        if self.retried:
+            text += f", {self.retried} earlier skips retried"
+        return text + f"; {self.with_features} of {self.shard_size} items have features"
 
 
 def write_feature_cache(
@@ -300,9 +510,14 @@ def write_feature_cache(
         world_size: Number of ranks (default: torch.distributed's).
         dtype: Storage dtype of the features.
         num_workers: DataLoader workers decoding the videos.
-        probe_workers: Threads opening videos before decoding.
+        probe_workers: Threads opening videos (and checking entries) before decoding.
 
-    Items already written (or recorded as skipped) are not computed again.
+    Entries already written are checked (:func:`check_entry`) and kept; bad
+    ones are removed (warned, with their paths, in ``report.bad``) and computed
+    again. Videos recorded as skipped are not tried again unless their file
+    changed (or the skip was for non-finite features). Non-finite features
+    are never written: the video is recorded as skipped; RuntimeError if the
+    first :data:`NONFINITE_STOP` videos computed all give non-finite features.
     Raises FeatureCacheMismatch if the folder holds a cache made otherwise.
     """
     if dtype not in DTYPES:
@@ -314,28 +529,74 @@ def write_feature_cache(
     rank, world_size = rank or 0, world_size or 1
     cache_dir = Path(cache_dir)
     items = unique_items(items)  # the first of each id, as the data modules keep
-    _ensure_manifest(cache_dir, make_manifest(model, r, dataset, split, items, short_side, dtype))
+    manifest = make_manifest(model, r, dataset, split, items, short_side, dtype)
+    _ensure_manifest(cache_dir, manifest)
 
     mine = shard(items, rank, world_size)
     report = CacheReport(cache_dir, len(mine))
-    todo = []
+    todo: set[str] = set()  # ids to compute
+    found = []  # items with an entry, to check
     for item in mine:
         key = entry_key(item.id)
         for suffix in ("pt", "skip"):  # temporary files of this shard left by a killed run
             for stale in cache_dir.glob(f".{glob.escape(key)}.{suffix}.*tmp"):
                 stale.unlink(missing_ok=True)
-        if (cache_dir / f"{key}.pt").is_file() or (cache_dir / f"{key}.skip").is_file():
-            report.existing += 1
+        skip_path = cache_dir / f"{key}.skip"
+        if (cache_dir / f"{key}.pt").is_file():
+            found.append(item)
+        elif skip_path.is_file():
+            record, problem = _load_skip(skip_path)
+            if record is None:
+                report.bad.append(f"{skip_path}: skip record {problem}")
+                skip_path.unlink(missing_ok=True)
+                todo.add(item.id)
+            elif _skip_is_current(record, item):
+                report.skipped[record["reason"]] += 1
+                report.skipped_earlier += 1
+            else:  # the video changed since (or the skip was for non-finite features)
+                report.retried += 1
+                todo.add(item.id)
         else:
-            todo.append(item)
+            todo.add(item.id)
 
-    def record_skip(item: ClipItem, reason: str, message: str) -> None:
-        text = json.dumps({"id": item.id, "reason": reason, "message": message}).encode()
-        _write_atomic(cache_dir / f"{entry_key(item.id)}.skip", lambda f: f.write(text))
-        report.skipped[reason] += 1
+    def check(item: ClipItem) -> str | None:
+        path = cache_dir / f"{entry_key(item.id)}.pt"
+        return check_entry(path, item.id, item.label, manifest["feature_shape"], dtype)[1]
+
+    with ThreadPoolExecutor(max(1, probe_workers)) as pool:
+        problems = list(pool.map(check, found))
+    bad_entries = set()
+    for item, problem in zip(found, problems):
+        key = entry_key(item.id)
+        if problem is None:
+            report.existing += 1
+            (cache_dir / f"{key}.skip").unlink(missing_ok=True)  # the entry supersedes it
+            continue
+        path = cache_dir / f"{key}.pt"
+        report.bad.append(f"{path}: {problem}")
+        path.unlink(missing_ok=True)
+        bad_entries.add(item.id)
+        todo.add(item.id)
+    if report.bad:
+        _warn_list(
+            f"feature cache {cache_dir}: {len(report.bad)} bad entries or skip records "
+            "removed; computing them again from their videos:",
+            report.bad,
+        )
 
     name = f"{dataset} {split} features"
-    readable = filter_readable(todo, SkipLog(name), True, probe_workers, on_skip=record_skip)
+    log = SkipLog(name)
+
+    def record_skip(item: ClipItem, reason: str, message: str) -> None:
+        record = {"id": item.id, "reason": reason, "message": message}
+        text = json.dumps({**record, "video": video_state(item.path)}).encode()
+        key = entry_key(item.id)
+        _write_atomic(cache_dir / f"{key}.skip", lambda f: f.write(text))
+        (cache_dir / f"{key}.pt").unlink(missing_ok=True)
+        report.skipped[reason] += 1
+
+    todo_items = [item for item in mine if item.id in todo]
+    readable = filter_readable(todo_items, log, True, probe_workers, on_skip=record_skip)
     if not readable:
         rank_zero_info(report.summary())
         return report
@@ -352,6 +613,7 @@ def write_feature_cache(
     model.eval()
     if r is not None:
         model.set_policy(TopRPolicy(r))
+    nonfinite = 0  # videos of this run with non-finite features, before any finite
     try:
         with torch.inference_mode():
             for sample in loader:
@@ -360,16 +622,46 @@ def write_feature_cache(
                     record_skip(item, "unreadable", f"{item.path}: cannot decode")
                     continue
                 video = sample["video"].to(device)[None]  # (1, T, C, H, W) uint8
-                features = model.spatial_features(video)[0].to(DTYPES[dtype]).cpu()
-                entry = {"features": features.contiguous(), "label": item.label, "id": item.id}
-                _write_atomic(
-                    cache_dir / f"{entry_key(item.id)}.pt", lambda f, e=entry: torch.save(e, f)
-                )
+                computed = model.spatial_features(video)[0]
+                features = computed.to(DTYPES[dtype]).cpu().contiguous()
+                if not bool(torch.isfinite(features).all()):
+                    message = _nonfinite_message(item, computed, dtype)
+                    log.skip(NONFINITE, message)
+                    record_skip(item, NONFINITE, message)
+                    nonfinite += 1
+                    if nonfinite >= NONFINITE_STOP and report.written == 0:
+                        raise RuntimeError(
+                            f"feature cache {cache_dir}: the spatial model gave non-finite "
+                            f"features for each of the {nonfinite} videos computed so far "
+                            f"(the last: {message}); none of them was cached. Check the "
+                            "model's weights and precision (or the cache dtype), then run "
+                            "the writer again (it tries these videos again)"
+                        )
+                    continue
+                key = entry_key(item.id)
+                entry = make_entry(features, item.label, item.id)
+                _write_atomic(cache_dir / f"{key}.pt", lambda f, e=entry: torch.save(e, f))
+                (cache_dir / f"{key}.skip").unlink(missing_ok=True)  # a retried skip
                 report.written += 1
+                report.rewritten += item.id in bad_entries
     finally:
         model.train(was_training)
     rank_zero_info(report.summary())
     return report
+
+
+def _nonfinite_message(item: ClipItem, computed: Tensor, dtype: str) -> str:
+    finite = torch.isfinite(computed)
+    if bool(finite.all()):  # finite in the model's precision, not in the storage dtype
+        largest = float(computed.abs().max())
+        return (
+            f"{item.path}: features overflow {dtype} (largest |value| {largest:.4g}); "
+            "write the cache with dtype float32 or bfloat16"
+        )
+    return (
+        f"{item.path}: the spatial model gave {int((~finite).sum())} non-finite values "
+        f"(NaN or inf) of {finite.numel()}"
+    )
 
 
 def write_datamodule_features(
@@ -428,6 +720,12 @@ class FeatureDataset(Dataset):
     this rank's shard (:func:`datamodules.common.shard`), then without the
     skipped videos, as the video data modules do. Raises
     FeatureCacheIncomplete if an entry of the manifest was never written.
+
+    Each entry is checked when read (:func:`check_entry`: checksum, shape,
+    dtype, id, label, finite values); a bad one raises FeatureCacheCorrupt
+    naming the file (rerun the writer: it rewrites bad entries). Setup warns
+    when a skipped video's file changed since it was skipped (rerun the writer
+    to add it); :meth:`summary` gives how many listed items are used.
     """
 
     def __init__(
@@ -464,16 +762,33 @@ class FeatureDataset(Dataset):
         self.skip_log = SkipLog(
             name + (f" (rank {rank} of {world_size})" if world_size > 1 else "")
         )
+        shape = self.manifest.get("feature_shape")
+        self._expected = (list(shape) if shape else None, self.manifest.get("dtype"))
         #: ``(entry key, label, item id)`` of each item, in dataset order.
         self.items: list[tuple[str, int, str]] = []
         listed = shard(limit_items(self.manifest["items"], limit, seed), rank, world_size)
+        #: Items of the manifest this dataset lists (limit subset, rank shard).
+        self.listed = len(listed)
+        #: Videos skipped by the writer whose files changed since (rerun it to add them).
+        self.changed_skips: list[str] = []
         for item_id, label in listed:
             key = entry_key(item_id)
             if f"{key}.pt" in names:
                 self.items.append((key, int(label), item_id))
-            else:
-                reason = json.loads((self.cache_dir / f"{key}.skip").read_text())["reason"]
-                self.skip_log.reasons[reason] += 1  # warned when written
+                continue
+            record = read_skip(self.cache_dir / f"{key}.skip")
+            self.skip_log.reasons[record["reason"]] += 1  # warned when written
+            video = record.get("video")
+            if isinstance(video, dict) and video != video_state(video.get("path", "")):
+                self.changed_skips.append(str(video.get("path")))
+        if self.changed_skips:
+            _warn_list(
+                f"{self.skip_log.dataset}: {len(self.changed_skips)} videos skipped by the "
+                f"feature cache writer changed since; rerun the writer to add them to "
+                f"{self.cache_dir}:",
+                self.changed_skips,
+                shown=3,
+            )
 
     def __len__(self) -> int:
         return len(self.items)
@@ -484,12 +799,27 @@ class FeatureDataset(Dataset):
         return [item_id for _, _, item_id in self.items]
 
     def summary(self) -> str:
-        return self.skip_log.summary(len(self.items))
+        """E.g. ``"kinetics400 val features (r=24): 10 of 12 listed items used, 2 skipped
+        (missing: 1, unreadable: 1)"``."""
+        detail = ", ".join(f"{k}: {n}" for k, n in sorted(self.skip_log.reasons.items()))
+        text = f"{self.skip_log.dataset}: {len(self.items)} of {self.listed} listed items used, "
+        text += f"{self.skip_log.total} skipped" + (f" ({detail})" if detail else "")
+        if self.changed_skips:
+            text += f"; {len(self.changed_skips)} skipped videos changed since: rerun the writer"
+        return text
+
+    def load(self, index: int) -> dict[str, Any]:
+        """The checked entry of item ``index``; FeatureCacheCorrupt naming the file if bad."""
+        key, label, item_id = self.items[index]
+        path = self.cache_dir / f"{key}.pt"
+        entry, problem = check_entry(path, item_id, label, *self._expected)
+        if entry is None:
+            raise FeatureCacheCorrupt(f"feature cache entry {path} {problem}; {REPAIR}", path)
+        return entry
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        key, label, _ = self.items[index]
-        entry = torch.load(self.cache_dir / f"{key}.pt", map_location="cpu", weights_only=True)
-        features = entry["features"].float()  # (V, T', D)
+        _, label, _ = self.items[index]
+        features = self.load(index)["features"].float()  # (V, T', D)
         if self.views == "random":
             view = int(torch.randint(features.shape[0], ()))
             features = features[view : view + 1]

@@ -19,6 +19,7 @@ import torch
 
 from datamodules.common import shard
 from datamodules.features import (
+    ENTRY_KEYS,
     MANIFEST,
     CacheReport,
     FeatureCacheIncomplete,
@@ -168,7 +169,7 @@ def assert_same_entries(cache_dir: Path, reference: Reference) -> None:
     for name in reference.listing:
         if name.endswith(".pt"):
             mine, theirs = load_entry(cache_dir / name), load_entry(reference.dir / name)
-            assert mine.keys() == theirs.keys() == {"features", "label", "id"}
+            assert mine.keys() == theirs.keys() == ENTRY_KEYS
             assert torch.equal(mine["features"], theirs["features"]), name
             assert (mine["label"], mine["id"]) == (theirs["label"], theirs["id"])
         elif name.endswith(".skip"):
@@ -305,10 +306,10 @@ def test_killed_writer_leaves_whole_entries_and_a_restart_finishes_the_cache(
 
     # A restart in this process resumes: only the rest is written.
     report = write(module(data), "val", make_model(), root)
-    assert report.existing == done
-    assert report.written + sum(report.skipped.values()) == 12 - done
-    assert report.written == 10 - whole
-    assert f"{10 - whole} written, {done} already there" in report.summary()
+    assert (report.existing, report.skipped_earlier) == (whole, len(skips))
+    assert report.written + report.existing + sum(report.skipped.values()) == 12
+    assert report.written == 10 - whole and report.rewritten == 0 and not report.bad
+    assert f"{10 - whole} written, {whole} already there, 2 skipped" in report.summary()
     assert not (cache / stale).exists()  # its own stale temporary file is removed
     assert_same_entries(cache, reference)  # = one uninterrupted run
     assert (cache / MANIFEST).read_bytes() == reference.manifest
@@ -320,7 +321,7 @@ def test_killed_writer_leaves_whole_entries_and_a_restart_finishes_the_cache(
     assert all(features.shape == (2, 4, 64) for features, _ in dataset)
     # ... and removed by the next run of the writer, which writes nothing.
     report = write(module(data), "val", make_model(), root)
-    assert (report.written, report.existing) == (0, 12)
+    assert (report.written, report.existing, report.skipped_earlier) == (0, 10, 2)
     assert listing(cache) == reference.listing
 
 
@@ -405,9 +406,10 @@ def test_cache_made_otherwise_is_refused_naming_the_fields(data, reference):
     # The same settings resume (here: nothing left to write), and read back.
     check_model(cache, make_model())
     report = write_items()
-    assert (report.written, report.existing, report.shard_size) == (0, 12, 12)
+    assert (report.written, report.existing, report.shard_size) == (0, 10, 12)
+    assert report.skipped == Counter(missing=1, unreadable=1) and report.skipped_earlier == 2
     report = write(module(data), "val", make_model(), reference.root)
-    assert (report.written, report.existing) == (0, 12)
+    assert (report.written, report.existing) == (0, 10)
     assert listing(cache) == reference.listing
     expect = {"dataset": "kinetics400", "split": "val", "r": R, "dtype": "float32"}
     assert FeatureDataset(cache, expect=expect).ids == reference.ids
@@ -435,7 +437,8 @@ def test_unreadable_and_missing_videos_are_recorded_as_skips(data, reference):
 
     dataset = FeatureDataset(reference.dir)
     assert dataset.summary() == (
-        "kinetics400 val features (r=6): 10 items, 2 skipped (missing: 1, unreadable: 1)"
+        "kinetics400 val features (r=6): 10 of 12 listed items used, "
+        "2 skipped (missing: 1, unreadable: 1)"
     )
     assert len(dataset) == 10 and dataset.ids == reference.ids
     assert not {item.id for item in bad} & set(dataset.ids)
@@ -447,7 +450,7 @@ def test_unreadable_and_missing_videos_are_recorded_as_skips(data, reference):
     for rank in range(2):
         shard_of = FeatureDataset(reference.dir, rank=rank, world_size=2)
         counted.update(shard_of.skip_log.reasons)
-        assert f"(rank {rank} of 2): {len(shard_of)} items" in shard_of.summary()
+        assert f"(rank {rank} of 2): {len(shard_of)} of 6 listed items used" in shard_of.summary()
     assert counted == Counter(missing=1, unreadable=1)
 
 
@@ -609,6 +612,9 @@ def test_command_line_writes_a_cache_the_reader_reads(data, reference, tmp_path,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         main(args)
-    assert "0 written, 12 already there" in capsys.readouterr().out
+    assert (
+        "0 written, 10 already there, 2 skipped (2 from earlier runs; missing: 1, unreadable: 1)"
+        "; 10 of 12 items have features"
+    ) in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(args[:-2] + ["--dtype", "int8"])
