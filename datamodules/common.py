@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import codecs
+import csv
+import io
 import os
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,16 +29,21 @@ class DataFormatError(ValueError):
 
 
 class SkipLog:
-    """Counts items a dataset skipped (missing, unreadable), by reason.
+    """Counts items a dataset skipped (missing, unreadable), by reason, and
+    items it kept after fixing them (``adjust``: a segment clipped to its
+    video, boxes scaled to the real image size).
 
-    ``skip`` warns once per reason (not once per item); ``summary`` gives one
-    line with the totals, for the data module's setup message.
+    ``skip`` and ``adjust`` warn once per reason (not once per item);
+    ``summary`` gives one line with the totals, for the data module's setup
+    message.
     """
 
     def __init__(self, dataset: str) -> None:
         self.dataset = dataset
         self.reasons: Counter[str] = Counter()
         self.examples: dict[str, str] = {}
+        #: Items kept after a fix, by reason.
+        self.adjusted: Counter[str] = Counter()
 
     def skip(self, reason: str, item: str | Path) -> None:
         if reason not in self.reasons:
@@ -47,15 +55,31 @@ class SkipLog:
             self.examples[reason] = str(item)
         self.reasons[reason] += 1
 
+    def adjust(self, reason: str, item: str | Path) -> None:
+        """Counts an item that is kept after a fix; warns on the first of each reason."""
+        if reason not in self.adjusted:
+            warnings.warn(
+                f"{self.dataset}: {item} ({reason}); further items adjusted for this reason "
+                "are counted in the summary",
+                stacklevel=2,
+            )
+            self.examples[reason] = str(item)
+        self.adjusted[reason] += 1
+
     @property
     def total(self) -> int:
         return sum(self.reasons.values())
 
     def summary(self, found: int) -> str:
-        """E.g. ``"kinetics400 train: 980 items, 20 skipped (missing: 15, unreadable: 5)"``."""
+        """E.g. ``"kinetics400 train: 980 items, 20 skipped (missing: 15, unreadable: 5)"``,
+        followed by ``"; 3 adjusted (segment clipped to video end: 3)"`` if any were."""
         detail = ", ".join(f"{reason}: {n}" for reason, n in sorted(self.reasons.items()))
         text = f"{self.dataset}: {found} items, {self.total} skipped"
-        return text + (f" ({detail})" if detail else "")
+        text += f" ({detail})" if detail else ""
+        if self.adjusted:
+            fixes = ", ".join(f"{reason}: {n}" for reason, n in sorted(self.adjusted.items()))
+            text += f"; {sum(self.adjusted.values())} adjusted ({fixes})"
+        return text
 
 
 def rank_and_world_size() -> tuple[int, int]:
@@ -72,23 +96,47 @@ def shard(items: Sequence[T], rank: int, world_size: int) -> list[T]:
     return list(items[rank::world_size])
 
 
-def read_csv_rows(path: str | Path, required: Sequence[str]) -> list[tuple[int, dict[str, str]]]:
-    """Rows of a CSV file with a header, as ``(line number, {column: text})``.
+def decode_utf8(path: str | Path, data: bytes) -> str:
+    """``data`` as UTF-8 text, without a leading byte-order mark (Excel writes one).
 
-    Raises DataFormatError naming the file (line 1) if a ``required`` column is
-    absent from the header, and naming the line if a row lacks a value for one.
-    Line numbers count physical lines (1 = header), as an editor shows them.
+    Raises DataFormatError naming the file, the line and the column of the first
+    byte that is not UTF-8 (e.g. a file saved as Latin-1 or Windows-1252).
     """
-    import csv
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8) :]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line_start = data.rfind(b"\n", 0, error.start) + 1
+        column = len(data[line_start : error.start].decode("utf-8")) + 1
+        bad = data[error.start : error.end].hex(" ")
+        raise DataFormatError(
+            path,
+            f"not UTF-8 text: byte {bad} at column {column} (save the file as UTF-8)",
+            data.count(b"\n", 0, error.start) + 1,
+        ) from None
 
+
+def read_csv_rows(path: str | Path, required: Sequence[str]) -> list[tuple[int, dict[str, str]]]:
+    """Rows of a UTF-8 CSV file with a header, as ``(line number, {column: text})``.
+
+    A leading UTF-8 byte-order mark is ignored. Raises DataFormatError naming
+    the file: at line 1 if a ``required`` column is absent from the header; at
+    the line of a row that lacks a value for one, of the first byte that is not
+    UTF-8, or where the record starts that the ``csv`` module gives up on (e.g.
+    an unbalanced quote that swallows the rest of the file). Line numbers count physical lines
+    (1 = header), as an editor shows them.
+    """
     path = Path(path)
     try:
-        handle = path.open(newline="", encoding="utf-8")
+        data = path.read_bytes()
     except OSError as error:
         raise DataFormatError(path, f"cannot read annotation file ({error})") from error
-    with handle:
-        reader = csv.DictReader(handle)
+    reader = csv.DictReader(io.StringIO(decode_utf8(path, data), newline=""))
+    done = 0  # the last line of the last complete record (1: the header)
+    try:
         header = reader.fieldnames or []
+        done = reader.line_num
         absent = [name for name in required if name not in header]
         if absent:
             raise DataFormatError(path, f"missing column(s) {absent}; header is {header}", 1)
@@ -99,7 +147,56 @@ def read_csv_rows(path: str | Path, required: Sequence[str]) -> list[tuple[int, 
             if empty:
                 raise DataFormatError(path, f"no value for column(s) {empty}", line)
             rows.append((line, row))
+            done = line
+    except csv.Error as error:
+        raise DataFormatError(
+            path,
+            f"malformed CSV in the record that starts on this line ({error}; look for an "
+            "unbalanced double quote)",
+            done + 1,
+        ) from None
     return rows
+
+
+def first_of_each_id(
+    path: str | Path, entries: Sequence[tuple[str, int, Mapping[str, Any]]]
+) -> list[int]:
+    """Positions in ``entries`` of the first entry of each id, in order.
+
+    ``entries`` are ``(id, line, fields)`` of one annotation file. An id listed
+    again with equal ``fields`` is a duplicate: left out, and all duplicates
+    are reported in one warning with their count and an example. An id listed
+    again with other ``fields`` (e.g. another label) is a DataFormatError
+    naming both lines (``file:line``) and the fields that differ.
+    """
+    first: dict[str, tuple[int, Mapping[str, Any]]] = {}
+    kept: list[int] = []
+    repeats, example = 0, ""
+    for position, (key, line, fields) in enumerate(entries):
+        if key not in first:
+            first[key] = (line, fields)
+            kept.append(position)
+            continue
+        first_line, first_fields = first[key]
+        differ = [name for name in fields if fields[name] != first_fields.get(name)]
+        if differ:
+            was = ", ".join(f"{name} {first_fields.get(name)!r}" for name in differ)
+            now = ", ".join(f"{name} {fields[name]!r}" for name in differ)
+            raise DataFormatError(
+                path,
+                f"id {key!r} is listed twice with conflicting values: {path}:{first_line} "
+                f"has {was}, {path}:{line} has {now}",
+                line,
+            )
+        repeats += 1
+        example = example or f"{key!r} on line {line} repeats line {first_line}"
+    if repeats:
+        warnings.warn(
+            f"{path}: {repeats} duplicate row(s) (an id listed again with the same values) "
+            f"ignored, e.g. {example}",
+            stacklevel=2,
+        )
+    return kept
 
 
 def parse_int(path: str | Path, line: int, column: str, text: str) -> int:

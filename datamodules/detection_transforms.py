@@ -68,6 +68,12 @@ def resized_shape(
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
+def scale_boxes(target: Target, x_scale: float, y_scale: float) -> Target:
+    """``target`` with its xyxy ``boxes`` multiplied by ``x_scale`` / ``y_scale``."""
+    scale = target["boxes"].new_tensor([x_scale, y_scale] * 2)
+    return {**target, "boxes": target["boxes"] * scale}
+
+
 class ResizeShortEdge:
     """Resizes (antialiased) so the short edge is ``short_edge`` (long edge <= ``max_size``).
 
@@ -90,8 +96,7 @@ class ResizeShortEdge:
         if (new_h, new_w) == (height, width):
             return image, target
         image = F.resize(image, [new_h, new_w], antialias=True)
-        scale = target["boxes"].new_tensor([new_w / width, new_h / height] * 2)
-        return image, {**target, "boxes": target["boxes"] * scale}
+        return image, scale_boxes(target, new_w / width, new_h / height)
 
     def __repr__(self) -> str:
         return f"ResizeShortEdge({self.short_edge}, max_size={self.max_size})"

@@ -16,7 +16,12 @@ in the annotation files) or, with ``clip_bounds="timestamps"``, from
 ``start_timestamp``/``stop_timestamp`` (``HH:MM:SS.ff``) converted with the
 video's real frame rate read from the file. Labels are ``verb_class``
 (97 classes). Segments of missing or unreadable videos are skipped with one
-warning per reason and counted (``summaries``).
+warning per reason and counted (``summaries``); so are segments that start
+after the end of their video, while one that runs past the end is clipped to
+the video (counted, one warning). Annotation files are read as UTF-8 (with or
+without a byte-order mark); a ``narration_id`` listed twice with the same
+values is kept once (the repeats counted in one warning), with other values it
+is a DataFormatError naming both lines.
 
 Usage::
 
@@ -40,7 +45,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-from datamodules.common import DataFormatError, parse_int, read_csv_rows
+from datamodules.common import DataFormatError, first_of_each_id, parse_int, read_csv_rows
 from datamodules.transforms import ClipSampling
 from datamodules.video import ClipDataModule, ClipItem
 
@@ -103,13 +108,16 @@ def read_segments(
 
     Raises DataFormatError naming the file and line of a malformed row (missing
     value, non-integer frame, bad timestamp, stop before start, verb_class out
-    of range).
+    of range). A ``narration_id`` listed again with the same video, bounds and
+    verb_class is left out (the duplicates are counted in one warning); listed
+    again with other values, it is a DataFormatError naming both lines.
     """
     if clip_bounds not in BOUND_COLUMNS:
         raise ValueError(f"clip_bounds must be 'frames' or 'timestamps', got {clip_bounds!r}")
     start_col, stop_col = BOUND_COLUMNS[clip_bounds]
     videos: dict[str, Path] = {}
     items = []
+    entries = []  # (narration_id, line, values) for the duplicate check
     for line, row in read_csv_rows(path, ID_COLUMNS + BOUND_COLUMNS[clip_bounds]):
         label = parse_int(path, line, "verb_class", row["verb_class"])
         if not 0 <= label < num_classes:
@@ -129,12 +137,15 @@ def read_segments(
         video_id = row["video_id"].strip()
         if video_id not in videos:
             videos[video_id] = find_video(root, row["participant_id"].strip(), video_id)
+        narration_id = row["narration_id"]
         if clip_bounds == "frames":  # 1-based inclusive -> 0-based, stop exclusive
-            item = ClipItem(row["narration_id"], videos[video_id], label, start - 1, stop)
+            item = ClipItem(narration_id, videos[video_id], label, start - 1, stop)
         else:
-            item = ClipItem(row["narration_id"], videos[video_id], label, start, stop, "second")
+            item = ClipItem(narration_id, videos[video_id], label, start, stop, "second")
         items.append(item)
-    return items
+        values = {"verb_class": label, "video_id": video_id, start_col: start, stop_col: stop}
+        entries.append((narration_id, line, values))
+    return [items[i] for i in first_of_each_id(path, entries)]
 
 
 class EpicKitchensDataModule(ClipDataModule):
@@ -146,7 +157,11 @@ class EpicKitchensDataModule(ClipDataModule):
     Evaluation batches:
     every frame of each segment, ``{"video": (B, T, 3, H, W) uint8, "length": (B,),
     "label": (B,), "id": [B], "skipped": [...]}`` with short side
-    ``eval_short_side``; each rank gets its own shard, nothing repeated.
+    ``eval_short_side`` (``video`` is a list of B clips when their frame sizes
+    differ, see :func:`datamodules.video.collate_eval`); each rank gets its own
+    shard, nothing repeated. A segment that runs past the end of its video is
+    clipped to the video (counted in ``summaries``, one warning); one that
+    starts after the end is skipped.
 
     Args:
         root: Dataset root (see module docstring for the layouts).
@@ -158,8 +173,9 @@ class EpicKitchensDataModule(ClipDataModule):
             (start/stop_timestamp with the video's real fps).
         num_classes: Verb classes (97).
         batch_size: Training clips per batch.
-        eval_batch_size: Evaluation segments per batch (one batch must share a
-            frame size; 1 avoids padding).
+        eval_batch_size: Evaluation segments per batch (>= 1; segments of other
+            frame sizes may share a batch, see :func:`datamodules.video.collate_eval`;
+            1 avoids padding).
         num_workers: DataLoader workers.
         frames: Frames per training clip.
         stride: Frame step within a training clip.

@@ -33,9 +33,13 @@ found at setup (one directory listing per folder), skipped with one warning and
 counted; images that fail to decode are skipped when loaded (one warning per
 dataset copy, counted in the dataset's ``skips``): a training item is replaced
 by the next readable one, an evaluation segment loses that frame
-(``frame_indices`` tells which remain). Evaluation segments are sharded over
-ranks with :func:`datamodules.common.shard` (whole segments, none repeated);
-the eval loaders carry a sampler that Lightning leaves in place.
+(``frame_indices`` tells which remain). A frame whose annotated size (XML
+``<size>``, COCO ``width``/``height``) differs from its JPEG's keeps its boxes
+scaled to the JPEG (one warning per dataset copy, counted in ``skips``). An
+evaluation split without any ground-truth object is warned about at setup.
+Evaluation segments are sharded over ranks with :func:`datamodules.common.shard`
+(whole segments, none repeated); the eval loaders carry a sampler that
+Lightning leaves in place.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.io import ImageReadMode, decode_image, read_file
@@ -61,6 +65,7 @@ from datamodules.detection_transforms import (
     DetectionTransform,
     RandomHorizontalFlip,
     ResizeShortEdge,
+    scale_boxes,
 )
 from datamodules.vid_annotations import (
     VID_CLASSES,
@@ -93,6 +98,8 @@ __all__ = [
 
 Target = dict[str, Any]
 TORCHVISION_CODEC_WARNING = "The image decoding and encoding capabilities of TorchVision"
+#: The reason counted for a frame whose annotated size differs from its image's.
+SIZE_MISMATCH = "annotated size differs from the image, boxes scaled"
 
 
 # --------------------------------------------------------------------------- loading
@@ -109,9 +116,16 @@ def make_target(frame: FrameAnnotation) -> Target:
 
 
 def load_frame(
-    frame: FrameAnnotation, transform: DetectionTransform | None = None
+    frame: FrameAnnotation,
+    transform: DetectionTransform | None = None,
+    skips: SkipLog | None = None,
 ) -> tuple[Tensor, Target]:
     """Decodes the image (uint8 (3, H, W), RGB even for grey/CMYK JPEGs) and builds its target.
+
+    If the annotation's image size (XML ``<size>``, COCO ``width``/``height``)
+    differs from the decoded image's, the boxes are scaled to the image and
+    the frame is counted in ``skips`` as adjusted (:data:`SIZE_MISMATCH`, one
+    warning per ``skips``; without ``skips``, a warning per frame).
 
     Raises:
         RuntimeError: the file is missing or cannot be decoded.
@@ -121,6 +135,17 @@ def load_frame(
         warnings.filterwarnings("ignore", TORCHVISION_CODEC_WARNING, DeprecationWarning)
         image = decode_image(read_file(str(frame.path)), mode=ImageReadMode.RGB)
     target = make_target(frame)
+    height, width = image.shape[-2:]
+    if (width, height) != (frame.width, frame.height):
+        note = (
+            f"{frame.path}: annotated as {frame.width} x {frame.height}, the image is "
+            f"{width} x {height}; its {frame.num_boxes} boxes are scaled to the image"
+        )
+        if skips is not None:
+            skips.adjust(SIZE_MISMATCH, note)
+        else:
+            warnings.warn(note, stacklevel=2)
+        target = scale_boxes(target, width / max(frame.width, 1), height / max(frame.height, 1))
     if transform is not None:
         image, target = transform(image, target)
     return image, target
@@ -182,7 +207,7 @@ class DetectionDataset(Dataset):
         for offset in range(len(self.images)):
             frame = self.images[(index + offset) % len(self.images)]
             try:
-                return load_frame(frame, self.transform)
+                return load_frame(frame, self.transform, self.skips)
             except RuntimeError:
                 self.skips.skip("unreadable image", frame.path)
         raise RuntimeError(f"{self.skips.dataset}: no readable image among {len(self)} items")
@@ -253,7 +278,7 @@ class SegmentDataset(Dataset):
         frames, targets, indices = [], [], []
         for frame in segment.frames:
             try:
-                image, target = load_frame(frame, self.transform)
+                image, target = load_frame(frame, self.transform, self.skips)
             except RuntimeError:
                 self.skips.skip("unreadable image", frame.path)
                 continue
@@ -510,9 +535,17 @@ class ImageNetVIDDataModule(L.LightningDataModule):
         mine = shard(segments, rank, world)
         dataset = SegmentDataset(mine, self.resize, name)
         frames = sum(len(v.frames) for v in videos)
+        objects = sum(f.num_boxes for v in videos for f in v.frames)
+        if frames and not objects:
+            rank_zero_warn(
+                f"{name}: no ground-truth objects in the {frames} evaluation frames, so "
+                "mAP50 is undefined there (torchmetrics reports -1); check the split's "
+                "annotations"
+            )
         self.summaries["eval"] = (
             skips.summary(len(segments))
-            + f"; {len(videos)} videos, {frames} frames, segment_length {self.segment_length}"
+            + f"; {len(videos)} videos, {frames} frames ({objects} objects),"
+            + f" segment_length {self.segment_length}"
             + f"; this rank ({rank} of {world}) has {len(mine)} segments"
             + f"; {stats.other_class_boxes} boxes of other classes and"
             + f" {stats.degenerate_boxes} empty boxes dropped"

@@ -15,7 +15,11 @@ downloader), with extension ``.mp4``, ``.mkv``, ``.webm``, ``.avi`` or ``.mov``.
 
 Label index = position of the class name in the sorted list of the training
 split's class names (``classes`` overrides). Missing and unreadable clips are
-skipped with one warning per reason and counted (``summaries``).
+skipped with one warning per reason and counted (``summaries``). Annotation
+files are read as UTF-8 (with or without a byte-order mark; another encoding is
+a DataFormatError naming file and line); a clip listed twice with the same label
+is kept once (the repeats are counted in one warning), with another label it is
+a DataFormatError naming both lines.
 
 Usage::
 
@@ -43,7 +47,7 @@ from typing import Any, Literal
 
 from lightning.pytorch.utilities import rank_zero_info
 
-from datamodules.common import DataFormatError, parse_int, read_csv_rows
+from datamodules.common import DataFormatError, first_of_each_id, parse_int, read_csv_rows
 from datamodules.transforms import ClipSampling
 from datamodules.video import ClipDataModule, ClipItem
 
@@ -70,7 +74,12 @@ class KineticsRow:
 
 
 def read_annotations(path: str | Path) -> list[KineticsRow]:
-    """Rows of a Kinetics annotation CSV; DataFormatError names file and line of a bad row."""
+    """Rows of a Kinetics annotation CSV; DataFormatError names file and line of a bad row.
+
+    A clip listed again with the same label is left out (the duplicates are
+    counted in one warning); listed again with another label, it is a
+    DataFormatError naming both lines.
+    """
     path = Path(path)
     rows = []
     for line, row in read_csv_rows(path, COLUMNS):
@@ -81,7 +90,8 @@ def read_annotations(path: str | Path) -> list[KineticsRow]:
         rows.append(
             KineticsRow(row["label"].strip(), row["youtube_id"].strip(), start, end, path, line)
         )
-    return rows
+    kept = first_of_each_id(path, [(row.clip, row.line, {"label": row.label}) for row in rows])
+    return [rows[i] for i in kept]
 
 
 def find_annotation_file(root: Path, split: str, annotation_dir: Path | None = None) -> Path:
@@ -144,7 +154,9 @@ class KineticsDataModule(ClipDataModule):
     under DDP); with ``train_clips="whole"``, whole clips like the evaluation
     batches below, shuffled. Evaluation batches (val/test): whole clips for the model's
     multi-view preprocessing, ``{"video": (B, T, 3, H, W) uint8, "length": (B,),
-    "label": (B,), "id": [B], "skipped": [...]}``, short side ``eval_short_side``;
+    "label": (B,), "id": [B], "skipped": [...]}``, short side ``eval_short_side``
+    (``video`` is a list of B clips when their frame sizes differ, see
+    :func:`datamodules.video.collate_eval`);
     each rank gets its own shard (:func:`datamodules.common.shard`), nothing repeated.
 
     Args:
@@ -157,8 +169,9 @@ class KineticsDataModule(ClipDataModule):
         classes: Class names in label order (default: sorted names of the
             training split's annotation file).
         batch_size: Training clips per batch.
-        eval_batch_size: Evaluation clips per batch (clips of one batch must share
-            a frame size; 1 avoids padding).
+        eval_batch_size: Evaluation clips per batch (>= 1; clips of other frame
+            sizes may share a batch, see :func:`datamodules.video.collate_eval`;
+            1 avoids padding).
         num_workers: DataLoader workers.
         frames: Frames per training clip.
         stride: Frame step within a training clip.
@@ -257,11 +270,19 @@ class KineticsDataModule(ClipDataModule):
         try:
             find_annotation_file(self.root, self.train_split, self.annotation_dir)
         except FileNotFoundError:
-            from datamodules.synthetic_video import make_kinetics
+            from datamodules.synthetic_video import make_kinetics, write_new_folder
 
             splits = list(dict.fromkeys([self.train_split, self.val_split, self.test_split]))
             rank_zero_info(f"kinetics400: writing a synthetic dataset to {self.root}")
-            make_kinetics(self.root, splits=splits, **self.synthetic)
+            what = (
+                f"kinetics400's synthetic dataset (option synthetic; {self.root} has no "
+                f"{self.train_split} annotations, so it is not a Kinetics dataset)"
+            )
+            write_new_folder(
+                self.root,
+                lambda folder: make_kinetics(folder, splits=splits, **self.synthetic),
+                what,
+            )
 
     # ----------------------------------------------------------------- indexing
 

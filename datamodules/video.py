@@ -17,7 +17,9 @@ Usage::
 An item is a whole video or a segment of one (``start``/``stop`` in frames or
 seconds). Training items give ``frames`` frames at ``stride`` from a random
 start inside the segment with a random crop/flip; evaluation items give every
-frame of the segment, short side resized to ``eval_short_side``. Items that
+frame of the segment, short side resized to ``eval_short_side``; evaluation
+batches may mix frame sizes (:func:`collate_eval`). A segment that runs past
+the end of its video is clipped to the video (counted, one warning). Items that
 cannot be read are skipped (and counted) at setup by :func:`filter_readable`;
 a video that fails later is replaced by another item in training and reported
 in the batch's ``skipped`` list in evaluation, never dropped silently.
@@ -58,6 +60,8 @@ from datamodules.transforms import (
 )
 
 Mode = Literal["train", "eval"]
+#: The reason counted for a segment that runs past the end of its video (kept, clipped).
+CLIPPED = "segment clipped to video end"
 TrainClips = Literal["random", "whole"]
 T = TypeVar("T")
 
@@ -217,16 +221,22 @@ class ClipItem:
     stop: float | None = None
     unit: Literal["frame", "second"] = "frame"
 
-    def frame_range(self, info: VideoInfo) -> tuple[int, int]:
-        """The segment as frame numbers ``[first, stop)`` clipped to the video.
-
-        Raises ValueError if the segment lies outside the video.
-        """
+    def annotated_range(self, info: VideoInfo) -> tuple[int, int]:
+        """The segment as frame numbers ``[first, stop)``, as annotated (it may
+        run past the end of the video; :meth:`frame_range` clips it)."""
         scale = info.fps if self.unit == "second" else 1.0
         first = 0 if self.start is None else int(round(self.start * scale))
         stop = info.num_frames if self.stop is None else int(round(self.stop * scale))
         if self.unit == "second" and self.stop is not None:
             stop = max(stop, first + 1)  # a timestamp pair shorter than one frame
+        return first, stop
+
+    def frame_range(self, info: VideoInfo) -> tuple[int, int]:
+        """The segment as frame numbers ``[first, stop)`` clipped to the video.
+
+        Raises ValueError if the segment lies outside the video.
+        """
+        first, stop = self.annotated_range(info)
         first, stop = max(0, first), min(info.num_frames, stop)
         if stop <= first:
             raise ValueError(
@@ -234,6 +244,19 @@ class ClipItem:
                 f"({info.num_frames} frames at {info.fps:g} fps)"
             )
         return first, stop
+
+    def overrun(self, info: VideoInfo) -> str | None:
+        """What :meth:`frame_range` cut off a segment that runs past the end of
+        its video (to report it), or None if the segment ends inside the video."""
+        first, stop = self.frame_range(info)
+        annotated = self.annotated_range(info)[1]
+        if annotated <= info.num_frames:
+            return None
+        return (
+            f"{self.id} in {self.path}: segment [{self.start}, {self.stop}) {self.unit}s ends "
+            f"at frame {annotated} of a {info.num_frames}-frame video; frames [{first}, {stop}) "
+            "kept"
+        )
 
 
 def _probe_one(path: Path) -> VideoInfo | VideoReadError:
@@ -319,8 +342,12 @@ def filter_readable(
     """The items whose video exists (and, with ``probe``, opens and holds the segment).
 
     Every dropped item is counted in ``skip_log`` by reason (``missing``,
-    ``unreadable``, ``segment outside video``); the log warns once per reason.
-    ``on_skip(item, reason, message)`` is called for each dropped item.
+    ``unreadable``, ``segment outside video``: one that starts at or after the
+    video's end); the log warns once per reason. ``on_skip(item, reason,
+    message)`` is called for each dropped item. With ``probe``, a segment that
+    starts inside its video but runs past its end is kept, clipped to the video
+    (:meth:`ClipItem.frame_range`), and counted in ``skip_log`` as adjusted
+    (:data:`CLIPPED`; one warning).
     """
     kept: list[ClipItem] = []
 
@@ -343,10 +370,12 @@ def filter_readable(
             drop(item, "missing" if info.reason == "file not found" else "unreadable", str(info))
             continue
         try:
-            item.frame_range(info)
+            overrun = item.overrun(info)
         except ValueError as error:
             drop(item, "segment outside video", f"{item.id} in {item.path}: {error}")
             continue
+        if overrun is not None:
+            skip_log.adjust(CLIPPED, overrun)
         kept.append(item)
     return kept
 
@@ -391,6 +420,9 @@ class VideoClipDataset(Dataset):
         decode_threads: decord decoder threads per reader.
         open_readers: Readers kept open per process (long videos with many segments).
         max_retries: Training: other items tried when a video fails to decode.
+        report_clipped: Count (and warn once about) segments that run past the
+            end of their video when they are loaded, for items that setup did
+            not probe (probed ones were reported by :func:`filter_readable`).
 
     Items: ``{"video": (T, C, H, W) uint8, "label": int, "id": str}``; T = ``frames``
     and H = W = ``crop_size`` in training, T = segment length in evaluation. An
@@ -407,6 +439,7 @@ class VideoClipDataset(Dataset):
         decode_threads: int = 1,
         open_readers: int = 2,
         max_retries: int = 10,
+        report_clipped: bool = False,
     ) -> None:
         if mode not in ("train", "eval"):
             raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
@@ -417,9 +450,12 @@ class VideoClipDataset(Dataset):
         self.decode_threads = decode_threads
         self.open_readers = open_readers
         self.max_retries = max_retries
+        self.report_clipped = report_clipped
         self.transform = TrainClipTransform(sampling)
-        #: Items that failed to decode in this process (after setup).
+        #: Items that failed to decode in this process (after setup), and with
+        #: ``report_clipped`` segments clipped to their video.
         self.skip_log = SkipLog(f"{name} (while loading)")
+        self._clipped: set[str] = set()
         self._readers: ReaderCache | None = None
         self._bad: set[int] = set()
 
@@ -444,8 +480,12 @@ class VideoClipDataset(Dataset):
             info = VideoInfo(len(reader), float(reader.get_avg_fps()))
             try:
                 first, stop = item.frame_range(info)
+                overrun = item.overrun(info) if self.report_clipped else None
             except ValueError as error:
                 raise VideoReadError(item.path, f"{item.id}: {error}") from error
+            if overrun is not None and item.id not in self._clipped:
+                self._clipped.add(item.id)
+                self.skip_log.adjust(CLIPPED, overrun)
             if self.mode == "train":
                 s = self.sampling
                 indices = train_clip_indices(first, stop, s.frames, s.stride, generator)
@@ -508,13 +548,23 @@ def collate_train(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def collate_eval(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Evaluation items -> one batch of whole clips.
+    """Evaluation items -> one batch of whole clips, for any mix of frame sizes.
 
-    Returns ``{"video": (B, T_max, C, H, W) uint8, "length": (B,) int64,
-    "label": (B,) int64, "id": [B], "skipped": [ids that failed to decode]}``.
-    Clips shorter than ``T_max`` repeat their last frame (use ``length`` to cut
-    them back; with batch size 1 there is no padding). Frames of one batch must
-    share H x W. If every item failed, ``video`` has B = 0.
+    Returns ``{"video": ..., "length": (B,) int64, "label": (B,) int64,
+    "id": [B], "skipped": [ids that failed to decode]}``, the B decoded clips in
+    the order they came. ``video`` is
+
+    - a ``(B, T_max, C, H, W) uint8`` tensor when the clips share one frame
+      size H x W: clips shorter than ``T_max`` repeat their last frame (use
+      ``length`` to cut them back; with batch size 1 there is no padding);
+    - a list of B ``(T_i, C, H_i, W_i) uint8`` tensors, unpadded, when the
+      frame sizes differ (e.g. Kinetics clips of other aspect ratios). Nothing
+      is resized or padded, so a model that runs each group of equal-size
+      clips (e.g. :meth:`ViViTFineTuning.video_features
+      <eventful_pl.lightning.vivit_module.ViViTFineTuning.video_features>`)
+      gets the same per-clip results as with batch size 1.
+
+    If every item failed, ``video`` is a tensor with B = 0.
     """
     good = [item for item in batch if item["video"] is not None]
     skipped = [item["id"] for item in batch if item["video"] is None]
@@ -526,21 +576,22 @@ def collate_eval(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "id": [],
             "skipped": skipped,
         }
+    lengths = [item["video"].shape[0] for item in good]
     sizes = {tuple(item["video"].shape[1:]) for item in good}
     if len(sizes) > 1:
-        raise ValueError(
-            f"evaluation clips of one batch differ in frame size {sorted(sizes)} "
-            f"({[item['id'] for item in good]}); use eval_batch_size=1 (batch_size=1 "
-            "for whole training clips)"
+        videos: Tensor | list[Tensor] = [item["video"] for item in good]
+    else:
+        longest = max(lengths)
+        videos = torch.stack(
+            [
+                torch.cat([v, v[-1:].expand(longest - len(v), *v.shape[1:])])
+                if len(v) < longest
+                else v
+                for v in (item["video"] for item in good)
+            ]
         )
-    lengths = [item["video"].shape[0] for item in good]
-    longest = max(lengths)
-    videos = [
-        torch.cat([v, v[-1:].expand(longest - len(v), *v.shape[1:])]) if len(v) < longest else v
-        for v in (item["video"] for item in good)
-    ]
     return {
-        "video": torch.stack(videos),
+        "video": videos,
         "length": torch.tensor(lengths, dtype=torch.long),
         "label": torch.tensor([item["label"] for item in good], dtype=torch.long),
         "id": [item["id"] for item in good],
@@ -572,7 +623,8 @@ class ClipDataModule(L.LightningDataModule):
         val_split: Validation split name.
         test_split: Test split name (None: the validation split).
         batch_size: Training clips per batch.
-        eval_batch_size: Evaluation clips per batch.
+        eval_batch_size: Evaluation clips per batch (clips of any frame sizes;
+            see :func:`collate_eval`).
         num_workers: DataLoader workers.
         sampling: Clip sampling settings.
         train_limit: Use only this many training items (fixed random subset).
@@ -585,7 +637,7 @@ class ClipDataModule(L.LightningDataModule):
             (Lightning's DistributedSampler shards it under DDP), e.g. to train
             the temporal model on spatial features computed on the fly; they
             equal the items the feature cache is written from. Clips of one
-            batch must share a frame size (``batch_size=1`` always works).
+            batch may differ in frame size (see :func:`collate_eval`).
         probe: Open every video at setup to skip unreadable ones.
         probe_workers: Threads opening videos at setup.
         probe_cache: JSON file keeping probe results between runs.
@@ -625,6 +677,11 @@ class ClipDataModule(L.LightningDataModule):
         train_clips: TrainClips = "random",
     ) -> None:
         super().__init__()
+        for option, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(
+                    f"{type(self).__name__}: {option} must be a positive integer, got {value!r}"
+                )
         if train_clips not in ("random", "whole"):
             raise ValueError(f"train_clips must be 'random' or 'whole', got {train_clips!r}")
         if train_limit is not None and train_limit < 0:
@@ -688,7 +745,13 @@ class ClipDataModule(L.LightningDataModule):
             raise RuntimeError(f"{summary}: no readable videos under {self.root}")
         clips: Mode = "eval" if mode == "eval" or self.train_clips == "whole" else "train"
         return VideoClipDataset(
-            items, clips, self.sampling, name, self.decode_threads, self.open_readers
+            items,
+            clips,
+            self.sampling,
+            name,
+            self.decode_threads,
+            self.open_readers,
+            report_clipped=not self.probe,
         )
 
     def setup(self, stage: str | None = None) -> None:

@@ -189,10 +189,20 @@ def test_collate_eval_pads_and_reports_skips():
     assert torch.equal(batch["video"][1, 3:], b[-1:].expand(2, 3, 8, 8))
     empty = collate_eval([{"video": None, "label": -1, "id": "bad"}])
     assert empty["video"].shape[0] == 0 and empty["skipped"] == ["bad"]
-    with pytest.raises(ValueError, match="eval_batch_size=1"):
-        collate_eval(
-            [{"video": a, "label": 0, "id": "a"}, {"video": a[..., :4], "label": 0, "id": "c"}]
-        )
+    # Clips of other frame sizes: a list of the clips as they are (no padding, no resize).
+    c = torch.full((2, 3, 8, 4), 7, dtype=torch.uint8)
+    mixed = collate_eval(
+        [
+            {"video": a, "label": 0, "id": "a"},
+            {"video": c, "label": 3, "id": "c"},
+            {"video": None, "label": -1, "id": "bad"},
+            {"video": b, "label": 2, "id": "b"},
+        ]
+    )
+    assert isinstance(mixed["video"], list) and len(mixed["video"]) == 3
+    assert all(torch.equal(x, y) for x, y in zip(mixed["video"], (a, c, b)))
+    assert mixed["length"].tolist() == [5, 2, 3] and mixed["label"].tolist() == [0, 3, 2]
+    assert mixed["id"] == ["a", "c", "b"] and mixed["skipped"] == ["bad"]
 
 
 def test_local_shard_sampler_iterates_its_shard_once():

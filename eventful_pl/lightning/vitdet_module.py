@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LinearLR, MultiStepLR
 from torchmetrics.detection import MeanAveragePrecision
@@ -49,14 +49,18 @@ _PREDICTOR = "head.roi_heads.box_predictor."
 class VIDMeanAP(MeanAveragePrecision):
     """mAP at IoU 0.5 (the VID metric): ``compute()`` -> ``{"map_50", "mar_100"}``.
 
-    Labels are the model's 0..K-1; boxes xyxy pixels.
+    Labels are the model's 0..K-1; boxes xyxy pixels. ``compute()`` also sets
+    ``groundtruth_objects``, the number of ground-truth boxes it saw (over all
+    ranks): with none, torchmetrics reports -1.
     """
 
     def __init__(self) -> None:
         super().__init__(iou_thresholds=[0.5])
+        self.groundtruth_objects: int | None = None
 
     def compute(self) -> dict[str, Tensor]:
         result = super().compute()
+        self.groundtruth_objects = sum(int(labels.numel()) for labels in self.groundtruth_labels)
         return {"map_50": result["map_50"], "mar_100": result["mar_100"]}
 
 
@@ -283,6 +287,20 @@ class ViTDetModule(EventfulEvalModule):
 
     def make_metrics(self) -> VIDMeanAP:
         return VIDMeanAP()
+
+    def _end_eval(self, stage: str) -> None:
+        """Logs the metrics; warns for each setting whose mAP had no ground truth."""
+        super()._end_eval(stage)
+        empty = [s.name for s in self.sweep if self.metrics(stage, s).groundtruth_objects == 0]
+        if empty:
+            datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+            split = getattr(datamodule, "val_split", None)
+            rank_zero_warn(
+                f"ViTDetModule {stage}"
+                + (f" (split {split!r})" if split else "")
+                + f": no ground-truth objects in the evaluated frames, so {stage}/map_50 of "
+                f"setting(s) {empty} is undefined (logged as -1); check the annotations"
+            )
 
     def setting_policy(self, setting: EvalSetting) -> TokenPolicy | None:
         """The policy of ``setting`` (every token for dense; the model's own when

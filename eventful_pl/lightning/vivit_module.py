@@ -157,19 +157,25 @@ class ViViTFineTuning(EventfulEvalModule):
     def video_features(self, batch: Mapping[str, Any]) -> Tensor:
         """Spatial features of whole videos: batch ``video`` (B, T, 3, H, W) -> (B, V, T', D).
 
-        Items shorter than the batch (``length``) are run at their own length
-        (one spatial pass per distinct length).
+        Items shorter than the batch (``length``) are run at their own length,
+        and ``video`` may be a list of B (T_i, 3, H_i, W_i) clips of different
+        frame sizes (:func:`datamodules.video.collate_eval`): one spatial pass
+        per distinct clip shape, the rows put back in the batch's order.
         """
         video = batch["video"]
         lengths = batch.get("length")
-        if lengths is None or bool((lengths == video.shape[1]).all()):
-            return self.model.spatial_features(video)
+        if isinstance(video, Tensor):
+            if lengths is None or bool((lengths == video.shape[1]).all()):
+                return self.model.spatial_features(video)
+            video = [clip[:length] for clip, length in zip(video, lengths.tolist())]
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for row, clip in enumerate(video):
+            groups.setdefault(tuple(clip.shape), []).append(row)
         out = None
-        for length in torch.unique(lengths).tolist():
-            rows = (lengths == length).nonzero().flatten()
-            features = self.model.spatial_features(video[rows, :length])
+        for rows in groups.values():
+            features = self.model.spatial_features(torch.stack([video[row] for row in rows]))
             if out is None:
-                out = features.new_empty(video.shape[0], *features.shape[1:])
+                out = features.new_empty(len(video), *features.shape[1:])
             out[rows] = features
         return out
 
@@ -269,7 +275,7 @@ class ViViTFineTuning(EventfulEvalModule):
     def _first_view(self, batch: Mapping[str, Any]) -> Tensor:
         """The first view of the batch's first video, as the spatial model sees
         it (normalised): (1, T, C, h, w)."""
-        video = batch["video"][:1]
+        video = batch["video"][0][None]  # a (B, T, ...) tensor or a list of clips
         if "length" in batch:
             video = video[:, : int(batch["length"][0])]
         return self.model.preprocessing(video)[:, 0]
