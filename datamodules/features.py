@@ -817,19 +817,20 @@ class FeatureDataset(Dataset):
             raise FeatureCacheCorrupt(f"feature cache entry {path} {problem}; {REPAIR}", path)
         return entry
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        _, label, _ = self.items[index]
+    def __getitem__(self, index: int) -> tuple[Tensor, int, str]:
+        """``(features (V, T', D) float32, label, id)`` (V = 1 with ``views="random"``)."""
+        item_id, label, _ = self.items[index]
         features = self.load(index)["features"].float()  # (V, T', D)
         if self.views == "random":
             view = int(torch.randint(features.shape[0], ()))
             features = features[view : view + 1]
-        return features, label
+        return features, label, item_id
 
 
 class FeatureDataModule(L.LightningDataModule):
     """Cached spatial features for temporal fine-tuning (one cache per split and r).
 
-    Batches: ``(features (B, V, T', D) float32, label (B,) int64)`` (V = 1 in
+    Batches: ``(features (B, V, T', D) float32, label (B,) int64, ids [B])`` (V = 1 in
     training with ``train_views="random"``). Evaluation splits are sharded by
     rank (nothing repeated); training uses Lightning's sampler. At setup under
     a Trainer, the caches are checked against the trainer's FactorizedViViT

@@ -109,7 +109,8 @@ def test_cache_and_whole_video_training_give_the_same_batches(data, tmp_path):
         torch.manual_seed(11)
         from_videos = list(videos.train_dataloader())
         assert len(from_cache) == len(from_videos)
-        for (features, labels), batch in zip(from_cache, from_videos):
+        for (features, labels, batch_ids), batch in zip(from_cache, from_videos):
+            assert list(batch_ids) == list(batch["id"])
             assert torch.equal(labels, batch["label"])
             expected = torch.stack(on_the_fly(model, batch))
             assert features.shape == expected.shape == (len(labels), 2, 4, 64)
@@ -318,7 +319,7 @@ def test_killed_writer_leaves_whole_entries_and_a_restart_finishes_the_cache(
     (cache / stale).write_bytes(half)
     dataset = FeatureDataset(cache)
     assert dataset.ids == reference.ids
-    assert all(features.shape == (2, 4, 64) for features, _ in dataset)
+    assert all(features.shape == (2, 4, 64) for features, _, _ in dataset)
     # ... and removed by the next run of the writer, which writes nothing.
     report = write(module(data), "val", make_model(), root)
     assert (report.written, report.existing, report.skipped_earlier) == (0, 10, 2)
@@ -513,12 +514,13 @@ def test_feature_data_module_batches_equal_the_spatial_model_on_whole_clips(data
     )
     cache.setup("fit")
     batches = list(cache.val_dataloader())
-    assert [len(labels) for _, labels in batches] == [4, 4, 2]
-    for features, labels in batches:
+    assert [len(labels) for _, labels, _ in batches] == [4, 4, 2]
+    for features, labels, ids in batches:
+        assert len(ids) == len(labels)
         assert features.dtype == torch.float32 and labels.dtype == torch.int64
         assert features.shape == (len(labels), V, T, D)
-    features = torch.cat([f for f, _ in batches])
-    assert torch.cat([y for _, y in batches]).tolist() == expected_labels
+    features = torch.cat([f for f, _, _ in batches])
+    assert torch.cat([y for _, y, _ in batches]).tolist() == expected_labels
     torch.testing.assert_close(features, torch.stack(expected), rtol=1e-4, atol=1e-5)
     assert features.std() > 0.1
 
@@ -531,12 +533,12 @@ def test_feature_data_module_batches_equal_the_spatial_model_on_whole_clips(data
     assert sorted(entries) == sorted(item.id for item in data.ok("train"))
     torch.manual_seed(3)
     seen = []
-    for features, labels in cache.train_dataloader():
+    for features, labels, ids in cache.train_dataloader():
         assert features.dtype == torch.float32 and labels.dtype == torch.int64
         assert features.shape == (len(labels), V, T, D)
-        for row, label in zip(features, labels.tolist()):
+        for row, label, batch_id in zip(features, labels.tolist(), ids):
             (item_id,) = [i for i, e in entries.items() if torch.equal(e["features"], row)]
-            assert entries[item_id]["label"] == label
+            assert entries[item_id]["label"] == label and batch_id == item_id
             seen.append(item_id)
     assert sorted(seen) == sorted(entries)
 
@@ -547,7 +549,7 @@ def test_feature_data_module_batches_equal_the_spatial_model_on_whole_clips(data
     one_view.setup("fit")
     torch.manual_seed(3)
     views = []  # (item id, the views of it that row equals)
-    for features, labels in one_view.train_dataloader():
+    for features, labels, _ in one_view.train_dataloader():
         assert features.shape == (len(labels), 1, T, D)
         for row in features:
             (match,) = [
@@ -601,8 +603,8 @@ def test_command_line_writes_a_cache_the_reader_reads(data, reference, tmp_path,
     dataset = FeatureDataset(cache, expect={"dataset": "kinetics400", "split": "val", "r": R})
     assert dataset.ids == reference.ids
     labels = {item.id: item.label for item in data.items["val"]}
-    for item_id, (features, label) in zip(dataset.ids, dataset):
-        assert features.shape == (2, 4, 64) and label == labels[item_id]
+    for item_id, (features, label, entry_id) in zip(dataset.ids, dataset):
+        assert features.shape == (2, 4, 64) and label == labels[item_id] and entry_id == item_id
     check_model(cache, make_model())  # same weights as the seeded model
     assert_same_entries(cache, reference)
     # Run again: with other (unseeded) weights it is refused; with the same, nothing is left.

@@ -362,7 +362,7 @@ def test_fixed_video_is_tried_again_and_trained_on(tmp_path):
     )
     assert set(features.datasets["train"].ids) == set(expected)
     seen = []
-    for batch, labels in features.train_dataloader():
+    for batch, labels, _ in features.train_dataloader():
         for row, label in zip(batch, labels.tolist()):
             (item_id,) = [i for i, e in expected.items() if torch.equal(e["features"], row)]
             assert expected[item_id]["label"] == label
