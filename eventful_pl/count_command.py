@@ -10,6 +10,13 @@ ViViT is counted per video (all views, spatial + temporal + classifier),
 ViTDet per frame (backbone only; first frame, later frames and their average
 over ``--video_length`` frames). Thresholds depend on content and need
 ``--video`` (any file decord reads).
+
+Rows: ``dense (base model)`` is the base model (dense blocks, for ViTDet no
+key/value pooling); a gate-free model that differs from it (ViTDet
+``spatial``: pooled keys/values) also gets its own row, ``spatial (model)``.
+Top-r of a ViTDet with pooled eventful attention (``spatiotemporal``) depends
+on where the updates are: with ``--video`` it is measured on the clip,
+otherwise counted on random tokens (flagged below the table).
 """
 
 from __future__ import annotations
@@ -123,6 +130,16 @@ def count_report(
     )
 
 
+#: Table labels of the settings' roles.
+_ROLE_LABELS = {"base": "base model", "model": "model"}
+
+
+def setting_label(setting: dict[str, Any]) -> str:
+    """A setting's name, with its role: ``dense (base model)``, ``spatial (model)``."""
+    role = _ROLE_LABELS.get(setting.get("role"))
+    return f"{setting['name']} ({role})" if role else setting["name"]
+
+
 def format_table(report: dict[str, Any]) -> str:
     """A plain-text table of a count report."""
     per_frame = report["per"] == "frame"
@@ -130,7 +147,7 @@ def format_table(report: dict[str, Any]) -> str:
     header = ["setting", "total"] + (["first", "later"] if per_frame else []) + kinds
     rows = [header]
     for s in report["settings"]:
-        row = [s["name"], f"{s['total']:.3f}"]
+        row = [setting_label(s), f"{s['total']:.3f}"]
         if per_frame:
             row += [f"{s['first_frame']:.3f}", f"{s['later_frame']:.3f}"]
         rows.append(row + [f"{s['by_kind'][k]:.3f}" for k in kinds])
@@ -139,7 +156,21 @@ def format_table(report: dict[str, Any]) -> str:
     title = f"{report['unit']} per {report['per']}"
     if per_frame:
         title += f" (total: average over a video of {report.get('video_length', '?')} frames)"
-    return "\n".join([title, *lines])
+    notes = []
+    measured = [s["name"] for s in report["settings"] if s.get("measured_on") == "video"]
+    if measured and report.get("video_frames") is not None:
+        notes.append(
+            f"{', '.join(measured)}: measured on the video "
+            f"(average over its {report['video_frames']} frames)"
+        )
+    guessed = [s["name"] for s in report["settings"] if s.get("measured_on") == "random tokens"]
+    if guessed:
+        notes.append(
+            f"{', '.join(guessed)}: pooled eventful attention, whose cost depends on where "
+            "the updates are; counted on random tokens (updates all over the frame). "
+            "Pass --video for a real clip's count."
+        )
+    return "\n".join([title, *lines, *(f"note: {n}" for n in notes)])
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -161,5 +192,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         )
     if report["per"] == "frame":
         report["video_length"] = length
+        if video is not None:
+            report["video_frames"] = len(video)
     print(json.dumps(report) if config.json else format_table(report))
     return report
