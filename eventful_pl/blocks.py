@@ -471,6 +471,14 @@ class EventfulBlock(QueryKeyEventfulBlock):
     ``max_log_shift``), the normalisers are recomputed from the full logits
     for that frame.
 
+    A non-finite value (NaN or infinity) among a frame's new values cannot be
+    removed from the incremental state (``NaN - NaN`` is NaN): the stream it
+    reached is then recomputed from the block's query, key and value state,
+    as on a flush, on every frame until its output is finite again. That
+    happens once the gates have updated the bad tokens, which they always do
+    next (a NaN error counts as infinite). The other streams of the batch
+    stay incremental. Finding it costs one reduction over the new values.
+
     With gradients off on CPU in float32, the fused kernels of
     :mod:`eventful_pl.kernels` take an incremental frame from the updated
     queries and keys to the new softmax columns without storing a logit (no
@@ -503,9 +511,17 @@ class EventfulBlock(QueryKeyEventfulBlock):
         self.rel_h_t: Tensor | None = None
         self.rel_w_t: Tensor | None = None
         self.workspaces = Workspaces()
+        # (B,) bool: the streams whose attention state holds a non-finite
+        # value (recomputed every frame until finite); None when there is none.
+        self.nonfinite_items: Tensor | None = None
+        # The range (min, max) of an incremental frame's new values, and its
+        # values once read (by the softmax checks, or by _incremental).
+        self._new_range: tuple[Tensor, Tensor] | None = None
+        self._new_range_read: list[float] | None = None
 
     def reset_state(self) -> None:
         super().reset_state()
+        self.nonfinite_items = None
         self.output = None
         self.log_norm = None
         self.keys_t = None
@@ -513,15 +529,20 @@ class EventfulBlock(QueryKeyEventfulBlock):
         self.rel_h_t = None
         self.rel_w_t = None
 
-    def _full_logits(self, q_scaled_t: Tensor, keys_t: Tensor, counted: bool) -> Tensor:
+    def _full_logits(
+        self, q_scaled_t: Tensor, keys_t: Tensor, counted: bool, items: Tensor | None = None
+    ) -> Tensor:
         """Logits (B, H, N, Nk) of channel-major scaled queries (B, H, d, N) and
-        keys (B, H, d, Nk), with relative position from the cached terms."""
+        keys (B, H, d, Nk), with relative position from the cached terms (of
+        the batch items in ``items``, if given)."""
         logits = q_scaled_t.transpose(-2, -1) @ keys_t
         if counted:
             self.count("matmul", logits.numel() * q_scaled_t.shape[-2])
         if self.rel_pos is not None:
-            rel_h, rel_w = self.rel_h_t.transpose(-1, -2), self.rel_w_t.transpose(-1, -2)
-            self.rel_pos.add_to(logits, rel_h, rel_w, counted=counted)
+            rel_h, rel_w = self.rel_h_t, self.rel_w_t
+            if items is not None:
+                rel_h, rel_w = rel_h.index_select(0, items), rel_w.index_select(0, items)
+            self.rel_pos.add_to(logits, rel_h.transpose(-1, -2), rel_w.transpose(-1, -2), counted)
         return logits
 
     def attention_branch(self, qkv: Tensor, index: Tensor | None) -> Tensor:
@@ -579,6 +600,8 @@ class EventfulBlock(QueryKeyEventfulBlock):
         self.v_gate.flush(v)
         self.a_gate.flush(probs.transpose(-1, -2).contiguous(), copy=False)
         self.output = self.matmul(probs, v)
+        nonfinite = torch.isfinite(self.output.detach()).flatten(1).all(dim=1).logical_not_()
+        self.nonfinite_items = nonfinite if bool(nonfinite.any()) else None
         return self.output
 
     def _updated_qkv(
@@ -613,6 +636,10 @@ class EventfulBlock(QueryKeyEventfulBlock):
             key_index = pool_token_index(index, self.attention_size, self.pool_size)
         r, m = index.shape[1], key_index.shape[1]
         q_new, k_new, v_new = self._updated_qkv(qkv, index, key_index)
+        # One reduction: a NaN or infinity among the new values makes their
+        # range non-finite (read with the softmax checks' sync if there is one).
+        self._new_range = torch.aminmax(qkv.detach()) if qkv.numel() else None
+        self._new_range_read = None
         if self.rel_pos is not None:
             rel_h_rows, rel_w_rows = self.rel_pos.terms_for_rows(q_new, index)
         q_rows = q_new / self.scale if torch.is_grad_enabled() else q_new.div_(self.scale)
@@ -662,7 +689,43 @@ class EventfulBlock(QueryKeyEventfulBlock):
             out.baddbmm_(a_delta.view(b * heads, m, n).transpose(1, 2), v_old)
         self.count("matmul", 2 * out.numel() * m)
         self.count("accumulator", v_new.numel() + 2 * out.numel())
+        new_range = self._new_range_read
+        if new_range is None and self._new_range is not None:
+            new_range = [value.item() for value in self._new_range]
+        self._new_range = None
+        nonfinite = self.nonfinite_items
+        if new_range is not None and not all(map(math.isfinite, new_range)):
+            new = torch.isfinite(qkv.detach()).flatten(1).all(dim=1).logical_not_()
+            nonfinite = new if nonfinite is None else new.logical_or_(nonfinite)
+        if nonfinite is not None:
+            self._recompute_items(nonfinite)
         return self.output
+
+    def _recompute_items(self, items: Tensor) -> None:
+        """Recomputes the normalisers, the A reference and the output of the
+        streams in ``items`` ((B,) bool) from their query, key and value state,
+        as a flush would: taken when a non-finite value reached a stream's
+        state, which the incremental update cannot remove (``NaN - NaN`` is
+        NaN). The gates always update a token whose error is NaN, so once the
+        bad tokens have been updated again the state is finite, the recomputed
+        output is finite and exact, and the stream's next frames are
+        incremental again. The other streams are not touched.
+        """
+        rows = items.nonzero().squeeze(1)
+        logits = self._full_logits(
+            self.q_scaled_t.index_select(0, rows), self.keys_t.index_select(0, rows), True, rows
+        )
+        log_norm = torch.logsumexp(logits, dim=-1)
+        v = self.v_gate.p.index_select(0, rows)
+        probs = exp_shifted_(logits, log_norm.unsqueeze(-1)).to(v.dtype)
+        output = self.matmul(probs, v)
+        self.log_norm.index_copy_(0, rows, log_norm)
+        self.a_gate.p.index_copy_(0, rows, probs.transpose(-1, -2))
+        self.output.index_copy_(0, rows, output.to(self.output.dtype))
+        still = torch.isfinite(output.detach()).flatten(1).all(dim=1).logical_not_()
+        self.nonfinite_items = None
+        if bool(still.any()):
+            self.nonfinite_items = torch.zeros_like(items).index_copy_(0, rows, still)
 
     def _softmax_columns(
         self,
@@ -788,8 +851,11 @@ class EventfulBlock(QueryKeyEventfulBlock):
         kept = torch.rsub(removed, 1.0).scatter_(2, row_index, 1.0)
         total = probs.sum(dim=-2).add_(kept).scatter_(2, row_index, row_mass)
         log_total = total.log()
-        # One sync for the checks; NaN fails every comparison.
-        least_kept, low, high = torch.stack((kept.amin(), *torch.aminmax(log_total))).tolist()
+        # One sync for the checks (and the incremental frame's finiteness
+        # check, see _incremental); NaN fails every comparison.
+        checks = [kept.amin(), *torch.aminmax(log_total), *(self._new_range or ())]
+        least_kept, low, high, *new_range = torch.stack(checks).tolist()
+        self._new_range_read = new_range or None
         limit = self.max_log_shift
         if not (least_kept >= self.min_kept_mass and -limit < low and high < limit):
             return self._exact_softmax_columns(key_index)

@@ -7,6 +7,7 @@ flush that forwards every token.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -37,6 +38,21 @@ def _require_policy(policy: TokenPolicy | None, gate: nn.Module) -> TokenPolicy:
     return policy
 
 
+def _select(policy: TokenPolicy, norms: Tensor, inplace: bool = True) -> Tensor:
+    """The policy's index for these error norms (B, N), where a NaN error (a
+    non-finite token or reference) counts as infinite: the token is always
+    updated, so a NaN reference never stays in the state. Ranking policies
+    (a static k: top-r, top-fraction) already rank NaN first (``topk``); for
+    the others (threshold) NaN becomes inf (in ``norms`` if ``inplace``)."""
+    if policy.num_selected(norms.shape[-1]) is None:
+        norms = norms.detach()
+        if inplace:
+            norms = norms.nan_to_num_(nan=math.inf, posinf=math.inf)
+        else:
+            norms = torch.nan_to_num(norms, nan=math.inf, posinf=math.inf)
+    return policy.select(norms)
+
+
 class TokenGate(Counted, StreamState, nn.Module):
     """Forwards only the tokens whose accumulated error is large.
 
@@ -44,6 +60,9 @@ class TokenGate(Counted, StreamState, nn.Module):
     returns index None. Incremental: ``e = c - p``, the policy picks (B, k) from
     the L2 norms of ``e``, returns ``(c[idx] (B, k, D), idx)`` and writes
     ``p[idx] = c[idx]``.
+    A token whose error is NaN (a non-finite token or reference) counts as
+    infinitely changed and is always updated, so a bad frame's values never
+    stay in the reference.
 
     ``c`` is (B, N, D), or (B, N, G, C) with ``G * C = D`` (channels in
     groups, e.g. attention heads, possibly a strided view): the groups are
@@ -82,7 +101,7 @@ class TokenGate(Counted, StreamState, nn.Module):
 
     def select(self, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Index (B, k) of the tokens to update, their flat index and values (B, k, D)."""
-        index = _require_policy(self.policy, self).select(self.error_norms(c))
+        index = _select(_require_policy(self.policy, self), self.error_norms(c))
         flat = flat_token_index(index, c.shape[1])
         return index, flat, gather_tokens(c, index, flat).flatten(2)
 
@@ -112,7 +131,7 @@ class TokenGate(Counted, StreamState, nn.Module):
         """The incremental ``forward(x, norm)`` with the fused kernel."""
         self.count("gate", self.p.numel())
         policy = _require_policy(self.policy, self)
-        index = policy.select(kernels.layer_norm_error_norms(x, norm, self.p))
+        index = _select(policy, kernels.layer_norm_error_norms(x, norm, self.p))
         flat = flat_token_index(index, x.shape[1])
         c_sel = norm(gather_tokens(x, index, flat))
         scatter_tokens_(self.p, index, c_sel, flat)
@@ -221,7 +240,7 @@ class DeltaGate(Counted, StreamState, nn.Module):
             channel_dim = -1 if self.structure == "row" else -2
             norms = (c - self.p).norm(dim=channel_dim)
             norms = norms.reshape(norms.shape[0], -1, norms.shape[-1]).amax(dim=1)
-            index = _require_policy(self.policy, self).select(norms)
+            index = _select(_require_policy(self.policy, self), norms, inplace=False)
         expanded = self._expand(index, tuple(c.shape))
         c_sel = c.gather(self.token_dim, expanded)
         return (*self.update_selected(c_sel, index, expanded), index)
