@@ -23,21 +23,35 @@ in one pass that reads every input once:
 They are used when gradients are off and the tensors are float32 on CPU
 (see :func:`fused_kernels_available`); everything else, and every machine
 where the extension cannot be built (no C++ compiler), uses the equivalent
-PyTorch ops. The extension is built with ``torch.utils.cpp_extension.load``
-into PyTorch's extension cache (``TORCH_EXTENSIONS_DIR``, by default
-``~/.cache/torch_extensions``) the first time a kernel is needed (about 30 s),
-and loaded from there afterwards. ``EVENTFUL_PL_FUSED_KERNELS=0`` or
-:func:`set_fused_kernels` switch it off.
+PyTorch ops (with one warning that says why the build failed).
+
+Builds: once per source, never per checkout. The extension's name and build
+folder (:func:`extension_name`, :func:`build_directory`, under
+``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``) carry a
+hash of the source file's contents, the compile flags, the torch and Python
+versions and the CPU capability, and the source is compiled from a copy in
+that folder: checkouts and virtual environments with the same source share
+one build and never rebuild each other's. The LightningModules build it in
+their ``setup()`` (:func:`prepare_fused_kernels`: local rank 0 builds while
+the other processes wait), with a one-line message when a build is actually
+needed (about 30 s); outside Lightning it is built, with the same message,
+the first time a kernel is needed. An existing build is imported directly.
+``EVENTFUL_PL_FUSED_KERNELS=0`` or :func:`set_fused_kernels` switch the
+kernels off.
 """
 
 from __future__ import annotations
 
-import functools
+import hashlib
+import importlib.machinery
+import importlib.util
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -50,6 +64,10 @@ _ISA_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mfma", "-mavx2"],
     "AVX2": ["-mavx2", "-mfma"],
 }
+# OpenMP: at::parallel_for runs on PyTorch's own thread pool (torch's bundled
+# libgomp.so.1 satisfies the link by soname).
+_CFLAGS = ["-O3", "-fopenmp"]
+_LDFLAGS = ["-fopenmp"]
 _enabled = os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
@@ -65,27 +83,67 @@ def _capability() -> str:
     return capability if capability in _ISA_FLAGS else "DEFAULT"
 
 
-@functools.cache
-def load_extension() -> ModuleType | None:
-    """Builds (once per machine) and loads the extension; None if that fails,
-    with a warning that says why."""
-    capability = _capability()
-    cpp_logger = logging.getLogger("torch.utils.cpp_extension")
-    level = cpp_logger.level
-    cpp_logger.setLevel(logging.ERROR)  # "no CUDA runtime" notices: CPU-only build
-    try:
-        from torch.utils.cpp_extension import load
+def compile_flags(capability: str | None = None) -> tuple[list[str], list[str]]:
+    """The compiler and linker flags of the build for a CPU capability
+    (default: this machine's)."""
+    capability = capability or _capability()
+    return [*_CFLAGS, *_ISA_FLAGS.get(capability, [])], list(_LDFLAGS)
 
-        return load(
-            name=f"eventful_pl_fused_cpu_{capability.lower()}",
-            sources=[str(SOURCE)],
-            # OpenMP: at::parallel_for runs on PyTorch's own thread pool
-            # (torch's bundled libgomp.so.1 satisfies the link by soname).
-            extra_cflags=["-O3", "-fopenmp", *_ISA_FLAGS.get(capability, [])],
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
+
+def extension_name(source: str | Path | bytes | None = None, capability: str | None = None) -> str:
+    """The extension's name (also its build folder's): the CPU capability and
+    a hash of the source's contents (a path, or the bytes themselves; default
+    :data:`SOURCE`), the compile flags, the torch version and the Python ABI.
+
+    The same source gives the same name wherever it is checked out; any change
+    to the source, flags, torch or Python gives another.
+    """
+    capability = capability or _capability()
+    if source is None:
+        source = SOURCE
+    text = source if isinstance(source, bytes) else Path(source).read_bytes()
+    cflags, ldflags = compile_flags(capability)
+    python = (sys.implementation.cache_tag, getattr(sys, "abiflags", ""), sys.platform)
+    digest = hashlib.sha256(text)
+    for part in (cflags, ldflags, torch.__version__, python, capability):
+        digest.update(b"\0" + repr(part).encode())
+    return f"eventful_pl_fused_cpu_{capability.lower()}_{digest.hexdigest()[:16]}"
+
+
+def build_directory(name: str | None = None) -> Path:
+    """The build folder of extension ``name`` (default: :func:`extension_name`):
+    ``$TORCH_EXTENSIONS_DIR/<name>``, by default under ``~/.cache/torch_extensions``."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if not root:
+        from torch.utils.cpp_extension import get_default_build_root
+
+        root = get_default_build_root()
+    return Path(root) / (name or extension_name())
+
+
+_extension: ModuleType | None = None
+_tried = False
+
+
+class _NotBuilt(Exception):
+    """No build on disk, and this process does not build (see prepare_fused_kernels)."""
+
+
+def load_extension(build: bool = True) -> ModuleType | None:
+    """The extension, loaded once per process: imported from its build folder
+    if built, else built first (once per source, see :func:`extension_name`).
+    None if that fails, with one warning that says why. ``build=False``: only
+    load an existing build (None, quietly, if there is none)."""
+    global _extension, _tried
+    if _tried:
+        return _extension
+    _tried = True
+    try:
+        _extension = _load(build)
+    except _NotBuilt:
+        _extension = None
     except Exception as err:  # no compiler, no headers, read-only cache, ...
+        _extension = None
         warnings.warn(
             f"eventful_pl: could not build the fused CPU kernels from {SOURCE} "
             f"({type(err).__name__}: {_error_summary(err)}); using PyTorch ops instead "
@@ -93,9 +151,97 @@ def load_extension() -> ModuleType | None:
             RuntimeWarning,
             stacklevel=2,
         )
-        return None
+    return _extension
+
+
+def _load(build: bool) -> ModuleType:
+    """Imports the build of this source, building it first if there is none."""
+    text = SOURCE.read_bytes()
+    capability = _capability()
+    name = extension_name(text, capability)
+    directory = build_directory(name)
+    library = directory / f"{name}{importlib.machinery.EXTENSION_SUFFIXES[-1]}"
+    if library.is_file():
+        try:
+            return _import_library(name, library)
+        except (ImportError, OSError):  # an unfinished build: built again below
+            pass
+    if not build:
+        raise _NotBuilt(name)
+    _announce(f"eventful_pl: building the fused CPU kernels (once, ~30 s) in {directory} ...")
+    directory.mkdir(parents=True, exist_ok=True)
+    # Compiled from a copy in the build folder: the same command line for
+    # every checkout, so the build system never sees a change.
+    source = directory / SOURCE.name
+    if not source.is_file() or source.read_bytes() != text:
+        partial = directory / f".{SOURCE.name}.{os.getpid()}"
+        partial.write_bytes(text)
+        os.replace(partial, source)
+    cflags, ldflags = compile_flags(capability)
+    cpp_logger = logging.getLogger("torch.utils.cpp_extension")
+    level = cpp_logger.level
+    cpp_logger.setLevel(logging.ERROR)  # "no CUDA runtime" notices: CPU-only build
+    try:
+        from torch.utils.cpp_extension import load
+
+        return load(
+            name=name,
+            sources=[str(source)],
+            extra_cflags=cflags,
+            extra_ldflags=ldflags,
+            build_directory=str(directory),
+            verbose=False,
+        )
     finally:
         cpp_logger.setLevel(level)
+
+
+def _import_library(name: str, library: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, library)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {library}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _announce(message: str) -> None:
+    """One line on rank 0 (Lightning's ``rank_zero_info``; a logging warning
+    without Lightning)."""
+    try:
+        from lightning.pytorch.utilities import rank_zero_info
+    except ImportError:  # pragma: no cover - Lightning is a dependency
+        logging.getLogger(__name__).warning(message)
+    else:
+        rank_zero_info(message)
+
+
+def prepare_fused_kernels(trainer: Any = None) -> bool:
+    """Builds (if needed) and loads the fused CPU kernels now, not in the first
+    frame that needs them; the LightningModules call it from ``setup()``.
+
+    With a Lightning ``trainer`` of several processes, local rank 0 builds
+    while the others wait at a barrier, then they load its build (if it
+    failed, only rank 0 warns). Does nothing when the kernels are switched off
+    or the trainer's device is not the CPU (the kernels are CPU-only; a CPU
+    frame later still loads them on first use). Returns whether the kernels
+    are available.
+    """
+    if not _enabled:
+        return False
+    if trainer is None:
+        return load_extension() is not None
+    strategy = trainer.strategy
+    if strategy.root_device.type != "cpu":
+        return False
+    local_rank = trainer.local_rank
+    if local_rank == 0:
+        load_extension()
+    if trainer.world_size > 1:
+        strategy.barrier("eventful_pl.prepare_fused_kernels")
+    if local_rank != 0:
+        load_extension(build=False)
+    return _extension is not None
 
 
 def _error_summary(err: Exception) -> str:

@@ -250,6 +250,14 @@ class ViTDetModule(EventfulEvalModule):
                 " (or eval_r / eval_thresholds)"
             )
 
+    def setup(self, stage: str) -> None:
+        """Also builds (once per source, if needed) and loads the fused CPU
+        kernels here, local rank 0 first, not in the first frame."""
+        super().setup(stage)
+        from eventful_pl.kernels import prepare_fused_kernels
+
+        prepare_fused_kernels(self._trainer)
+
     # ----------------------------------------------------------------- training
 
     def training_step(self, batch: tuple[list[Tensor], list[dict]], batch_idx: int) -> Tensor:

@@ -136,6 +136,14 @@ class ViViTFineTuning(EventfulEvalModule):
         self._static_cache: dict[str, dict[str, int]] = {}
         self.build_eval_metrics()
 
+    def setup(self, stage: str) -> None:
+        """Also builds (once per source, if needed) and loads the fused CPU
+        kernels here, local rank 0 first, not in the first frame."""
+        super().setup(stage)
+        from eventful_pl.kernels import prepare_fused_kernels
+
+        prepare_fused_kernels(self._trainer)
+
     # ------------------------------------------------------------------- model
 
     def make_metrics(self) -> MetricCollection:
