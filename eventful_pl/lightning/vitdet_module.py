@@ -115,14 +115,15 @@ def predictor_classes(state_dict: dict[str, Tensor]) -> int | None:
     return None
 
 
-def load_pretrained(model: ViTDet, path: str) -> str:
+def load_pretrained(model: ViTDet, path: str, trusted: bool = False) -> str:
     """Loads a checkpoint (detectron2, original eventful code, or ours) into ``model``.
 
     A checkpoint with another number of classes (e.g. COCO's 80 into a
     30-class VID model) loads everything but the box predictor, which keeps
     its fresh initialisation. Returns a short description of what was loaded.
+    ``trusted``: see :func:`~eventful_pl.checkpoints.read_checkpoint`.
     """
-    state_dict = read_checkpoint(path)
+    state_dict = read_checkpoint(path, trusted)
     classes = predictor_classes(state_dict)
     if classes is None or classes == model.num_classes:
         layout = load_vitdet_checkpoint(model, state_dict)
@@ -166,6 +167,9 @@ class ViTDetModule(EventfulEvalModule):
         pretrained: Checkpoint file loaded at construction (detectron2 ``.pkl``/
             ``.pth``, original eventful code, or ours); a COCO (80-class)
             checkpoint loads all but the box predictor.
+        trust_pretrained: Read ``pretrained`` with plain pickle, which runs any
+            code the file names. Off by default: only tensors, numpy arrays and
+            plain containers are read, and a file that needs more is refused.
         r: The model's own policy: top-r tokens per frame.
         threshold: The model's own policy instead: update tokens whose error
             norm exceeds this.
@@ -193,6 +197,7 @@ class ViTDetModule(EventfulEvalModule):
         variant: str = "eventful",
         model_kwargs: dict[str, Any] | None = None,
         pretrained: str | None = None,
+        trust_pretrained: bool = False,
         r: int | None = None,
         threshold: float | None = None,
         eval_r: list[int] | None = None,
@@ -222,7 +227,9 @@ class ViTDetModule(EventfulEvalModule):
         self.model = create_vitdet(preset, variant=variant, policy=self.policy, **model_kwargs)
         self._check_sweep(variant)
         if pretrained:
-            rank_zero_info(f"ViTDetModule: loaded {load_pretrained(self.model, pretrained)}")
+            rank_zero_info(
+                f"ViTDetModule: loaded {load_pretrained(self.model, pretrained, trust_pretrained)}"
+            )
         self.lr, self.weight_decay = lr, weight_decay
         self.warmup_steps = warmup_steps
         self.decay_epochs = sorted(int(e) for e in decay_epochs)
@@ -266,6 +273,7 @@ class ViTDetModule(EventfulEvalModule):
         self.model.reset()  # every image is its own stream: a flush frame (dense computation)
         losses = self.model(images, targets)
         loss = sum(losses.values())
+        self.check_finite_loss(loss, [t.get("image_id", "?") for t in targets])
         batch_size = len(images)
         for name, value in losses.items():
             self.log(f"train/{name}", value, batch_size=batch_size)

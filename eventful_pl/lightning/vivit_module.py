@@ -40,6 +40,13 @@ from eventful_pl.policies import TopRPolicy
 Batch = Mapping[str, Any] | Sequence[Tensor]
 
 
+def batch_ids(batch: Batch) -> list[Any] | None:
+    """The item ids of a video batch (``"id"``) or a feature batch (third element)."""
+    if isinstance(batch, Mapping):
+        return list(batch.get("id", [])) or None
+    return list(batch[2]) if len(batch) > 2 else None
+
+
 class ViViTFineTuning(EventfulEvalModule):
     """Fine-tunes the temporal model + classifier of a ViViT on a frozen eventful spatial model.
 
@@ -48,6 +55,9 @@ class ViViTFineTuning(EventfulEvalModule):
         model_kwargs: Overrides of the preset (e.g. ``num_classes``, ``frames``).
         pretrained: Checkpoint to start from (TAdaConv ViViT Fact. Enc., the
             original eventful-transformer layout, or ours); None: random weights.
+        trust_pretrained: Read ``pretrained`` with plain pickle, which runs any
+            code the file names. Off by default: only tensors, numpy arrays and
+            plain containers are read, and a file that needs more is refused.
         r: Tokens per frame of the frozen eventful spatial model during training
             (and the model's own evaluation setting).
         spatial_variant: Spatial block variant (``"full"``: the method;
@@ -74,6 +84,7 @@ class ViViTFineTuning(EventfulEvalModule):
         preset: str = "vivit_b_kinetics400",
         model_kwargs: dict[str, Any] | None = None,
         pretrained: str | None = None,
+        trust_pretrained: bool = False,
         r: int | None = 24,
         spatial_variant: str = "full",
         eval_r: list[int] | None = None,
@@ -123,7 +134,7 @@ class ViViTFineTuning(EventfulEvalModule):
                     f"{option}={values} exceeds the spatial model's {tokens} tokens per frame"
                 )
         if pretrained:
-            layout = load_vivit_checkpoint(self.model, pretrained)
+            layout = load_vivit_checkpoint(self.model, pretrained, trust_pretrained)
             rank_zero_info(f"ViViTFineTuning: loaded {pretrained} ({layout} layout)")
         else:
             rank_zero_warn(
@@ -192,7 +203,7 @@ class ViViTFineTuning(EventfulEvalModule):
         if isinstance(batch, Mapping):
             with torch.no_grad():
                 return self.video_features(batch), batch["label"]
-        features, labels = batch
+        features, labels = batch[0], batch[1]
         return features, labels
 
     # ---------------------------------------------------------------- training
@@ -201,6 +212,7 @@ class ViViTFineTuning(EventfulEvalModule):
         features, labels = self.features_and_labels(batch)
         logits = self.model.classify_features(features)
         loss = F.cross_entropy(logits, labels)
+        self.check_finite_loss(loss, batch_ids(batch))
         self.train_top1(logits, labels)
         size = len(labels)
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
@@ -234,7 +246,7 @@ class ViViTFineTuning(EventfulEvalModule):
                     if setting.dense:  # the dense model's operations, not the gates'
                         counts = {k: n * len(labels) for k, n in self._dense_counts().items()}
                 else:
-                    features, labels = batch
+                    features, labels = batch[0], batch[1]
                     if len(self.sweep) > 1 or setting.threshold is not None:
                         raise ValueError(
                             "eval_r/eval_thresholds sweeps need video batches (the spatial "
