@@ -278,6 +278,11 @@ def test_ckpt_path_that_runs_code_is_refused(fitted, argv, tmp_path):
     with pytest.raises(CheckpointConflictError, match="evil.ckpt.*--weights_only false"):
         run_cli("validate", "--config", str(config), "--ckpt_path", str(path))
     assert not marker.exists()
+    # The explicit opt-in for a trusted file.
+    cli = run_cli(
+        "validate", "--config", str(config), "--ckpt_path", str(path), "--weights_only", "false"
+    )
+    assert marker.exists() and "val/top1" in cli.trainer.callback_metrics
 
 
 # --------------------------------------------------------------- non-finite loss
