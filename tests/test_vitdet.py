@@ -281,7 +281,10 @@ def detectron2_state_dict(model, predictor=True):
                 key = f"pyramid.stages.{stage}.{index}.{part}"
                 if key in ours:
                     out[f"backbone.{name}.{theirs}.{part}"] = ours[key]
-    rpn = {"conv": "conv.0.0", "objectness_logits": "cls_logits", "anchor_deltas": "bbox_pred"}
+    # StandardRPNHead: conv.conv{k} with several convs (ViTDet's two), plain conv with one.
+    depth = len(model.head.rpn.head.conv)
+    rpn = {"objectness_logits": "cls_logits", "anchor_deltas": "bbox_pred"}
+    rpn.update({f"conv.conv{k}" if depth > 1 else "conv": f"conv.{k}.0" for k in range(depth)})
     for theirs, ours_name in rpn.items():
         for part in ("weight", "bias"):
             out[f"proposal_generator.rpn_head.{theirs}.{part}"] = ours[

@@ -3,11 +3,14 @@
 Configured like detectron2's ViTDet recipe (``mask_rcnn_vitdet_b`` without the
 mask branch, as used for ImageNet VID):
 
-- RPN on p2..p6: one 3 x 3 conv, anchors of size 32..512 (one per level) with
-  aspect ratios 0.5 / 1 / 2, centred on the feature-map cell corners
-  (offset 0) and *not* rounded (detectron2's anchors; torchvision rounds);
-  IoU thresholds 0.3 / 0.7, 256 anchors per image, 2000 / 1000 proposals
-  before / after NMS (0.7) in training, 1000 / 1000 at test;
+- RPN on p2..p6: two 3 x 3 convs with ReLU (detectron2 ViTDet's
+  ``StandardRPNHead(conv_dims=[-1, -1])``; ``rpn_conv_depth``), anchors of size
+  32..512 (one per level) with aspect ratios 0.5 / 1 / 2, centred on the
+  feature-map cell corners (offset 0) and *not* rounded (detectron2's anchors;
+  torchvision rounds); IoU thresholds 0.3 / 0.7, 256 anchors per image,
+  2000 / 1000 proposals before / after NMS (0.7) in training, 1000 / 300 at
+  test (the original eventful-transformer VID detector's ``post_nms_topk``;
+  detectron2's COCO ``mask_rcnn_vitdet_b`` keeps 1000);
 - RoIAlign 7 x 7 with ``aligned=True`` ("ROIAlignV2") on p2..p5, boxes
   assigned to levels by detectron2's rule (canonical size 224 at p4);
 - box head: 4 convolutions 3 x 3 (256, LayerNorm, ReLU) and one fc (1024, ReLU);
@@ -184,6 +187,10 @@ class FasterRCNNHead(nn.Module):
         aspect_ratios: Anchor aspect ratios (height / width).
         box_conv_dims: Box-head convolution channels.
         box_fc_dims: Box-head fully connected features.
+        rpn_conv_depth: 3 x 3 convolutions (each with ReLU) of the RPN head
+            (2 in detectron2's ViTDet, 1 in its classic FPN configs).
+        rpn_pre_nms_top_n: Proposals per level kept before NMS, (training, test).
+        rpn_post_nms_top_n: Proposals per image kept after NMS, (training, test).
 
     Shapes: features {"p2".. "p6": (B, C, H_l, W_l)}, padded image size (S, S),
     image_sizes [(h_i, w_i)] -> training: dict of losses; eval: per image
@@ -199,10 +206,25 @@ class FasterRCNNHead(nn.Module):
         aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
         box_conv_dims: Sequence[int] = (256, 256, 256, 256),
         box_fc_dims: Sequence[int] = (1024,),
+        rpn_conv_depth: int = 2,
+        rpn_pre_nms_top_n: Sequence[int] = (2000, 1000),
+        rpn_post_nms_top_n: Sequence[int] = (1000, 300),
     ) -> None:
         super().__init__()
         if len(strides) != len(anchor_sizes):
             raise ValueError("strides and anchor_sizes need one entry per pyramid level")
+        if (
+            isinstance(rpn_conv_depth, bool)
+            or not isinstance(rpn_conv_depth, int)
+            or rpn_conv_depth < 1
+        ):
+            raise ValueError(f"rpn_conv_depth must be an integer >= 1, got {rpn_conv_depth!r}")
+        for name, value in (
+            ("rpn_pre_nms_top_n", rpn_pre_nms_top_n),
+            ("rpn_post_nms_top_n", rpn_post_nms_top_n),
+        ):
+            if len(value) != 2 or any(int(v) < 1 for v in value):
+                raise ValueError(f"{name} must be (training, test) counts >= 1, got {value!r}")
         self.num_classes = num_classes
         self.level_names = [f"p{int(math.log2(s))}" for s in strides]
         anchors = UnroundedAnchorGenerator(
@@ -210,13 +232,19 @@ class FasterRCNNHead(nn.Module):
         )
         self.rpn = RegionProposalNetwork(
             anchors,
-            RPNHead(in_channels, len(aspect_ratios)),
+            RPNHead(in_channels, len(aspect_ratios), conv_depth=rpn_conv_depth),
             fg_iou_thresh=0.7,
             bg_iou_thresh=0.3,
             batch_size_per_image=256,
             positive_fraction=0.5,
-            pre_nms_top_n={"training": 2000, "testing": 1000},
-            post_nms_top_n={"training": 1000, "testing": 1000},
+            pre_nms_top_n={
+                "training": int(rpn_pre_nms_top_n[0]),
+                "testing": int(rpn_pre_nms_top_n[1]),
+            },
+            post_nms_top_n={
+                "training": int(rpn_post_nms_top_n[0]),
+                "testing": int(rpn_post_nms_top_n[1]),
+            },
             nms_thresh=0.7,
         )
         box_head = ConvFCBoxHead(in_channels, 7, box_conv_dims, box_fc_dims)

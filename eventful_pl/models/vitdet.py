@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.image_list import ImageList
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
 
 from eventful_pl.backbone import ViTBackbone
 from eventful_pl.blocks import LN_EPS, to_pair
@@ -114,15 +116,36 @@ class SimpleFeaturePyramid(nn.Module):
         return dict(zip(self.names, maps))
 
 
+#: Resize modes of :class:`ViTDetPreprocessing`.
+RESIZE_MODES = ("original", "interpolate")
+
+
 class ViTDetPreprocessing(nn.Module):
     """Resize (short edge to ``short_edge``, long edge at most ``image_size``),
     normalise on 0..255 pixels, pad bottom-right with zeros to a square.
+
+    Two resizes:
+
+    - ``"original"`` (default): the original eventful-transformer release's
+      (its VID dataset's ``VIDResize``): scale ``min(short_edge / short side,
+      image_size / long side)``, target size ``round(scale * H), round(scale * W)``
+      (Python's ``round``), ``torchvision.transforms.functional.resize``
+      bilinear with ``antialias=True`` on the image as given, so a uint8 frame
+      is resized and rounded back to uint8 before normalisation (a float 0..1
+      image is resized in float). Images whose scale is exactly 1 pass through.
+    - ``"interpolate"``: detectron2's ``ResizeShortEdge`` target size
+      (``int(x + 0.5)``) and ``F.interpolate(mode="bilinear",
+      align_corners=False)`` without antialiasing on float pixels.
+
+    Both then normalise with ``mean``/``std`` on 0..255 and pad with zeros
+    (after normalisation) at the bottom and right.
 
     Args:
         image_size: Padded square size S (1024 or 672 in the paper).
         short_edge: Target short edge (640 at 1024, 420 at 672).
         mean: Pixel mean (0..255 scale), per channel.
         std: Pixel std (0..255 scale).
+        resize: ``"original"`` or ``"interpolate"`` (see above).
 
     Shapes: images [(3, H_i, W_i)] (uint8 0..255 or float 0..1) -> ImageList with
     tensors (B, 3, S, S) and image_sizes [(h_i, w_i)] (resized, unpadded).
@@ -134,21 +157,51 @@ class ViTDetPreprocessing(nn.Module):
         short_edge: int = 640,
         mean: Sequence[float] = (123.675, 116.28, 103.53),
         std: Sequence[float] = (58.395, 57.12, 57.375),
+        resize: str = "original",
     ) -> None:
         super().__init__()
         if short_edge > image_size:
             raise ValueError(f"short_edge={short_edge} must not exceed image_size={image_size}")
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
         self.image_size = image_size
         self.short_edge = short_edge
+        self.resize = resize
         self.register_buffer("mean", torch.tensor(mean).view(-1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(-1, 1, 1), persistent=False)
 
-    def resized_size(self, height: int, width: int) -> tuple[int, int]:
-        """detectron2's ``ResizeShortestEdge`` output size for one image."""
+    def _scale(self, height: int, width: int) -> float:
+        if self.resize == "original":
+            short, long = min(height, width), max(height, width)
+            return min(self.short_edge / short, self.image_size / long)
         scale = self.short_edge / min(height, width)
         if max(height, width) * scale > self.image_size:
             scale = self.image_size / max(height, width)
+        return scale
+
+    def resized_size(self, height: int, width: int) -> tuple[int, int]:
+        """Output size (h, w) for one image: the original release's rounding
+        (``round``) or detectron2's ``ResizeShortestEdge`` (``int(x + 0.5)``)."""
+        scale = self._scale(height, width)
+        if self.resize == "original":
+            return round(scale * height), round(scale * width)
         return int(height * scale + 0.5), int(width * scale + 0.5)
+
+    def _resized_pixels(self, image: Tensor, size: tuple[int, int]) -> Tensor:
+        """One image (3, H, W) -> float pixels on 0..255 at ``size``."""
+        if self.resize == "original":
+            if size != tuple(image.shape[-2:]):
+                image = TF.resize(
+                    image, list(size), interpolation=InterpolationMode.BILINEAR, antialias=True
+                )
+            # The original scales to [0, 1] (x / 255) and back (x * 255) around its
+            # normalisation; the same float operations, for the same values.
+            x = image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
+            return x * 255.0
+        x = image.float() if image.dtype == torch.uint8 else image.float() * 255.0
+        if size != tuple(image.shape[-2:]):
+            x = F.interpolate(x[None], size, mode="bilinear", align_corners=False)[0]
+        return x
 
     def forward(self, images: Sequence[Tensor] | Tensor) -> ImageList:
         if isinstance(images, Tensor):
@@ -167,10 +220,8 @@ class ViTDetPreprocessing(nn.Module):
         for i, image in enumerate(images):  # per image of the batch: sizes differ
             if image.ndim != 3 or image.shape[0] != 3:
                 raise ValueError(f"expected an image (3, H, W), got {tuple(image.shape)}")
-            x = image.float() if image.dtype == torch.uint8 else image.float() * 255.0
             size = self.resized_size(*image.shape[-2:])
-            if size != tuple(image.shape[-2:]):
-                x = F.interpolate(x[None], size, mode="bilinear", align_corners=False)[0]
+            x = self._resized_pixels(image, size)
             batch[i, :, : size[0], : size[1]] = (x - self.mean) / self.std
             sizes.append(size)
         return ImageList(batch, sizes)
@@ -197,6 +248,15 @@ class ViTDet(nn.Module):
         pyramid_channels: Feature pyramid channels.
         box_conv_dims: Box-head convolution channels.
         box_fc_dims: Box-head fully connected features.
+        rpn_conv_depth: RPN-head 3 x 3 convolutions (2 in detectron2's ViTDet and
+            the original release's VID detector).
+        rpn_pre_nms_top_n: RPN proposals per level before NMS, (training, test).
+        rpn_post_nms_top_n: RPN proposals per image after NMS, (training, test):
+            (1000, 300) as the original release's VID detector; detectron2's
+            COCO ViTDet keeps (1000, 1000).
+        resize: ``"original"`` (the original release's antialiased resize of
+            the uint8 frame, see :class:`ViTDetPreprocessing`) or
+            ``"interpolate"`` (float ``F.interpolate``, no antialiasing).
         variant: Backbone variant, a key of :data:`VITDET_VARIANTS`.
         policy: Token-selection policy of the eventful gates.
         matmul_2_cast: ``"float16"``/``"bfloat16"`` ``A @ V`` in global blocks.
@@ -228,6 +288,10 @@ class ViTDet(nn.Module):
         pyramid_channels: int = 256,
         box_conv_dims: Sequence[int] = (256, 256, 256, 256),
         box_fc_dims: Sequence[int] = (1024,),
+        rpn_conv_depth: int = 2,
+        rpn_pre_nms_top_n: Sequence[int] = (2000, 1000),
+        rpn_post_nms_top_n: Sequence[int] = (1000, 300),
+        resize: str = "original",
         variant: str = "dense",
         policy: TokenPolicy | None = None,
         matmul_2_cast: str | None = None,
@@ -250,7 +314,7 @@ class ViTDet(nn.Module):
         self.variant = variant
         if short_edge is None:
             short_edge = round(image_size * 0.625)
-        self.preprocessing = ViTDetPreprocessing(image_size, short_edge, mean, std)
+        self.preprocessing = ViTDetPreprocessing(image_size, short_edge, mean, std, resize)
         self.grid = (image_size // patch_size,) * 2
         self.embedding = PatchEmbedding(3, dim, patch_size)
         self.backbone = ViTBackbone(
@@ -276,6 +340,9 @@ class ViTDet(nn.Module):
             strides=self.pyramid.strides,
             box_conv_dims=box_conv_dims,
             box_fc_dims=box_fc_dims,
+            rpn_conv_depth=rpn_conv_depth,
+            rpn_pre_nms_top_n=rpn_pre_nms_top_n,
+            rpn_post_nms_top_n=rpn_post_nms_top_n,
         )
 
     def reset(self) -> None:
@@ -336,17 +403,42 @@ def _scale_boxes(boxes: Tensor, source: tuple[int, int], target: tuple[int, int]
     return boxes * scale
 
 
-#: ViTDet-B (detectron2 ``mask_rcnn_vitdet_b`` backbone and box head).
-_VITDET_B: dict[str, Any] = dict(drop_path_rate=0.1)
+#: ViTDet-B as the published checkpoints define it (detectron2 ``mask_rcnn_vitdet_b``
+#: and the original release's VID detector): two RPN convs, a 4-conv (LayerNorm)
+#: + 1-fc (1024) box head, and the original release's antialiased uint8 resize.
+_VITDET_B: dict[str, Any] = dict(
+    drop_path_rate=0.1,
+    rpn_conv_depth=2,
+    box_conv_dims=(256, 256, 256, 256),
+    box_fc_dims=(1024,),
+    resize="original",
+)
 
 #: Named presets (keyword arguments of :class:`ViTDet`).
 VITDET_PRESETS: dict[str, dict[str, Any]] = {
-    # ImageNet VID, input padded to 1024 (short edge 640).
-    "vitdet_b_vid": {**_VITDET_B, "num_classes": 30, "image_size": 1024},
+    # ImageNet VID, input padded to 1024 (short edge 640); 300 proposals at test
+    # (the original release's VID detector config).
+    "vitdet_b_vid": {
+        **_VITDET_B,
+        "num_classes": 30,
+        "image_size": 1024,
+        "rpn_post_nms_top_n": (1000, 300),
+    },
     # ImageNet VID at 672 (short edge 420): a 42 x 42 token grid.
-    "vitdet_b_vid_672": {**_VITDET_B, "num_classes": 30, "image_size": 672},
-    # COCO (the starting point of VID training), 1024.
-    "vitdet_b_coco": {**_VITDET_B, "num_classes": 80, "image_size": 1024},
+    "vitdet_b_vid_672": {
+        **_VITDET_B,
+        "num_classes": 30,
+        "image_size": 672,
+        "rpn_post_nms_top_n": (1000, 300),
+    },
+    # COCO (the starting point of VID training), 1024; detectron2's
+    # mask_rcnn_vitdet_b keeps 1000 proposals at test.
+    "vitdet_b_coco": {
+        **_VITDET_B,
+        "num_classes": 80,
+        "image_size": 1024,
+        "rpn_post_nms_top_n": (1000, 1000),
+    },
     # A tiny model for tests and demos (2 CPU cores): 128 px, an 8 x 8 grid.
     "vitdet_tiny": {
         "num_classes": 3,
