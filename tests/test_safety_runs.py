@@ -24,7 +24,6 @@ import yaml
 from torch.utils.data import DataLoader, Dataset
 
 from cli import cli_main
-from datamodules.finetune import ViViTFineTuneDataModule
 from datamodules.kinetics import KineticsDataModule
 from datamodules.synthetic_detection import write_synthetic_vid
 from datamodules.synthetic_video import make_epic_kitchens, make_kinetics
@@ -32,11 +31,9 @@ from eventful_pl.checkpoints import UntrustedCheckpointError, read_checkpoint
 from eventful_pl.lightning.cli import CheckpointConflictError
 from eventful_pl.lightning.evaluation import NonFiniteLossError
 from eventful_pl.lightning.rng_state import capture_rng_states, restore_rng_states
-from eventful_pl.lightning.vivit_module import ViViTFineTuning
 from tests.helpers import SMALL_CLIPS, quiet_trainer_options
+from tests.test_lightning_vivit import cli_config, datamodule, module
 
-MODEL = "eventful_pl.lightning.vivit_module.ViViTFineTuning"
-MODEL_KWARGS = {"image_size": 32, "tubelet": [2, 8, 8], "temporal_views": 1}
 SYNTHETIC = {"videos_per_class": 2, "frames": 8, "size": 32, "frame_jitter": 2, "seed": 0}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -57,17 +54,6 @@ def root(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("kinetics_tiny")
     make_kinetics(path, task="colour_order", **SYNTHETIC)
     return path
-
-
-def module(**kwargs) -> ViViTFineTuning:
-    torch.manual_seed(0)
-    options = dict(preset="vivit_tiny", model_kwargs=MODEL_KWARGS, r=8, lr=1e-3)
-    return ViViTFineTuning(**{**options, **kwargs})
-
-
-def datamodule(root: Path, cache: Path) -> ViViTFineTuneDataModule:
-    videos = KineticsDataModule(str(root), **{**SMALL_CLIPS, "eval_batch_size": 4})
-    return ViViTFineTuneDataModule(videos, cache_root=str(cache), batch_size=4)
 
 
 # ------------------------------------------------------------------ checkpoints
@@ -120,77 +106,29 @@ def test_detectron2_style_pickle_of_numpy_arrays_loads(tmp_path):
 # ---------------------------------------------------------------- the CLI's files
 
 
-def cli_config(tmp_path: Path, data_root: Path, logger: bool = True, **trainer_args) -> Path:
-    config = {
-        "seed_everything": 0,
-        "model": {
-            "class_path": MODEL,
-            "init_args": {
-                "preset": "vivit_tiny",
-                "model_kwargs": MODEL_KWARGS,
-                "r": 8,
-                "eval_r": [16],
-                "lr": 0.001,
-            },
-        },
-        "data": {
-            "class_path": "datamodules.finetune.ViViTFineTuneDataModule",
-            "init_args": {
-                "cache_root": str(tmp_path / "features"),
-                "batch_size": 4,
-                "videos": {
-                    "class_path": "datamodules.kinetics.KineticsDataModule",
-                    "init_args": {
-                        "root": str(data_root),
-                        "eval_batch_size": 4,
-                        "num_workers": 0,
-                        "crop_size": 32,
-                        "eval_short_side": 32,
-                        "flip_prob": 0.0,
-                        "probe_workers": 2,
-                        "synthetic": {**SYNTHETIC, "task": "colour_order"},
-                    },
-                },
-            },
-        },
-        "trainer": {
-            "max_epochs": 1,
-            **quiet_trainer_options(tmp_path),
-            "logger": (
-                {
-                    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                    "init_args": {"save_dir": str(tmp_path / "logs"), "name": "run"},
-                }
-                if logger
-                else False
-            ),
-            **trainer_args,
-        },
-    }
-    path = tmp_path / "experiment.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
 def run_cli(*args: str):
     with contextlib.redirect_stdout(io.StringIO()):
         return cli_main(list(args))
 
 
 def test_config_yaml_of_the_user_is_never_replaced(tmp_path, root, argv, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    own = tmp_path / "config.yaml"
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    own = work / "config.yaml"
     own.write_text("my own notes\n")
-    config = cli_config(tmp_path, root, logger=False, default_root_dir=str(tmp_path))
+    config = cli_config(
+        tmp_path, root, logger=False, max_epochs=1, callbacks=[], default_root_dir=str(work)
+    )
     run_cli("fit", "--config", str(config))
     run_cli("fit", "--config", str(config))
     assert own.read_text() == "my own notes\n"
     for copy in ("config.1.yaml", "config.2.yaml"):  # one per run, none replaced
-        saved = yaml.safe_load((tmp_path / copy).read_text())
+        saved = yaml.safe_load((work / copy).read_text())
         assert saved["model"]["init_args"]["r"] == 8
     # With a logger, the copy goes to the run's own version folder.
-    run_cli("fit", "--config", str(cli_config(tmp_path, root)))
-    (saved,) = (tmp_path / "logs" / "run").glob("version_*/config.yaml")
+    run_cli("fit", "--config", str(cli_config(tmp_path, root, max_epochs=1, callbacks=[])))
+    (saved,) = (tmp_path / "logs" / "vivit").glob("version_*/config.yaml")
     assert yaml.safe_load(saved.read_text())["trainer"]["max_epochs"] == 1
 
 
@@ -230,7 +168,9 @@ def fitted(tmp_path_factory, root) -> tuple[Path, Path]:
         "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
         "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True},
     }
-    config = cli_config(tmp_path, root, enable_checkpointing=True, callbacks=[callback])
+    config = cli_config(
+        tmp_path, root, max_epochs=1, enable_checkpointing=True, callbacks=[callback]
+    )
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("sys.argv", ["cli.py"])
         run_cli("fit", "--config", str(config))
