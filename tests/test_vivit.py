@@ -281,3 +281,169 @@ def test_every_preset_builds_with_its_geometry(name):
             1 + grid * grid,
             model.dim,
         )
+
+
+# --- Fidelity with the original eventful-transformer release ------------------------------
+#
+# A reference written from the original's ViViT preprocessing (WISION-Lab/eventful-transformer,
+# models/vivit.py ViViTPreprocessing.forward, utils/image.py as_float32 / resize_to_fit /
+# rescale) and its configs (configs/models/vivit_b_kinetics400.yml, vivit_b_epic_kitchens.yml,
+# used by configs/evaluate/vivit_*/_base.yml). It follows the original's order of operations:
+# pad short videos with the last frame, cut temporal views, scale uint8 to [0, 1], normalise
+# with torchvision's Normalize, resize each frame on its own with torchvision's resize
+# (bilinear, antialias=True) to round(scale * H) x round(scale * W), then cut spatial crops and
+# list the views spatial-major.
+#
+# The forward pass is the same in the three stored versions of the original's models/vivit.py
+# (acbee6b, 975d77c, fc53c2c). At 975d77c alone FactorizedViViT passed (temporal_stride,
+# temporal_views, spatial_views) to a ViViTPreprocessing whose signature read (spatial_views,
+# temporal_stride, temporal_views); acbee6b and fc53c2c agree, so the configs' values reach the
+# preprocessing under their own names, as here.
+
+#: The original's model configs (input_shape [32, 3, h, w], normalize_mean / normalize_std,
+#: spatial_views, temporal_stride, temporal_views); EPIC-Kitchens inherits from Kinetics-400.
+ORIGINAL_VIVIT_CONFIGS = {
+    "vivit_b_kinetics400": dict(
+        frames=32, crop=224, stride=2, temporal_views=4, spatial_views=3, mean=0.45, std=0.225
+    ),
+    "vivit_b_epic_kitchens": dict(
+        frames=32, crop=320, stride=1, temporal_views=4, spatial_views=3, mean=0.45, std=0.225
+    ),
+}
+
+
+def _original_vivit_views(video, frames, crop, stride, temporal_views, spatial_views, mean, std):
+    """The original release's multi-view preprocessing: (B, T, C, H, W) -> (B, V, T, C, h, w)."""
+    from torchvision.transforms import InterpolationMode, Normalize
+    from torchvision.transforms.functional import resize
+
+    span = frames * stride
+    # 1. A video shorter than one view's span gets copies of its last frame appended.
+    if video.shape[1] < span:
+        last = video[:, -1:]
+        video = torch.cat([video] + [last] * (span - video.shape[1]), dim=1)
+    # 2. Temporal views: one view is centred (floor division); several start at int(k * spacing)
+    #    with a float spacing (length - span) / (views - 1), first at frame 0, last at the end.
+    length = video.shape[1]
+    if temporal_views == 1:
+        starts = [(length - span) // 2]
+    else:
+        spacing = (length - span) / (temporal_views - 1)
+        starts = [int(k * spacing) for k in range(temporal_views)]
+    views = [video[:, s : s + span : stride] for s in starts]
+    # 3. uint8 -> float in [0, 1] (x / 255), then torchvision Normalize (x - mean) / std.
+    normalize = Normalize(mean, std)
+    views = [normalize(v.float() / 255.0 if v.dtype == torch.uint8 else v) for v in views]
+
+    # 4. Each frame is resized on its own so the crop fits: scale = max(h / H, w / W), new size
+    #    round(scale * H) x round(scale * W) (Python round), bilinear with antialiasing; a scale
+    #    of exactly 1 leaves the frame as it is.
+    def fit(frame):
+        scale = max(crop / frame.shape[-2], crop / frame.shape[-1])
+        if scale == 1.0:
+            return frame
+        size = [round(scale * frame.shape[-2]), round(scale * frame.shape[-1])]
+        return resize(frame, size, interpolation=InterpolationMode.BILINEAR, antialias=True)
+
+    views = [torch.stack([fit(v[:, t]) for t in range(v.shape[1])], dim=1) for v in views]
+    # 5. Spatial crops from the resized size: one crop is centred (floor division); several sit at
+    #    int(k * spacing) along both edges (the short edge's spacing is 0).
+    height, width = views[0].shape[-2:]
+    if spatial_views == 1:
+        corners = [((height - crop) // 2, (width - crop) // 2)]
+    else:
+        dh = (height - crop) / (spatial_views - 1)
+        dw = (width - crop) / (spatial_views - 1)
+        corners = [(int(k * dh), int(k * dw)) for k in range(spatial_views)]
+    # 6. Views listed with the crop in the outer loop and the temporal view in the inner one.
+    crops = [v[..., i : i + crop, j : j + crop] for i, j in corners for v in views]
+    return torch.stack(crops, dim=1)
+
+
+def _preset_preprocessing(name, **overrides):
+    """ViViTPreprocessing with a preset's parameters (FactorizedViViT defaults + the preset)."""
+    import inspect
+
+    from eventful_pl.models.vivit import FactorizedViViT
+
+    defaults = {
+        k: p.default
+        for k, p in inspect.signature(FactorizedViViT).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    cfg = {**defaults, **VIVIT_PRESETS[name], **overrides}
+    return ViViTPreprocessing(
+        frames=cfg["frames"],
+        size=cfg["image_size"],
+        temporal_stride=cfg["temporal_stride"],
+        temporal_views=cfg["temporal_views"],
+        spatial_views=cfg["spatial_views"],
+        mean=cfg["mean"],
+        std=cfg["std"],
+    )
+
+
+@pytest.mark.parametrize("name", sorted(ORIGINAL_VIVIT_CONFIGS))
+def test_preset_preprocessing_parameters_match_original_configs(name):
+    original = ORIGINAL_VIVIT_CONFIGS[name]
+    prep = _preset_preprocessing(name)
+    assert prep.frames == original["frames"]
+    assert prep.size == (original["crop"], original["crop"])
+    assert prep.temporal_stride == original["stride"]
+    assert prep.temporal_views == original["temporal_views"]
+    assert prep.spatial_views == original["spatial_views"]
+    torch.testing.assert_close(prep.mean.flatten(), torch.tensor([original["mean"]]))
+    torch.testing.assert_close(prep.std.flatten(), torch.tensor([original["std"]]))
+
+
+#: Frames per view in the comparisons (the presets' 32 scaled down for speed; the crop sizes,
+#: strides, view counts and normalisation are the presets' own).
+_FIDELITY_FRAMES = 4
+
+
+def _assert_same_views(views, expected):
+    """Equal to float tolerance 1e-5 (a cheap exact check first: the tensors are large)."""
+    assert views.shape == expected.shape and views.dtype == expected.dtype
+    if not torch.equal(views, expected):
+        torch.testing.assert_close(views, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "name, batch, length, size",
+    [
+        # Kinetics-400 (stride 2, span 4 x 2 = 8 frames): starts 0, 12, 24, 37 and 0, 16, 33, 50
+        # (float spacing truncated), a video shorter than one view (last frame repeated, every
+        # view at frame 0), the original loader's 224-short-edge decode (scale 1: no resize) and
+        # a portrait video (crops along the height).
+        ("vivit_b_kinetics400", 2, 45, (256, 340)),
+        ("vivit_b_kinetics400", 2, 58, (240, 320)),
+        ("vivit_b_kinetics400", 1, 5, (256, 340)),
+        ("vivit_b_kinetics400", 1, 50, (224, 298)),
+        ("vivit_b_kinetics400", 1, 40, (320, 240)),
+        # EPIC-Kitchens (stride 1, span 4): starts 0, 13, 27, 41; a clip shorter than one view;
+        # the release's 456 x 256 videos (upscaled to 320 x 570).
+        ("vivit_b_epic_kitchens", 2, 45, (256, 340)),
+        ("vivit_b_epic_kitchens", 1, 3, (240, 320)),
+        ("vivit_b_epic_kitchens", 1, 60, (256, 456)),
+    ],
+)
+def test_preprocessing_matches_original_release(name, batch, length, size):
+    gen = torch.Generator().manual_seed(length)
+    video = torch.randint(0, 256, (batch, length, 3, *size), generator=gen, dtype=torch.uint8)
+    original = {**ORIGINAL_VIVIT_CONFIGS[name], "frames": _FIDELITY_FRAMES}
+    expected = _original_vivit_views(video, **original)
+    views = _preset_preprocessing(name, frames=_FIDELITY_FRAMES)(video)
+    crop = original["crop"]
+    assert expected.shape == (batch, 12, _FIDELITY_FRAMES, 3, crop, crop)
+    assert views.shape == expected.shape
+    _assert_same_views(views, expected)
+
+
+def test_preprocessing_matches_original_release_on_float_video():
+    # Float input in [0, 1] skips the / 255 in both (the original's as_float32 keeps floats).
+    gen = torch.Generator().manual_seed(1)
+    video = torch.rand(1, 40, 3, 240, 320, generator=gen)
+    original = {**ORIGINAL_VIVIT_CONFIGS["vivit_b_epic_kitchens"], "frames": _FIDELITY_FRAMES}
+    expected = _original_vivit_views(video, **original)
+    views = _preset_preprocessing("vivit_b_epic_kitchens", frames=_FIDELITY_FRAMES)(video)
+    _assert_same_views(views, expected)
