@@ -1,16 +1,18 @@
-"""Shared data-module helpers: format errors, skip accounting, rank sharding."""
+"""Shared data-module helpers: format errors, skip accounting, rank sharding,
+atomic file writes and the training/evaluation DataLoaders."""
 
 from __future__ import annotations
 
 import codecs
 import csv
 import io
+import json
 import os
 import warnings
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -94,6 +96,33 @@ def shard(items: Sequence[T], rank: int, world_size: int) -> list[T]:
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"invalid rank {rank} for world_size {world_size}")
     return list(items[rank::world_size])
+
+
+def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Writes ``path`` all at once: ``write(file)`` fills a temporary file, which
+    is flushed, fsynced and then moved onto ``path`` with ``os.replace``.
+
+    Readers see the old file or the whole new one, never a part, even if the
+    process dies or the machine loses power midway. The temporary file lies in
+    ``path``'s folder (the same file system, so the move is atomic) and is
+    named ``.<name>.<pid>.tmp``: this process's own, so ranks writing the same
+    file at once do not take each other's. If ``write`` raises, it is left
+    behind (the feature-cache writer removes its shard's stale ones). The
+    folder must exist.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """``data`` as JSON in ``path`` via :func:`write_atomic` (creates the folder)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, lambda f: f.write(json.dumps(data).encode()))
 
 
 def decode_utf8(path: str | Path, data: bytes) -> str:
@@ -252,5 +281,40 @@ def training_loader(
         shuffle=sampler is None,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
+        **kwargs,
+    )
+
+
+class LocalShardSampler(DistributedSampler):
+    """Every index, in order, of a dataset that already holds only this rank's shard.
+
+    Being a ``DistributedSampler``, Lightning keeps it instead of injecting its
+    own, which would split the shard again and pad it with repeated items.
+
+    Args:
+        dataset: This rank's shard (e.g. from :func:`shard`).
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        super().__init__(dataset, num_replicas=1, rank=0, shuffle=False, drop_last=False)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(len(self.dataset)))
+
+
+def eval_loader(
+    dataset: Dataset, batch_size: int | None, num_workers: int = 0, **kwargs: Any
+) -> DataLoader:
+    """The evaluation DataLoader of this rank's shard: every item once, in order
+    (:class:`LocalShardSampler`, which Lightning leaves in place under DDP).
+
+    ``kwargs`` go to the DataLoader (``collate_fn``, ``pin_memory``,
+    ``multiprocessing_context``, ``persistent_workers``, ...).
+    """
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=LocalShardSampler(dataset),
+        num_workers=num_workers,
         **kwargs,
     )
