@@ -5,7 +5,12 @@ from __future__ import annotations
 import torch
 
 from eventful_pl.backbone import ViTBackbone
-from eventful_pl.blocks import Block, build_block
+from eventful_pl.blocks import BLOCK_VARIANTS, Block, build_block
+
+#: Every block variant (``dense`` first) and the eventful ones, from the
+#: library's registry: a new variant is tested without editing the tests.
+VARIANTS = list(BLOCK_VARIANTS)
+EVENTFUL_VARIANTS = [v for v in BLOCK_VARIANTS if v != "dense"]
 
 # Block option sets exercised by the equivalence tests: (id, kwargs, class token).
 BLOCK_OPTIONS = [

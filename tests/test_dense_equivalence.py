@@ -7,15 +7,27 @@ from eventful_pl.policies import ThresholdPolicy, TopRPolicy
 from tests.helpers import (
     BLOCK_OPTIONS,
     DIM,
+    EVENTFUL_VARIANTS,
     make_backbones,
     make_pair,
     num_tokens,
     video_stream,
 )
 
+# Every test runs in each autograd mode (the fixture enters it; bodies must not
+# enter their own): under "grad" the eventful blocks' incremental frames run
+# with autograd recording (forward only here; the full block's incremental
+# frames cannot be backpropagated).
 pytestmark = pytest.mark.usefixtures("grad_mode")
 
-EVENTFUL_VARIANTS = ["tokenwise", "query_key", "full"]
+
+def test_the_body_runs_in_the_mode_of_its_id(grad_mode):
+    """The grad_mode column means what it says."""
+    assert torch.is_grad_enabled() == (grad_mode == "grad")
+    assert torch.is_inference_mode_enabled() == (grad_mode == "inference")
+    _, eventful = make_pair("full", policy=TopRPolicy(36), input_size=(6, 6))
+    for frame in video_stream(2, 1, 36, DIM):
+        assert eventful(frame).requires_grad == (grad_mode == "grad")
 
 
 def _cases():
@@ -40,28 +52,25 @@ def test_block_r_equals_n_matches_dense(variant, kwargs, class_token, gate_befor
     dense, eventful = make_pair(
         variant, policy=TopRPolicy(n), gate_before_ln=gate_before_ln, **kwargs
     )
-    with torch.no_grad():
-        for t, frame in enumerate(video_stream(5, batch, n, DIM)):
-            torch.testing.assert_close(
-                eventful(frame), dense(frame), rtol=1e-4, atol=1e-4, msg=f"frame {t}"
-            )
+    for t, frame in enumerate(video_stream(5, batch, n, DIM)):
+        torch.testing.assert_close(
+            eventful(frame), dense(frame), rtol=1e-4, atol=1e-4, msg=f"frame {t}"
+        )
 
 
 @pytest.mark.parametrize("variant", EVENTFUL_VARIANTS)
 def test_stgt_r_equals_n_matches_dense(variant):
     dense, eventful = make_pair(variant, policy=TopRPolicy(36), stgt=True, input_size=(6, 6))
-    with torch.no_grad():
-        for frame in video_stream(4, 2, 36, DIM):
-            torch.testing.assert_close(eventful(frame), dense(frame), rtol=1e-4, atol=1e-4)
+    for frame in video_stream(4, 2, 36, DIM):
+        torch.testing.assert_close(eventful(frame), dense(frame), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("variant", EVENTFUL_VARIANTS)
 def test_threshold_zero_matches_dense(variant):
     """h = 0 on an input where every token changes updates every token."""
     dense, eventful = make_pair(variant, policy=ThresholdPolicy(0.0), input_size=(6, 6))
-    with torch.no_grad():
-        for frame in video_stream(4, 3, 36, DIM):
-            torch.testing.assert_close(eventful(frame), dense(frame), rtol=1e-4, atol=1e-4)
+    for frame in video_stream(4, 3, 36, DIM):
+        torch.testing.assert_close(eventful(frame), dense(frame), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("cast", ["float16", "bfloat16"])
@@ -73,11 +82,10 @@ def test_half_precision_av_r_equals_n(variant, cast):
     )
     _, full_precision = make_pair("dense", input_size=(6, 6))
     tol = 2e-2 if cast == "bfloat16" else 3e-3
-    with torch.no_grad():
-        for frame in video_stream(4, 2, 37, DIM):
-            ref = dense(frame)
-            torch.testing.assert_close(eventful(frame), ref, rtol=tol, atol=tol)
-            torch.testing.assert_close(full_precision(frame), ref, rtol=tol, atol=tol)
+    for frame in video_stream(4, 2, 37, DIM):
+        ref = dense(frame)
+        torch.testing.assert_close(eventful(frame), ref, rtol=tol, atol=tol)
+        torch.testing.assert_close(full_precision(frame), ref, rtol=tol, atol=tol)
 
 
 BACKBONE_OPTIONS = [
@@ -117,8 +125,7 @@ def test_backbone_r_equals_n_matches_dense(name, options, variant, batch):
     dense, eventful = make_backbones(variant, window_variant, dim=DIM, depth=3, heads=4, **options)
     eventful.set_policy(TopRPolicy(eventful.num_tokens))
     h, w = options["input_size"]
-    with torch.no_grad():
-        for t, frame in enumerate(video_stream(4, batch, h * w, DIM)):
-            torch.testing.assert_close(
-                eventful(frame), dense(frame), rtol=1e-4, atol=1e-4, msg=f"frame {t}"
-            )
+    for t, frame in enumerate(video_stream(4, batch, h * w, DIM)):
+        torch.testing.assert_close(
+            eventful(frame), dense(frame), rtol=1e-4, atol=1e-4, msg=f"frame {t}"
+        )

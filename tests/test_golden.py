@@ -12,6 +12,7 @@ import torch
 
 from eventful_pl.compat import reference_block
 
+# Each test runs in each autograd mode; the fixture enters it (bodies do not).
 pytestmark = pytest.mark.usefixtures("grad_mode")
 
 DATA = Path(__file__).parent / "data"
@@ -45,15 +46,14 @@ def test_golden_case(golden_data, file, case_name):
     block.reset()
     frames = golden["frames"]
     assert frames.shape[0] >= 2
-    with torch.no_grad():
-        for t in range(frames.shape[0]):
-            out = block(frames[t])
-            ref = case["outputs"][t]
-            assert out.shape == ref.shape
-            rel = ((out - ref).norm() / ref.norm()).item()
-            assert rel < 1e-4, f"frame {t}: relative error {rel:.2e}"
-            expected = {k: v for k, v in case["counts"][t].items() if v}
-            assert block.last_counts() == expected, f"frame {t} counts"
+    for t in range(frames.shape[0]):
+        out = block(frames[t])
+        ref = case["outputs"][t]
+        assert out.shape == ref.shape
+        rel = ((out - ref).norm() / ref.norm()).item()
+        assert rel < 1e-4, f"frame {t}: relative error {rel:.2e}"
+        expected = {k: v for k, v in case["counts"][t].items() if v}
+        assert block.last_counts() == expected, f"frame {t} counts"
 
 
 def test_golden_reset_replays_the_stream(golden_data):
@@ -63,9 +63,8 @@ def test_golden_reset_replays_the_stream(golden_data):
     block = reference_block(
         case["block_class"], case["block_kwargs"], case["policy"], golden["weights"]
     )
-    with torch.no_grad():
-        for _ in range(2):
-            block.reset()
-            for t in range(3):
-                out = block(golden["frames"][t])
-                torch.testing.assert_close(out, case["outputs"][t], rtol=1e-4, atol=1e-5)
+    for _ in range(2):
+        block.reset()
+        for t in range(3):
+            out = block(golden["frames"][t])
+            torch.testing.assert_close(out, case["outputs"][t], rtol=1e-4, atol=1e-5)

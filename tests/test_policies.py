@@ -11,7 +11,7 @@ from eventful_pl.policies import (
     TopRPolicy,
     build_policy,
 )
-from tests.helpers import DIM, make_pair, video_stream
+from tests.helpers import DIM, EVENTFUL_VARIANTS, make_pair, video_stream
 
 
 def test_top_r_selects_the_largest_norms_per_item():
@@ -65,7 +65,7 @@ def test_threshold_zero_updates_every_changed_token():
     assert counter.counts["linear"] == 2 * 36 * 12 * DIM * DIM
 
 
-@pytest.mark.parametrize("variant", ["tokenwise", "query_key", "full"])
+@pytest.mark.parametrize("variant", EVENTFUL_VARIANTS)
 def test_large_threshold_updates_nothing_and_reuses_cached_branches(variant):
     """h huge: no token is updated; every branch returns its cached output."""
     _, eventful = make_pair(variant, policy=ThresholdPolicy(1e9), input_size=(6, 6))
