@@ -43,10 +43,9 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from datamodules.common import DataFormatError, first_of_each_id, parse_int, read_csv_rows
-from datamodules.transforms import ClipSampling
 from datamodules.video import ClipDataModule, ClipItem
 
 NUM_VERB_CLASSES = 97
@@ -165,40 +164,19 @@ class EpicKitchensDataModule(ClipDataModule):
 
     Args:
         root: Dataset root (see module docstring for the layouts).
-        train_split: Training split (``EPIC_100_{train_split}.csv``).
-        val_split: Validation split.
-        test_split: Test split (None: the validation split).
         annotation_dir: Folder of the annotation CSVs (default: searched).
         clip_bounds: ``"frames"`` (start/stop_frame) or ``"timestamps"``
             (start/stop_timestamp with the video's real fps).
         num_classes: Verb classes (97).
+        val_split: Validation split (``EPIC_100_{val_split}.csv``; the training
+            split is ``train_split``, default ``train``).
         batch_size: Training clips per batch.
-        eval_batch_size: Evaluation segments per batch (>= 1; segments of other
-            frame sizes may share a batch, see :func:`datamodules.video.collate_eval`;
-            1 avoids padding).
-        num_workers: DataLoader workers.
-        frames: Frames per training clip.
         stride: Frame step within a training clip.
         crop_size: Training crop side.
-        scale_range: Training short side = ``crop_size * s``, ``s ~ U(scale_range)``.
-        flip_prob: Horizontal flip probability in training.
-        eval_short_side: Short side of evaluation frames (None: ``crop_size``;
-            0: keep the decoded size).
-        train_limit: Use only this many training segments (fixed random subset).
-        seed: Seed of the training subset.
-        probe: Open every video at setup to skip unreadable ones.
-        probe_workers: Threads opening videos at setup.
-        probe_cache: JSON file keeping probe results between runs (optional).
-        decode_threads: decord threads per reader.
-        open_readers: Videos kept open per worker (segments of one video share it).
-        pin_memory: DataLoader ``pin_memory``.
-        worker_start_method: How DataLoader workers start (``"spawn"``, the
-            default, or ``"forkserver"``; ``"fork"`` can deadlock with decord).
-        rank: This process's rank (default: from torch.distributed).
-        world_size: Number of ranks (default: from torch.distributed).
-        train_clips: ``"random"`` (default) training clips, or ``"whole"``
-            training segments like evaluation items (see
-            :class:`~datamodules.video.ClipDataModule`).
+        **kwargs: The other options shared by the video data modules, with
+            their defaults (``frames`` 32, ``eval_short_side``, ``train_limit``,
+            ``probe``, ``open_readers``, ``num_workers``, ``train_clips``, ...):
+            see :class:`~datamodules.video.ClipDataModule`.
     """
 
     name = "epic_kitchens100"
@@ -206,60 +184,25 @@ class EpicKitchensDataModule(ClipDataModule):
     def __init__(
         self,
         root: str,
-        train_split: str = "train",
-        val_split: str = "validation",
-        test_split: str | None = None,
         annotation_dir: str | None = None,
         clip_bounds: Literal["frames", "timestamps"] = "frames",
         num_classes: int = NUM_VERB_CLASSES,
+        val_split: str = "validation",
         batch_size: int = 8,
-        eval_batch_size: int = 1,
-        num_workers: int = 4,
-        frames: int = 32,
         stride: int = 1,
         crop_size: int = 320,
-        scale_range: tuple[float, float] = (256 / 224, 320 / 224),
-        flip_prob: float = 0.5,
-        eval_short_side: int | None = None,
-        train_limit: int | None = None,
-        seed: int = 0,
-        probe: bool = True,
-        probe_workers: int = 8,
-        probe_cache: str | None = None,
-        decode_threads: int = 1,
-        open_readers: int = 2,
-        pin_memory: bool = False,
-        worker_start_method: str = "spawn",
-        rank: int | None = None,
-        world_size: int | None = None,
-        train_clips: Literal["random", "whole"] = "random",
+        **kwargs: Any,
     ) -> None:
         if clip_bounds not in BOUND_COLUMNS:
             raise ValueError(f"clip_bounds must be 'frames' or 'timestamps', got {clip_bounds!r}")
-        short = crop_size if eval_short_side is None else (eval_short_side or None)
         super().__init__(
             root,
-            train_split,
-            val_split,
-            test_split,
-            batch_size,
-            eval_batch_size,
-            num_workers,
-            ClipSampling(frames, stride, crop_size, tuple(scale_range), flip_prob, short),
-            train_limit=train_limit,
-            seed=seed,
-            probe=probe,
-            probe_workers=probe_workers,
-            probe_cache=probe_cache,
-            decode_threads=decode_threads,
-            open_readers=open_readers,
-            pin_memory=pin_memory,
-            worker_start_method=worker_start_method,
-            rank=rank,
-            world_size=world_size,
-            train_clips=train_clips,
+            val_split=val_split,
+            batch_size=batch_size,
+            stride=stride,
+            crop_size=crop_size,
+            **kwargs,
         )
-        self.save_hyperparameters()
         self.annotation_dir = Path(annotation_dir) if annotation_dir else None
         self.clip_bounds = clip_bounds
         self.num_classes = num_classes

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -56,10 +56,10 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_image, read_file
 
-from datamodules.common import SkipLog, rank_and_world_size, shard
+from datamodules.common import LocalShardSampler, SkipLog, eval_loader, rank_and_world_size, shard
 from datamodules.detection_transforms import (
     Compose,
     DetectionTransform,
@@ -299,21 +299,8 @@ def collate_segments(batch: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(batch)
 
 
-class PreShardedSampler(DistributedSampler):
-    """Every index of a dataset that already holds only this rank's share, in order.
-
-    Being a ``DistributedSampler``, Lightning keeps it instead of injecting its
-    own (which would pad the last ranks with repeated items).
-
-    Args:
-        dataset: the rank's dataset.
-    """
-
-    def __init__(self, dataset: Dataset) -> None:
-        super().__init__(dataset, num_replicas=1, rank=0, shuffle=False, drop_last=False)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(len(self.dataset)))
+#: The former name of :class:`datamodules.common.LocalShardSampler` here.
+PreShardedSampler = LocalShardSampler
 
 
 # --------------------------------------------------------------------------- data module
@@ -584,11 +571,13 @@ class ImageNetVIDDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         if self.eval_dataset is None:
             raise RuntimeError("ImageNetVIDDataModule: call setup() before val_dataloader")
-        return self._loader(
+        return eval_loader(
             self.eval_dataset,
-            batch_size=self.eval_batch_size,
-            sampler=PreShardedSampler(self.eval_dataset),
+            self.eval_batch_size,
+            self.num_workers,
             collate_fn=collate_segments,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
         )
 
     def test_dataloader(self) -> DataLoader:

@@ -43,12 +43,11 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_info
 
 from datamodules.common import DataFormatError, first_of_each_id, parse_int, read_csv_rows
-from datamodules.transforms import ClipSampling
 from datamodules.video import ClipDataModule, ClipItem
 
 COLUMNS = ("label", "youtube_id", "time_start", "time_end")
@@ -161,46 +160,21 @@ class KineticsDataModule(ClipDataModule):
 
     Args:
         root: Dataset root (see module docstring for the layouts).
-        train_split: Training split (folder / annotation name).
-        val_split: Validation split.
-        test_split: Test split (None: the validation split).
         annotation_dir: Folder of the annotation CSVs (default: ``root/annotations``
             or ``root``).
         classes: Class names in label order (default: sorted names of the
             training split's annotation file).
-        batch_size: Training clips per batch.
-        eval_batch_size: Evaluation clips per batch (>= 1; clips of other frame
-            sizes may share a batch, see :func:`datamodules.video.collate_eval`;
-            1 avoids padding).
-        num_workers: DataLoader workers.
-        frames: Frames per training clip.
-        stride: Frame step within a training clip.
-        crop_size: Training crop side.
-        scale_range: Training short side = ``crop_size * s``, ``s ~ U(scale_range)``.
-        flip_prob: Horizontal flip probability in training.
-        eval_short_side: Short side of evaluation frames (None: ``crop_size``;
-            0: keep the decoded size).
-        train_limit: Use only this many training clips (a fixed random subset,
-            e.g. the paper's ~40k-video subset); None: all.
-        seed: Seed of the training subset.
-        probe: Open every clip at setup to skip unreadable ones (else only missing
-            files are skipped at setup; a clip failing later is replaced/reported).
-        probe_workers: Threads opening clips at setup.
-        probe_cache: JSON file keeping probe results between runs (optional).
-        decode_threads: decord threads per reader.
-        pin_memory: DataLoader ``pin_memory``.
-        worker_start_method: How DataLoader workers start (``"spawn"``, the
-            default, or ``"forkserver"``; ``"fork"`` can deadlock with decord).
-        rank: This process's rank (default: from torch.distributed).
-        world_size: Number of ranks (default: from torch.distributed).
-        train_clips: ``"random"`` (default) training clips, or ``"whole"``
-            training clips like evaluation items (see
-            :class:`~datamodules.video.ClipDataModule`).
         synthetic: If set and ``root`` holds no training annotations yet,
             :meth:`prepare_data` first writes a synthetic dataset there in this
             layout with :func:`datamodules.synthetic_video.make_kinetics`
             (these are its keyword arguments, e.g. ``{videos_per_class: 16,
             frames: 16, size: 64}``; needs the ``av`` package). For demos and tests.
+        **kwargs: The options shared by the video data modules, with their
+            defaults (splits ``train``/``val``, ``batch_size`` 16, ``frames`` 32,
+            ``stride`` 2, ``crop_size`` 224, ``eval_short_side``, ``train_limit``,
+            ``probe``, ``num_workers``, ``train_clips``, ...): see
+            :class:`~datamodules.video.ClipDataModule`. One video is kept open
+            per worker (``open_readers`` is 1: each clip is its own file).
     """
 
     name = "kinetics400"
@@ -208,57 +182,12 @@ class KineticsDataModule(ClipDataModule):
     def __init__(
         self,
         root: str,
-        train_split: str = "train",
-        val_split: str = "val",
-        test_split: str | None = None,
         annotation_dir: str | None = None,
         classes: list[str] | None = None,
-        batch_size: int = 16,
-        eval_batch_size: int = 1,
-        num_workers: int = 4,
-        frames: int = 32,
-        stride: int = 2,
-        crop_size: int = 224,
-        scale_range: tuple[float, float] = (256 / 224, 320 / 224),
-        flip_prob: float = 0.5,
-        eval_short_side: int | None = None,
-        train_limit: int | None = None,
-        seed: int = 0,
-        probe: bool = True,
-        probe_workers: int = 8,
-        probe_cache: str | None = None,
-        decode_threads: int = 1,
-        pin_memory: bool = False,
-        worker_start_method: str = "spawn",
-        rank: int | None = None,
-        world_size: int | None = None,
-        train_clips: Literal["random", "whole"] = "random",
         synthetic: dict[str, Any] | None = None,
+        **kwargs: Any,
     ) -> None:
-        short = crop_size if eval_short_side is None else (eval_short_side or None)
-        super().__init__(
-            root,
-            train_split,
-            val_split,
-            test_split,
-            batch_size,
-            eval_batch_size,
-            num_workers,
-            ClipSampling(frames, stride, crop_size, tuple(scale_range), flip_prob, short),
-            train_limit=train_limit,
-            seed=seed,
-            probe=probe,
-            probe_workers=probe_workers,
-            probe_cache=probe_cache,
-            decode_threads=decode_threads,
-            open_readers=1,
-            pin_memory=pin_memory,
-            worker_start_method=worker_start_method,
-            rank=rank,
-            world_size=world_size,
-            train_clips=train_clips,
-        )
-        self.save_hyperparameters()
+        super().__init__(root, open_readers=1, **kwargs)
         self.annotation_dir = Path(annotation_dir) if annotation_dir else None
         self._classes = list(classes) if classes else None
         self.synthetic = dict(synthetic) if synthetic is not None else None

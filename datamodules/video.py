@@ -28,9 +28,8 @@ in the batch's ``skipped`` list in evaluation, never dropped silently.
 from __future__ import annotations
 
 import json
-import os
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,14 +41,19 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
+from datamodules.common import (
+    LocalShardSampler as LocalShardSampler,  # re-exported: it lived here before common.py
+)
 from datamodules.common import (
     SkipLog,
     check_start_method,
+    eval_loader,
     rank_and_world_size,
     shard,
     training_loader,
+    write_json_atomic,
 )
 from datamodules.transforms import (
     ClipSampling,
@@ -309,7 +313,7 @@ def probe_videos(
                     else result.reason
                 )
                 cache[str(path)] = [*stamps[path], value]
-            _write_json_atomic(Path(cache_file), cache)
+            write_json_atomic(Path(cache_file), cache)
     return {path: results[path] for path in paths}
 
 
@@ -322,13 +326,6 @@ def _load_probe_cache(cache_file: str | Path | None) -> dict[str, Any]:
         warnings.warn(f"ignoring unreadable probe cache {cache_file}: {error}", stacklevel=3)
         return {}
     return data if isinstance(data, dict) else {}
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
 
 
 def filter_readable(
@@ -521,23 +518,6 @@ class VideoClipDataset(Dataset):
         )
 
 
-class LocalShardSampler(DistributedSampler):
-    """Every index, in order, of a dataset that already holds only this rank's shard.
-
-    Being a ``DistributedSampler``, Lightning keeps it instead of injecting its
-    own, which would split the shard again and pad it with repeated items.
-
-    Args:
-        dataset: This rank's shard.
-    """
-
-    def __init__(self, dataset: Dataset) -> None:
-        super().__init__(dataset, num_replicas=1, rank=0, shuffle=False, drop_last=False)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(len(self.dataset)))
-
-
 def collate_train(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Training items -> ``{"video": (B, T, C, h, w) uint8, "label": (B,) int64, "id": [B]}``."""
     return {
@@ -617,38 +597,58 @@ class ClipDataModule(L.LightningDataModule):
     list, taken before the unreadable items are dropped. The feature cache
     (:mod:`datamodules.features`) lists its items in the same order.
 
+    The options below are those of every video data module: the subclasses
+    (:class:`~datamodules.kinetics.KineticsDataModule`,
+    :class:`~datamodules.epic_kitchens.EpicKitchensDataModule`) take them as
+    ``**kwargs`` and pass them on, so they are listed and documented here once;
+    LightningCLI (jsonargparse) follows the ``**kwargs`` and lists them under
+    the subclass (``--help``, ``--print_config``, YAML ``init_args``). The
+    defaults are the ViViT / Kinetics-400 ones; a subclass states its own where
+    they differ (e.g. EPIC-Kitchens' ``val_split``, ``batch_size``, ``stride``,
+    ``crop_size``).
+
     Args:
-        root: Dataset root.
-        train_split: Training split name.
-        val_split: Validation split name.
-        test_split: Test split name (None: the validation split).
+        root: Dataset root (see the data module's docstring for the layouts).
+        train_split: Training split (folder / annotation name).
+        val_split: Validation split.
+        test_split: Test split (None: the validation split).
         batch_size: Training clips per batch.
-        eval_batch_size: Evaluation clips per batch (clips of any frame sizes;
-            see :func:`collate_eval`).
+        eval_batch_size: Evaluation clips per batch (>= 1; clips of other frame
+            sizes may share a batch, see :func:`collate_eval`; 1 avoids
+            padding).
         num_workers: DataLoader workers.
-        sampling: Clip sampling settings.
-        train_limit: Use only this many training items (fixed random subset).
+        frames: Frames per training clip.
+        stride: Frame step within a training clip.
+        crop_size: Training crop side.
+        scale_range: Training short side = ``crop_size * s``, ``s ~ U(scale_range)``.
+        flip_prob: Horizontal flip probability in training.
+        eval_short_side: Short side of evaluation frames (None: ``crop_size``;
+            0: keep the decoded size).
+        train_limit: Use only this many training items (a fixed random subset,
+            e.g. the paper's ~40k-video Kinetics subset); None: all.
         seed: Seed of the training subset.
-        train_clips: ``"random"``: training items are random clips of
-            ``sampling.frames`` frames with a random crop and flip. ``"whole"``:
-            training items are whole clips/segments exactly as in evaluation
-            (short side ``sampling.eval_short_side``, no crop or flip, batches
-            from :func:`collate_eval`), shuffled, from the whole training split
-            (Lightning's DistributedSampler shards it under DDP), e.g. to train
-            the temporal model on spatial features computed on the fly; they
-            equal the items the feature cache is written from. Clips of one
-            batch may differ in frame size (see :func:`collate_eval`).
-        probe: Open every video at setup to skip unreadable ones.
+        probe: Open every video at setup to skip unreadable ones (else only
+            missing files are skipped at setup; a video failing later is
+            replaced in training and reported in evaluation).
         probe_workers: Threads opening videos at setup.
-        probe_cache: JSON file keeping probe results between runs.
+        probe_cache: JSON file keeping probe results between runs (optional).
         decode_threads: decord threads per reader.
-        open_readers: Readers kept open per worker.
+        open_readers: Videos kept open per worker (segments of one video share it).
         pin_memory: DataLoader ``pin_memory``.
         worker_start_method: How DataLoader workers start: ``"spawn"`` (default)
             or ``"forkserver"``. ``"fork"`` can deadlock: decord's reader and
             probe threads in the parent leave locks held in forked children.
         rank: This process's rank (default: from torch.distributed).
         world_size: Number of ranks (default: from torch.distributed).
+        train_clips: ``"random"`` (default): training items are random clips of
+            ``frames`` frames with a random crop and flip. ``"whole"``:
+            training items are whole clips/segments exactly as in evaluation
+            (short side ``eval_short_side``, no crop or flip, batches from
+            :func:`collate_eval`), shuffled, from the whole training split
+            (Lightning's DistributedSampler shards it under DDP), e.g. to train
+            the temporal model on spatial features computed on the fly; they
+            equal the items the feature cache is written from. Clips of one
+            batch may differ in frame size (see :func:`collate_eval`).
     """
 
     name = "video"
@@ -656,13 +656,18 @@ class ClipDataModule(L.LightningDataModule):
     def __init__(
         self,
         root: str,
-        train_split: str,
-        val_split: str,
-        test_split: str | None,
-        batch_size: int,
-        eval_batch_size: int,
-        num_workers: int,
-        sampling: ClipSampling,
+        train_split: str = "train",
+        val_split: str = "val",
+        test_split: str | None = None,
+        batch_size: int = 16,
+        eval_batch_size: int = 1,
+        num_workers: int = 4,
+        frames: int = 32,
+        stride: int = 2,
+        crop_size: int = 224,
+        scale_range: tuple[float, float] = (256 / 224, 320 / 224),
+        flip_prob: float = 0.5,
+        eval_short_side: int | None = None,
         train_limit: int | None = None,
         seed: int = 0,
         probe: bool = True,
@@ -677,6 +682,8 @@ class ClipDataModule(L.LightningDataModule):
         train_clips: TrainClips = "random",
     ) -> None:
         super().__init__()
+        short = crop_size if eval_short_side is None else (eval_short_side or None)
+        sampling = ClipSampling(frames, stride, crop_size, tuple(scale_range), flip_prob, short)
         for option, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(
@@ -693,11 +700,15 @@ class ClipDataModule(L.LightningDataModule):
         self.test_split = test_split or val_split
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.num_workers, self.pin_memory = num_workers, pin_memory
+        #: Clip sampling settings (from ``frames`` ... ``eval_short_side``).
         self.sampling = sampling
         self.train_limit, self.seed = train_limit, seed
         self.probe, self.probe_workers, self.probe_cache = probe, probe_workers, probe_cache
         self.decode_threads, self.open_readers = decode_threads, open_readers
         self.rank, self.world_size = rank, world_size
+        # The arguments of this constructor and of the subclass's that called it
+        # (Lightning collects both frames): every option, as given or defaulted.
+        self.save_hyperparameters()
         #: What setup found and skipped, by split (also logged on rank 0).
         self.summaries: dict[str, str] = {}
         #: Datasets by role: "train", "val", "test".
@@ -793,12 +804,10 @@ class ClipDataModule(L.LightningDataModule):
 
     def eval_dataloader(self, role: str) -> DataLoader:
         """This rank's shard of an evaluation split, in order, each item once."""
-        dataset = self._dataset(role)
-        return DataLoader(
-            dataset,
-            batch_size=self.eval_batch_size,
-            sampler=LocalShardSampler(dataset),
-            num_workers=self.num_workers,
+        return eval_loader(
+            self._dataset(role),
+            self.eval_batch_size,
+            self.num_workers,
             collate_fn=collate_eval,
             pin_memory=self.pin_memory,
             multiprocessing_context=self._worker_context(),
