@@ -35,10 +35,18 @@ model is broken, not the videos). A video skipped as missing or unreadable
 is tried again by the next run once its file changes (size, modification
 time, or it now exists).
 
+This module is the reader (no model is built or run here): the layout, the
+manifest checks that need no model, entry checks, :class:`FeatureDataset` and
+:class:`FeatureDataModule`. The writer, which runs the spatial model, and the
+manifest's model fields (spatial config, weight hash) live in the Lightning
+layer, :mod:`eventful_pl.lightning.feature_cache`; their old names here still
+work but are deprecated.
+
 Usage::
 
-    from datamodules.features import FeatureDataModule, write_datamodule_features
+    from datamodules.features import FeatureDataModule
     from datamodules.kinetics import KineticsDataModule
+    from eventful_pl.lightning.feature_cache import write_datamodule_features
     from eventful_pl.models.vivit import create_vivit
 
     model = create_vivit("vivit_b_kinetics400", spatial_variant="full")  # + checkpoint
@@ -48,22 +56,17 @@ Usage::
     features.setup("validate")
     x, y = next(iter(features.val_dataloader()))  # (B, V, T', D) float32, (B,) int64
 
-Command line: ``python -m datamodules.features --help``.
+Command line (the same YAML config as ``fit``): ``python cli.py cache-features --help``.
 """
 
 from __future__ import annotations
 
-import argparse
-import glob
 import hashlib
 import json
 import os
 import re
 import warnings
-from collections import Counter
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -73,19 +76,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.common import SkipLog, rank_and_world_size, shard, training_loader
-from datamodules.transforms import ClipSampling
-from datamodules.video import (
-    ClipDataModule,
-    ClipItem,
-    LocalShardSampler,
-    VideoClipDataset,
-    filter_readable,
-    limit_items,
-    unique_items,
-)
-from eventful_pl.models.vivit import FactorizedViViT
-from eventful_pl.policies import TopRPolicy
+from datamodules.common import SkipLog, eval_loader, rank_and_world_size, shard, training_loader
+from datamodules.video import ClipItem, limit_items
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -114,14 +106,55 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 ENTRY_KEYS = frozenset({"features", "label", "id", "sha256", "shape", "dtype"})
 #: Skip reason of a video whose features are not finite.
 NONFINITE = "non-finite features"
-#: The writer stops when this many videos it computes give non-finite features
-#: before any gives finite ones.
-NONFINITE_STOP = 8
 REPAIR = (
-    "rerun the feature cache writer with the same settings (write_feature_cache / "
-    "python -m datamodules.features): it checks every entry and rewrites bad ones "
-    "from their videos"
+    "rerun the feature cache writer with the same settings (python cli.py cache-features, "
+    "or eventful_pl.lightning.feature_cache.write_feature_cache): it checks every entry "
+    "and rewrites bad ones from their videos"
 )
+#: Names that moved to :mod:`eventful_pl.lightning.feature_cache` (they need the model).
+MOVED = frozenset(
+    {
+        "NONFINITE_STOP",
+        "CacheReport",
+        "check_model",
+        "make_manifest",
+        "spatial_config",
+        "spatial_weights_hash",
+        "write_datamodule_features",
+        "write_feature_cache",
+    }
+)
+
+
+def __getattr__(name: str) -> Any:
+    """Deprecated aliases of the names that moved to the Lightning layer."""
+    if name in MOVED:
+        warnings.warn(
+            f"datamodules.features.{name} moved to eventful_pl.lightning.feature_cache."
+            f"{name} (data modules no longer run models); import it from there",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        from eventful_pl.lightning import feature_cache
+
+        return getattr(feature_cache, name)
+    if name == "main":
+        warnings.warn(
+            "datamodules.features.main is replaced by `python cli.py cache-features "
+            "--config <fit config>`",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return _main_moved
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _main_moved(argv: Sequence[str] | None = None) -> None:
+    raise SystemExit(
+        "python -m datamodules.features is replaced by `python cli.py cache-features "
+        "--config <the fit config> [--splits ...]`: it reads the same YAML (model + data) "
+        "as fit and writes the caches of the configured splits"
+    )
 
 
 class FeatureCacheMismatch(RuntimeError):
@@ -159,57 +192,17 @@ def entry_key(item_id: str) -> str:
     return key
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """``value`` in JSON form (tensors as lists, other objects by ``repr``)."""
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, Tensor):
         return value.tolist()
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return repr(value)
-
-
-def spatial_config(model: FactorizedViViT) -> dict[str, Any]:
-    """The constructor arguments that shape the spatial outputs (JSON form)."""
-    return {key: _jsonable(model.config.get(key)) for key in SPATIAL_KEYS}
-
-
-def spatial_weights_hash(model: FactorizedViViT) -> str:
-    """SHA-256 of the tubelet embedding and spatial ViT weights (names, shapes, values)."""
-    digest = hashlib.sha256()
-    for prefix, module in (("embedding.", model.embedding), ("spatial.", model.spatial)):
-        for name, tensor in sorted(module.state_dict().items()):
-            value = tensor.detach().cpu().contiguous()
-            digest.update(f"{prefix}{name}:{value.dtype}:{tuple(value.shape)}".encode())
-            digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
-    return digest.hexdigest()
-
-
-def make_manifest(
-    model: FactorizedViViT,
-    r: int | None,
-    dataset: str,
-    split: str,
-    items: Sequence[ClipItem],
-    short_side: int | None,
-    dtype: str,
-) -> dict[str, Any]:
-    """What a cache records about how it was made (see module docstring)."""
-    return {
-        "format": FORMAT,
-        "dataset": dataset,
-        "split": split,
-        "r": r,
-        "spatial_config": spatial_config(model),
-        "spatial_hash": spatial_weights_hash(model),
-        "short_side": short_side,
-        "dtype": dtype,
-        "feature_shape": [model.num_views, model.steps, model.dim],
-        "model_config": _jsonable(model.config),
-        "items": [[item.id, item.label] for item in items],
-    }
 
 
 def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
@@ -219,7 +212,7 @@ def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(
             f"no feature cache at {cache_dir} ({MANIFEST} not found); write it first "
-            "(write_feature_cache / python -m datamodules.features)"
+            "(python cli.py cache-features, or eventful_pl.lightning.feature_cache)"
         )
     problem = None
     try:
@@ -277,40 +270,6 @@ def check_manifest(
             + "; ".join(differences)
             + ". Use another cache root or delete the folder to rebuild it."
         )
-
-
-def check_model(cache_dir: str | Path, model: FactorizedViViT) -> None:
-    """Refuses (FeatureCacheMismatch) a cache made by another spatial model or weights."""
-    expected = {
-        "spatial_config": spatial_config(model),
-        "spatial_hash": spatial_weights_hash(model),
-    }
-    check_manifest(read_manifest(cache_dir), expected, cache_dir)
-
-
-def _write_atomic(path: Path, write) -> None:
-    """Calls ``write(file)`` on a temporary file, then moves it to ``path``.
-
-    The temporary name is this process's own (``.<name>.<pid>.tmp``), so ranks
-    writing the same file (the manifest) at once do not take each other's.
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _ensure_manifest(cache_dir: Path, manifest: dict[str, Any]) -> None:
-    path = cache_dir / MANIFEST
-    if path.is_file():
-        wanted = {k: manifest[k] for k in (*CHECKED, "dtype", "items")}
-        check_manifest(read_manifest(cache_dir), wanted, cache_dir)
-        return
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(manifest, indent=1).encode()
-    _write_atomic(path, lambda f: f.write(text))
 
 
 # ------------------------------------------------------------------------- entries
@@ -430,271 +389,6 @@ def _skip_is_current(record: Mapping[str, Any], item: ClipItem) -> bool:
 def _warn_list(header: str, lines: Sequence[str], shown: int = 10) -> None:
     more = f"\n  ... and {len(lines) - shown} more" if len(lines) > shown else ""
     warnings.warn(header + "".join(f"\n  {line}" for line in lines[:shown]) + more, stacklevel=3)
-
-
-# -------------------------------------------------------------------------- writer
-
-
-@dataclass
-class CacheReport:
-    """What one rank's writer did and found.
-
-    ``written``: entries written by this run (new, or replacing bad ones);
-    ``rewritten``: of those, the ones that replaced a bad entry;
-    ``existing``: entries found and verified; ``skipped``: this shard's
-    skipped videos by reason (this run's and earlier runs'), of which
-    ``skipped_earlier`` were recorded by earlier runs; ``retried``: videos
-    skipped by an earlier run and tried again (changed since, or non-finite);
-    ``bad``: ``"path: problem"`` of each bad entry or skip record found (removed).
-    ``written + existing + sum(skipped.values()) == shard_size``.
-    """
-
-    path: Path
-    shard_size: int
-    written: int = 0
-    existing: int = 0
-    skipped: Counter = field(default_factory=Counter)
-    rewritten: int = 0
-    skipped_earlier: int = 0
-    retried: int = 0
-    bad: list[str] = field(default_factory=list)
-
-    @property
-    def with_features(self) -> int:
-        """Items of this shard that have features in the cache."""
-        return self.written + self.existing
-
-    def summary(self) -> str:
-        skipped = sum(self.skipped.values())
-        detail = [f"{self.skipped_earlier} from earlier runs"] if self.skipped_earlier else []
-        if self.skipped:
-            detail.append(", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())))
-        text = f"feature cache {self.path}: {self.shard_size} items in this shard, "
-        text += f"{self.written} written"
-        if self.rewritten:
-            text += f" ({self.rewritten} rewritten: bad entries)"
-        text += f", {self.existing} already there, {skipped} skipped"
-        text += f" ({'; '.join(detail)})" if detail else ""
-        if self.retried:
-            text += f", {self.retried} earlier skips retried"
-        return text + f"; {self.with_features} of {self.shard_size} items have features"
-
-
-def write_feature_cache(
-    model: FactorizedViViT,
-    items: Sequence[ClipItem],
-    cache_dir: str | Path,
-    dataset: str,
-    split: str,
-    r: int | None,
-    short_side: int | None = None,
-    rank: int | None = None,
-    world_size: int | None = None,
-    dtype: Literal["float16", "bfloat16", "float32"] = "float16",
-    num_workers: int = 0,
-    probe_workers: int = 8,
-) -> CacheReport:
-    """Writes this rank's share of ``items`` as spatial features ``(V, T', D)``.
-
-    Args:
-        model: The ViViT whose spatial half makes the features (it stays on its
-            device and is left with the policy ``TopRPolicy(r)``).
-        items: Every item of the split (all ranks pass the same list).
-        cache_dir: The cache folder (see :func:`feature_cache_dir`).
-        dataset: Dataset name recorded in the manifest.
-        split: Split name recorded in the manifest.
-        r: Tokens per frame of the eventful spatial model (None: leave the policy).
-        short_side: Short side the whole clips are resized to before the model's
-            preprocessing (None: the model's crop short side; 0: decoded size).
-        rank: This rank (default: torch.distributed's).
-        world_size: Number of ranks (default: torch.distributed's).
-        dtype: Storage dtype of the features.
-        num_workers: DataLoader workers decoding the videos.
-        probe_workers: Threads opening videos (and checking entries) before decoding.
-
-    Entries already written are checked (:func:`check_entry`) and kept; bad
-    ones are removed (warned, with their paths, in ``report.bad``) and computed
-    again. Videos recorded as skipped are not tried again unless their file
-    changed (or the skip was for non-finite features). Non-finite features
-    are never written: the video is recorded as skipped; RuntimeError if the
-    first :data:`NONFINITE_STOP` videos computed all give non-finite features.
-    Raises FeatureCacheMismatch if the folder holds a cache made otherwise.
-    """
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    if short_side is None:
-        short_side = min(model.preprocessing.size)
-    if rank is None and world_size is None:
-        rank, world_size = rank_and_world_size()
-    rank, world_size = rank or 0, world_size or 1
-    cache_dir = Path(cache_dir)
-    items = unique_items(items)  # the first of each id, as the data modules keep
-    manifest = make_manifest(model, r, dataset, split, items, short_side, dtype)
-    _ensure_manifest(cache_dir, manifest)
-
-    mine = shard(items, rank, world_size)
-    report = CacheReport(cache_dir, len(mine))
-    todo: set[str] = set()  # ids to compute
-    found = []  # items with an entry, to check
-    for item in mine:
-        key = entry_key(item.id)
-        for suffix in ("pt", "skip"):  # temporary files of this shard left by a killed run
-            for stale in cache_dir.glob(f".{glob.escape(key)}.{suffix}.*tmp"):
-                stale.unlink(missing_ok=True)
-        skip_path = cache_dir / f"{key}.skip"
-        if (cache_dir / f"{key}.pt").is_file():
-            found.append(item)
-        elif skip_path.is_file():
-            record, problem = _load_skip(skip_path)
-            if record is None:
-                report.bad.append(f"{skip_path}: skip record {problem}")
-                skip_path.unlink(missing_ok=True)
-                todo.add(item.id)
-            elif _skip_is_current(record, item):
-                report.skipped[record["reason"]] += 1
-                report.skipped_earlier += 1
-            else:  # the video changed since (or the skip was for non-finite features)
-                report.retried += 1
-                todo.add(item.id)
-        else:
-            todo.add(item.id)
-
-    def check(item: ClipItem) -> str | None:
-        path = cache_dir / f"{entry_key(item.id)}.pt"
-        return check_entry(path, item.id, item.label, manifest["feature_shape"], dtype)[1]
-
-    with ThreadPoolExecutor(max(1, probe_workers)) as pool:
-        problems = list(pool.map(check, found))
-    bad_entries = set()
-    for item, problem in zip(found, problems):
-        key = entry_key(item.id)
-        if problem is None:
-            report.existing += 1
-            (cache_dir / f"{key}.skip").unlink(missing_ok=True)  # the entry supersedes it
-            continue
-        path = cache_dir / f"{key}.pt"
-        report.bad.append(f"{path}: {problem}")
-        path.unlink(missing_ok=True)
-        bad_entries.add(item.id)
-        todo.add(item.id)
-    if report.bad:
-        _warn_list(
-            f"feature cache {cache_dir}: {len(report.bad)} bad entries or skip records "
-            "removed; computing them again from their videos:",
-            report.bad,
-        )
-
-    name = f"{dataset} {split} features"
-    log = SkipLog(name)
-
-    def record_skip(item: ClipItem, reason: str, message: str) -> None:
-        record = {"id": item.id, "reason": reason, "message": message}
-        text = json.dumps({**record, "video": video_state(item.path)}).encode()
-        key = entry_key(item.id)
-        _write_atomic(cache_dir / f"{key}.skip", lambda f: f.write(text))
-        (cache_dir / f"{key}.pt").unlink(missing_ok=True)
-        report.skipped[reason] += 1
-
-    todo_items = [item for item in mine if item.id in todo]
-    readable = filter_readable(todo_items, log, True, probe_workers, on_skip=record_skip)
-    if not readable:
-        rank_zero_info(report.summary())
-        return report
-    sampling = ClipSampling(eval_short_side=short_side or None)
-    videos = VideoClipDataset(readable, "eval", sampling, name, open_readers=2)
-    # spawn: decord's probe threads in this process make forked workers deadlock.
-    context = "spawn" if num_workers > 0 else None
-    loader = DataLoader(
-        videos, batch_size=None, num_workers=num_workers, multiprocessing_context=context
-    )
-    by_id = {item.id: item for item in readable}
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    if r is not None:
-        model.set_policy(TopRPolicy(r))
-    nonfinite = 0  # videos of this run with non-finite features, before any finite
-    try:
-        with torch.inference_mode():
-            for sample in loader:
-                item = by_id[sample["id"]]
-                if sample["video"] is None:
-                    record_skip(item, "unreadable", f"{item.path}: cannot decode")
-                    continue
-                video = sample["video"].to(device)[None]  # (1, T, C, H, W) uint8
-                computed = model.spatial_features(video)[0]
-                features = computed.to(DTYPES[dtype]).cpu().contiguous()
-                if not bool(torch.isfinite(features).all()):
-                    message = _nonfinite_message(item, computed, dtype)
-                    log.skip(NONFINITE, message)
-                    record_skip(item, NONFINITE, message)
-                    nonfinite += 1
-                    if nonfinite >= NONFINITE_STOP and report.written == 0:
-                        raise RuntimeError(
-                            f"feature cache {cache_dir}: the spatial model gave non-finite "
-                            f"features for each of the {nonfinite} videos computed so far "
-                            f"(the last: {message}); none of them was cached. Check the "
-                            "model's weights and precision (or the cache dtype), then run "
-                            "the writer again (it tries these videos again)"
-                        )
-                    continue
-                key = entry_key(item.id)
-                entry = make_entry(features, item.label, item.id)
-                _write_atomic(cache_dir / f"{key}.pt", lambda f, e=entry: torch.save(e, f))
-                (cache_dir / f"{key}.skip").unlink(missing_ok=True)  # a retried skip
-                report.written += 1
-                report.rewritten += item.id in bad_entries
-    finally:
-        model.train(was_training)
-    rank_zero_info(report.summary())
-    return report
-
-
-def _nonfinite_message(item: ClipItem, computed: Tensor, dtype: str) -> str:
-    finite = torch.isfinite(computed)
-    if bool(finite.all()):  # finite in the model's precision, not in the storage dtype
-        largest = float(computed.abs().max())
-        return (
-            f"{item.path}: features overflow {dtype} (largest |value| {largest:.4g}); "
-            "write the cache with dtype float32 or bfloat16"
-        )
-    return (
-        f"{item.path}: the spatial model gave {int((~finite).sum())} non-finite values "
-        f"(NaN or inf) of {finite.numel()}"
-    )
-
-
-def write_datamodule_features(
-    datamodule: ClipDataModule,
-    split: str,
-    model: FactorizedViViT,
-    r: int | None,
-    cache_root: str | Path,
-    **kwargs: Any,
-) -> CacheReport:
-    """:func:`write_feature_cache` for a split of a video data module.
-
-    The cache goes to ``feature_cache_dir(cache_root, datamodule.name, split, r)``;
-    clips are resized like the data module's evaluation clips; the rank comes
-    from the data module. The items are the data module's
-    :meth:`~datamodules.video.ClipDataModule.split_items` in its order (for its
-    training split, the ``train_limit`` subset), so a :class:`FeatureDataModule`
-    lists them in the same order as the data module's datasets.
-    ``kwargs`` go to :func:`write_feature_cache`.
-    """
-    rank, world = datamodule.rank_and_world_size()
-    kwargs.setdefault("rank", rank)
-    kwargs.setdefault("world_size", world)
-    kwargs.setdefault("short_side", datamodule.sampling.eval_short_side or 0)
-    return write_feature_cache(
-        model,
-        datamodule.split_items(split, train=split == datamodule.train_split),
-        feature_cache_dir(cache_root, datamodule.name, split, r),
-        datamodule.name,
-        split,
-        r,
-        **kwargs,
-    )
 
 
 # -------------------------------------------------------------------------- reader
@@ -832,9 +526,12 @@ class FeatureDataModule(L.LightningDataModule):
 
     Batches: ``(features (B, V, T', D) float32, label (B,) int64, ids [B])`` (V = 1 in
     training with ``train_views="random"``). Evaluation splits are sharded by
-    rank (nothing repeated); training uses Lightning's sampler. At setup under
-    a Trainer, the caches are checked against the trainer's FactorizedViViT
-    (spatial config and weights), so features of another model are refused.
+    rank (nothing repeated); training uses Lightning's sampler. This data module
+    runs no model: with ``check_trainer_model``, the LightningModule checks the
+    caches against its spatial model (config and weights) once its weights are
+    in place (:func:`eventful_pl.lightning.feature_cache.check_feature_datamodule`,
+    called by :class:`~eventful_pl.lightning.vivit_module.ViViTFineTuning`), so
+    features of another model are refused.
 
     The datasets list their items in the order of the video data module's
     datasets of the same splits (same ``train_limit``/``seed``, same rank
@@ -857,7 +554,7 @@ class FeatureDataModule(L.LightningDataModule):
             ``seed`` (a cache written from such a data module already holds
             only that subset; then this is a no-op). None: all.
         seed: Seed of the training subset.
-        check_trainer_model: Check the caches against the trainer's model at setup.
+        check_trainer_model: Let the LightningModule check the caches against its model.
         pin_memory: DataLoader ``pin_memory``.
         rank: This process's rank (default: from torch.distributed).
         world_size: Number of ranks (default: from torch.distributed).
@@ -899,12 +596,6 @@ class FeatureDataModule(L.LightningDataModule):
     def cache_dir(self, split: str) -> Path:
         return feature_cache_dir(self.cache_root, self.dataset, split, self.r)
 
-    def _trainer_model(self) -> FactorizedViViT | None:
-        module = getattr(self.trainer, "lightning_module", None) if self.trainer else None
-        if module is None:
-            return None
-        return next((m for m in module.modules() if isinstance(m, FactorizedViViT)), None)
-
     def setup(self, stage: str | None = None) -> None:
         roles = {
             "fit": [("train", self.train_split), ("val", self.val_split)],
@@ -916,14 +607,10 @@ class FeatureDataModule(L.LightningDataModule):
             rank, world = self.rank or 0, self.world_size or 1
         else:
             rank, world = rank_and_world_size()
-        model = self._trainer_model() if self.check_trainer_model else None
         for role, split in roles:
             if role in self.datasets:
                 continue
             expect = {"dataset": self.dataset, "split": split, "r": self.r}
-            if model is not None:
-                expect.update(spatial_config=spatial_config(model))
-                expect.update(spatial_hash=spatial_weights_hash(model))
             if role == "train":
                 dataset = FeatureDataset(
                     self.cache_dir(split),
@@ -954,12 +641,8 @@ class FeatureDataModule(L.LightningDataModule):
 
     def _eval_loader(self, role: str) -> DataLoader:
         dataset = self._dataset(role)
-        return DataLoader(
-            dataset,
-            batch_size=self.eval_batch_size,
-            sampler=LocalShardSampler(dataset),
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
+        return eval_loader(
+            dataset, self.eval_batch_size, self.num_workers, pin_memory=self.pin_memory
         )
 
     def val_dataloader(self) -> DataLoader:
@@ -969,57 +652,5 @@ class FeatureDataModule(L.LightningDataModule):
         return self._eval_loader("test")
 
 
-# ---------------------------------------------------------------------- command line
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Writes one feature cache from the command line (``--help``)."""
-    parser = argparse.ArgumentParser(
-        description="Cache the frozen eventful ViViT spatial features of a video split."
-    )
-    parser.add_argument("--data", choices=("kinetics", "epic"), required=True)
-    parser.add_argument("--root", required=True, help="dataset root")
-    parser.add_argument("--split", required=True, help="e.g. train, val, validation")
-    parser.add_argument("--cache-root", required=True)
-    parser.add_argument("--preset", required=True, help="ViViT preset, e.g. vivit_b_kinetics400")
-    parser.add_argument("--checkpoint", help="ViViT checkpoint (TAdaConv / original / ours)")
-    parser.add_argument("--r", type=int, required=True, help="top-r tokens per frame")
-    parser.add_argument("--variant", default="full", help="spatial block variant")
-    parser.add_argument("--dtype", default="float16", choices=sorted(DTYPES))
-    parser.add_argument("--workers", type=int, default=4, help="decoding workers")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--clip-bounds", default="frames", choices=("frames", "timestamps"))
-    parser.add_argument(
-        "--train-limit", type=int, help="training split: the data module's train_limit subset"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the train_limit subset")
-    args = parser.parse_args(argv)
-
-    from eventful_pl.models.vivit import create_vivit
-    from eventful_pl.models.vivit_convert import load_vivit_checkpoint
-
-    model = create_vivit(args.preset, spatial_variant=args.variant, policy=TopRPolicy(args.r))
-    if args.checkpoint:
-        load_vivit_checkpoint(model, args.checkpoint)
-    model = model.to(args.device).eval()
-    if args.data == "kinetics":
-        from datamodules.kinetics import KineticsDataModule
-
-        data: ClipDataModule = KineticsDataModule(
-            args.root, train_limit=args.train_limit, seed=args.seed
-        )
-    else:
-        from datamodules.epic_kitchens import EpicKitchensDataModule
-
-        data = EpicKitchensDataModule(
-            args.root, clip_bounds=args.clip_bounds, train_limit=args.train_limit, seed=args.seed
-        )
-    data.sampling = ClipSampling(eval_short_side=min(model.preprocessing.size))
-    report = write_datamodule_features(
-        data, args.split, model, args.r, args.cache_root, dtype=args.dtype, num_workers=args.workers
-    )
-    print(report.summary())
-
-
 if __name__ == "__main__":
-    main()
+    _main_moved()

@@ -2,11 +2,17 @@
 
 Wraps a video data module (Kinetics-400, EPIC-Kitchens-100). Training reads
 the frozen eventful spatial model's features from a cache
-(:mod:`datamodules.features`), written on first use by the trainer's own model
-(each rank writes its shard; an interrupted run resumes) and checked against
-it (another model, r or weights is refused); without ``cache_root`` the
-training items are whole videos and the spatial model runs on the fly (the
-same items in the same order, so the same result). Validation and test are
+(:mod:`datamodules.features`); without ``cache_root`` the training items are
+whole videos and the spatial model runs on the fly (the same items in the same
+order, so the same result). This data module never builds or runs a model: the
+cache is written on first use from the Lightning layer, by the trainer's own
+model once its weights are loaded
+(:func:`eventful_pl.lightning.feature_cache.prepare_finetune_cache`, called by
+:class:`~eventful_pl.lightning.vivit_module.ViViTFineTuning` at the start of
+fit: each rank writes its shard, an interrupted run resumes, then every rank
+waits), which then hands the cache over with
+:meth:`ViViTFineTuneDataModule.use_train_cache`. The cache is checked against
+the model (another model, r or weights is refused). Validation and test are
 whole videos, so the LightningModule can sweep test-time r::
 
     data:
@@ -17,28 +23,22 @@ whole videos, so the LightningModule can sweep test-time r::
           class_path: datamodules.epic_kitchens.EpicKitchensDataModule
           init_args: {root: data/EPIC-KITCHENS, eval_short_side: 320}
 
-The LightningModule must hold the network as ``.model`` (a FactorizedViViT)
-and its training top-r as ``.r`` (:class:`eventful_pl.lightning.vivit_module.ViViTFineTuning`).
+Outside such a LightningModule, write the cache first (``python cli.py
+cache-features --config ...``) and call :meth:`ViViTFineTuneDataModule.use_train_cache`.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
 
 import lightning as L
 from torch.utils.data import DataLoader
 
 from datamodules.common import training_loader
-from datamodules.features import (
-    DTYPES,
-    FeatureDataset,
-    feature_cache_dir,
-    spatial_config,
-    spatial_weights_hash,
-    write_datamodule_features,
-)
+from datamodules.features import DTYPES, FeatureDataset, feature_cache_dir
 from datamodules.video import ClipDataModule
-from eventful_pl.models.vivit import FactorizedViViT
 
 
 class ViViTFineTuneDataModule(L.LightningDataModule):
@@ -91,6 +91,10 @@ class ViViTFineTuneDataModule(L.LightningDataModule):
             videos.train_clips = "whole"
         #: What the training cache held (set when the training loader is made).
         self.train_summary: str | None = None
+        #: The training cache to read and the manifest fields it must have
+        #: (set by :meth:`use_train_cache`).
+        self.train_cache: Path | None = None
+        self.train_expect: dict[str, Any] = {}
 
     @property
     def num_classes(self) -> int | None:
@@ -106,43 +110,38 @@ class ViViTFineTuneDataModule(L.LightningDataModule):
         else:
             self.videos.setup(stage)
 
-    def _trainer_model(self) -> tuple[FactorizedViViT, int | None]:
-        module = getattr(self.trainer, "lightning_module", None) if self.trainer else None
-        model = getattr(module, "model", None)
-        if not isinstance(model, FactorizedViViT):
-            raise RuntimeError(
-                "ViViTFineTuneDataModule: the trainer's LightningModule must hold a "
-                "FactorizedViViT as .model (e.g. "
-                "eventful_pl.lightning.vivit_module.ViViTFineTuning)"
-            )
-        return model, getattr(module, "r", None)
+    def train_cache_dir(self, r: int | None) -> Path:
+        """The training split's cache folder for top-``r`` features."""
+        if self.cache_root is None:
+            raise ValueError("ViViTFineTuneDataModule: no cache_root, so no feature cache")
+        return feature_cache_dir(self.cache_root, self.videos.name, self.videos.train_split, r)
+
+    def use_train_cache(
+        self, cache_dir: str | Path, r: int | None, expect: Mapping[str, Any] | None = None
+    ) -> None:
+        """Training reads the cache in ``cache_dir`` (written for top-``r``), which
+        must have the manifest fields ``expect`` (e.g. the model's spatial config
+        and weight hash) besides this data's dataset, split and ``r``."""
+        self.train_cache = Path(cache_dir)
+        self.train_expect = {
+            "dataset": self.videos.name,
+            "split": self.videos.train_split,
+            "r": r,
+            **(expect or {}),
+        }
 
     def train_dataloader(self) -> DataLoader:
-        """Writes what the cache lacks (this rank's shard), waits for every rank, reads it."""
+        """The cache given to :meth:`use_train_cache` (whole videos without ``cache_root``)."""
         if self.cache_root is None:
             return self.videos.train_dataloader()
-        model, r = self._trainer_model()
-        split = self.videos.train_split
-        write_datamodule_features(
-            self.videos,
-            split,
-            model,
-            r,
-            self.cache_root,
-            dtype=self.cache_dtype,
-            num_workers=self.write_workers,
-        )
-        if self.trainer is not None:
-            self.trainer.strategy.barrier("feature_cache")
-        expect = {
-            "dataset": self.videos.name,
-            "split": split,
-            "r": r,
-            "spatial_config": spatial_config(model),
-            "spatial_hash": spatial_weights_hash(model),
-        }
-        cache = feature_cache_dir(self.cache_root, self.videos.name, split, r)
-        dataset = FeatureDataset(cache, self.train_views, expect)
+        if self.train_cache is None:
+            raise RuntimeError(
+                "ViViTFineTuneDataModule: the training feature cache was not prepared. "
+                "eventful_pl.lightning.vivit_module.ViViTFineTuning writes it at the start "
+                "of fit; with another LightningModule write it first (python cli.py "
+                "cache-features --config ...) and call use_train_cache(cache_dir, r)"
+            )
+        dataset = FeatureDataset(self.train_cache, self.train_views, self.train_expect)
         self.train_summary = dataset.summary()
         return training_loader(dataset, self.trainer, self.batch_size, self.num_workers)
 

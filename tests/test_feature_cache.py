@@ -16,25 +16,28 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 
 from datamodules.common import shard
 from datamodules.features import (
     ENTRY_KEYS,
     MANIFEST,
-    CacheReport,
     FeatureCacheIncomplete,
     FeatureCacheMismatch,
     FeatureDataModule,
     FeatureDataset,
-    check_model,
     entry_key,
     feature_cache_dir,
-    main,
-    write_datamodule_features,
-    write_feature_cache,
 )
 from datamodules.kinetics import KineticsDataModule
 from datamodules.synthetic_video import make_kinetics
+from eventful_pl.lightning.feature_cache import (
+    CacheReport,
+    check_feature_datamodule,
+    check_model,
+    write_datamodule_features,
+    write_feature_cache,
+)
 from eventful_pl.models.vivit import create_vivit
 from eventful_pl.policies import TopRPolicy
 
@@ -200,8 +203,8 @@ import io, sys, time
 
 import torch
 
-from datamodules.features import write_datamodule_features
 from datamodules.kinetics import KineticsDataModule
+from eventful_pl.lightning.feature_cache import write_datamodule_features
 from eventful_pl.models.vivit import create_vivit
 from eventful_pl.policies import TopRPolicy
 
@@ -570,31 +573,66 @@ def test_feature_data_module_batches_equal_the_spatial_model_on_whole_clips(data
     assert str(cache.cache_dir("val")) in str(error.value)
     with pytest.raises(FeatureCacheMismatch, match=r"spatial_config \(mean: cache 0.45 vs 0.5\)"):
         check_model(cache.cache_dir("train"), make_model(0, mean=0.5))
-    # At setup under a trainer, the trainer's ViViT is checked (stand-in trainer).
+    # The LightningModule checks the data module's caches against its ViViT
+    # (stand-in trainer); the data module's setup runs no model.
     for other, refused in ((make_model(1), True), (make_model(0), False)):
         checked = FeatureDataModule(str(reference.root), "kinetics400", R, num_workers=0)
-        checked.trainer = SimpleNamespace(lightning_module=torch.nn.ModuleList([other]))
+        checked.setup("validate")
+        assert checked.datasets["val"].ids == reference.ids
+        trainer = SimpleNamespace(datamodule=checked)
         if refused:
             with pytest.raises(FeatureCacheMismatch, match="spatial_hash"):
-                checked.setup("fit")
+                check_feature_datamodule(trainer, other)
         else:
-            checked.setup("fit")
-            assert checked.datasets["val"].ids == reference.ids
+            done: set = set()
+            check_feature_datamodule(trainer, other, done)
+            assert done == {checked.cache_dir("val")}
 
 
 # --------------------------------------------------------------------- command line
 
 
-def test_command_line_writes_a_cache_the_reader_reads(data, reference, tmp_path, capsys):
-    torch.manual_seed(0)  # main() makes the model from the preset: the weights of make_model(0)
-    args = ["--data", "kinetics", "--root", str(data.root), "--split", "val"]
-    args += ["--cache-root", str(tmp_path), "--preset", "vivit_tiny", "--r", str(R)]
-    args += ["--dtype", "float32", "--workers", "0", "--device", "cpu"]
+def cache_features_config(data, tmp_path: Path, pretrained: Path) -> Path:
+    """A ``fit`` config of the tiny ViViT on the test videos, cache under tmp_path/cache."""
+    videos = dict(root=str(data.root), batch_size=3, num_workers=0, crop_size=SIZE)
+    videos.update(flip_prob=0.0, probe_workers=2, eval_short_side=SIZE)
+    config = {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "devices": 1, "logger": False},
+        "model": {
+            "class_path": "eventful_pl.lightning.vivit_module.ViViTFineTuning",
+            "init_args": {"preset": "vivit_tiny", "r": R, "pretrained": str(pretrained)},
+        },
+        "data": {
+            "class_path": "datamodules.finetune.ViViTFineTuneDataModule",
+            "init_args": {
+                "cache_root": str(tmp_path / "cache"),
+                "cache_dtype": "float32",
+                "videos": {
+                    "class_path": "datamodules.kinetics.KineticsDataModule",
+                    "init_args": videos,
+                },
+            },
+        },
+    }
+    path = tmp_path / "fit.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_cache_features_command_writes_the_cache_fit_reads(data, reference, tmp_path, capsys):
+    from cli import cli_main
+
+    weights = tmp_path / "spatial.pth"
+    torch.save(make_model(0).state_dict(), weights)  # the reference cache's model
+    config = cache_features_config(data, tmp_path, weights)
+    args = ["cache-features", "--config", str(config), "--splits", "val", "--device", "cpu"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        main(args)
+        (report,) = cli_main(args)
     printed = capsys.readouterr().out
-    cache = feature_cache_dir(tmp_path, "kinetics400", "val", R)
+    cache = feature_cache_dir(tmp_path / "cache", "kinetics400", "val", R)
+    assert report.path == cache
     assert f"feature cache {cache}: 12 items in this shard, 10 written" in printed
     assert "2 skipped (missing: 1, unreadable: 1)" in printed
     manifest = json.loads((cache / MANIFEST).read_text())
@@ -605,18 +643,39 @@ def test_command_line_writes_a_cache_the_reader_reads(data, reference, tmp_path,
     labels = {item.id: item.label for item in data.items["val"]}
     for item_id, (features, label, entry_id) in zip(dataset.ids, dataset):
         assert features.shape == (2, 4, 64) and label == labels[item_id] and entry_id == item_id
-    check_model(cache, make_model())  # same weights as the seeded model
+    check_model(cache, make_model())  # made with the pretrained weights
     assert_same_entries(cache, reference)
-    # Run again: with other (unseeded) weights it is refused; with the same, nothing is left.
+    # Run again: with other weights (no pretrained, another seed: command-line
+    # overrides, as for fit) it is refused; with the same, nothing is left to write.
+    other = ["--model.init_args.pretrained", "null", "--seed_everything", "1"]
     with pytest.raises(FeatureCacheMismatch, match="spatial_hash"):
-        main(args)
-    torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cli_main(args + other)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        main(args)
+        cli_main(args)
     assert (
         "0 written, 10 already there, 2 skipped (2 from earlier runs; missing: 1, unreadable: 1)"
         "; 10 of 12 items have features"
     ) in capsys.readouterr().out
     with pytest.raises(SystemExit):
-        main(args[:-2] + ["--dtype", "int8"])
+        cli_main(args + ["--data.init_args.cache_dtype", "int8"])
+    # The training split by default (the one fit reads), under the configured name.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        (train,) = cli_main(args[:3])
+    assert train.path == feature_cache_dir(tmp_path / "cache", "kinetics400", "train", R)
+
+
+def test_old_writer_names_still_import_with_a_deprecation_warning():
+    import datamodules.features as features_module
+    from eventful_pl.lightning import feature_cache
+
+    for name in ("write_datamodule_features", "spatial_weights_hash", "CacheReport"):
+        with pytest.warns(DeprecationWarning, match=f"{name} moved to eventful_pl.lightning"):
+            assert getattr(features_module, name) is getattr(feature_cache, name)
+    with pytest.warns(DeprecationWarning, match="cli.py cache-features"):
+        old_main = features_module.main
+    with pytest.raises(SystemExit, match="cli.py cache-features"):
+        old_main(["--help"])

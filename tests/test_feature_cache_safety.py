@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import datamodules.features as features_module
+import eventful_pl.lightning.feature_cache as features_module
 from datamodules.features import (
     ENTRY_KEYS,
     MANIFEST,
@@ -25,9 +25,9 @@ from datamodules.features import (
     FeatureDataset,
     entry_key,
     feature_cache_dir,
-    write_datamodule_features,
 )
 from datamodules.synthetic_video import make_kinetics
+from eventful_pl.lightning.feature_cache import write_datamodule_features
 from tests.test_feature_cache import SIZE, R, listing, load_entry, make_model, module
 
 DATA = dict(videos_per_class=2, frames=8, size=SIZE, frame_jitter=2)

@@ -282,7 +282,9 @@ def test_resume_continues_the_optimizer(tmp_path, root):
     saved = torch.load(ckpt / "last.ckpt", weights_only=False)
     assert saved["optimizer_states"][0]["state"][0]["step"] == 2
     # A Lightning checkpoint also works as `pretrained` (the network's weights).
-    loaded = module(pretrained=str(ckpt / "last.ckpt")).model.state_dict()
+    pretrained = module(pretrained=str(ckpt / "last.ckpt"))
+    pretrained.load_pretrained()  # a Trainer does this at the start of fit/validate/test
+    loaded = pretrained.model.state_dict()
     for key, value in loaded.items():
         assert torch.equal(value, saved["state_dict"][f"model.{key}"]), key
     assert not torch.equal(loaded["classifier.weight"], module().model.classifier.weight)

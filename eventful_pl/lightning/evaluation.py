@@ -17,6 +17,15 @@ in ``on_validation_end``/``on_test_end``):
 - ``eval_gflops``: ``{setting: {"total": ..., kind: ...}}``, GFlops per
   ``ops_meter.unit`` (video or frame), synced over ranks;
 - ``sweep``: the settings, in order; ``model``: the network.
+
+Pretrained weights (a subclass's ``pretrained`` option) are read by
+:meth:`EventfulEvalModule.load_pretrained`, which the Trainer calls at the
+start of fit, validate, test or predict (``on_*_start``), once the model is on
+its device; never in ``__init__``, so ``load_from_checkpoint`` does not read a
+file that may not exist on the machine that loads the checkpoint. When a
+Lightning checkpoint is restored (``--ckpt_path``, ``load_from_checkpoint``)
+its weights win and ``pretrained`` is not read at all. In plain Python, call
+``module.load_pretrained()`` yourself.
 """
 
 from __future__ import annotations
@@ -82,6 +91,8 @@ class EventfulEvalModule(L.LightningModule):
         self.eval_results: dict[str, dict[str, float]] = {}
         self.eval_gflops: dict[str, dict[str, float]] = {}
         self.eval_metrics = nn.ModuleDict()
+        #: Whether the pretrained weights were loaded (or a restored checkpoint's replaced them).
+        self.pretrained_done = False
 
     # ------------------------------------------------------------ for subclasses
 
@@ -104,7 +115,38 @@ class EventfulEvalModule(L.LightningModule):
     def stage_of(trainer_stage: str) -> str:
         return "test" if trainer_stage == "test" else "val"
 
+    def read_pretrained(self) -> None:
+        """Loads the ``pretrained`` option's weights into the network (a subclass's job)."""
+
+    def load_pretrained(self) -> None:
+        """Loads the pretrained weights now (at most once; later calls do nothing).
+
+        The Trainer calls it at the start of each stage; call it yourself when
+        using the module without a Trainer.
+        """
+        if not self.pretrained_done:
+            self.read_pretrained()
+            self.pretrained_done = True
+
+    def ensure_pretrained(self) -> None:
+        """:meth:`load_pretrained`, unless a Lightning checkpoint is being restored."""
+        if self._trainer is not None and self.trainer.ckpt_path:
+            self.pretrained_done = True
+        self.load_pretrained()
+
     # ----------------------------------------------------------------- hooks
+
+    def on_fit_start(self) -> None:
+        self.ensure_pretrained()
+
+    def on_validation_start(self) -> None:
+        self.ensure_pretrained()
+
+    def on_test_start(self) -> None:
+        self.ensure_pretrained()
+
+    def on_predict_start(self) -> None:
+        self.ensure_pretrained()
 
     def setup(self, stage: str) -> None:
         """Refuses data whose class count differs from the network's (before a
@@ -153,7 +195,9 @@ class EventfulEvalModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restores the generators saved by :meth:`on_save_checkpoint`, so a
-        resumed run draws what the uninterrupted run would have drawn."""
+        resumed run draws what the uninterrupted run would have drawn. The
+        checkpoint's weights replace the pretrained ones, which are not read."""
+        self.pretrained_done = True
         states = checkpoint.get(CHECKPOINT_KEY)
         if states is not None:
             restore_rng_states(states)

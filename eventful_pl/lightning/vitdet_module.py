@@ -164,9 +164,11 @@ class ViTDetModule(EventfulEvalModule):
         variant: Backbone variant, a key of :data:`~eventful_pl.models.vitdet.VITDET_VARIANTS`.
         model_kwargs: Overrides of the preset (e.g. ``matmul_2_cast``,
             ``gate_before_ln``, ``num_classes``); not ``variant``/``policy``.
-        pretrained: Checkpoint file loaded at construction (detectron2 ``.pkl``/
-            ``.pth``, original eventful code, or ours); a COCO (80-class)
-            checkpoint loads all but the box predictor.
+        pretrained: Checkpoint file (detectron2 ``.pkl``/``.pth``, original
+            eventful code, or ours); a COCO (80-class) checkpoint loads all but
+            the box predictor. Read at the start of fit/validate/test/predict
+            (not when a Lightning checkpoint is restored) or by
+            :meth:`load_pretrained`, not at construction.
         trust_pretrained: Read ``pretrained`` with plain pickle, which runs any
             code the file names. Off by default: only tensors, numpy arrays and
             plain containers are read, and a file that needs more is refused.
@@ -226,10 +228,7 @@ class ViTDetModule(EventfulEvalModule):
         self.policy = _own_policy(r, threshold)
         self.model = create_vitdet(preset, variant=variant, policy=self.policy, **model_kwargs)
         self._check_sweep(variant)
-        if pretrained:
-            rank_zero_info(
-                f"ViTDetModule: loaded {load_pretrained(self.model, pretrained, trust_pretrained)}"
-            )
+        self.pretrained, self.trust_pretrained = pretrained, trust_pretrained
         self.lr, self.weight_decay = lr, weight_decay
         self.warmup_steps = warmup_steps
         self.decay_epochs = sorted(int(e) for e in decay_epochs)
@@ -264,6 +263,12 @@ class ViTDetModule(EventfulEvalModule):
         from eventful_pl.kernels import prepare_fused_kernels
 
         prepare_fused_kernels(self._trainer)
+
+    def read_pretrained(self) -> None:
+        """Loads ``pretrained`` into the network (see :meth:`load_pretrained`)."""
+        if self.pretrained:
+            loaded = load_pretrained(self.model, self.pretrained, self.trust_pretrained)
+            rank_zero_info(f"ViTDetModule: loaded {loaded}")
 
     # ----------------------------------------------------------------- training
 

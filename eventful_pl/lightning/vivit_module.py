@@ -31,6 +31,7 @@ from eventful_pl.counting import count_ops
 from eventful_pl.gates import TokenGate
 from eventful_pl.gflops import static_video_counts
 from eventful_pl.lightning.evaluation import EventfulEvalModule
+from eventful_pl.lightning.feature_cache import check_feature_datamodule, prepare_finetune_cache
 from eventful_pl.lightning.sweep import EvalSetting
 from eventful_pl.lightning.token_maps import record_token_updates, update_maps
 from eventful_pl.models.vivit import VIVIT_PRESETS, FactorizedViViT, create_vivit
@@ -55,6 +56,8 @@ class ViViTFineTuning(EventfulEvalModule):
         model_kwargs: Overrides of the preset (e.g. ``num_classes``, ``frames``).
         pretrained: Checkpoint to start from (TAdaConv ViViT Fact. Enc., the
             original eventful-transformer layout, or ours); None: random weights.
+            Read at the start of fit/validate/test/predict (not when a Lightning
+            checkpoint is restored) or by :meth:`load_pretrained`, not here.
         trust_pretrained: Read ``pretrained`` with plain pickle, which runs any
             code the file names. Off by default: only tensors, numpy arrays and
             plain containers are read, and a file that needs more is refused.
@@ -133,18 +136,12 @@ class ViViTFineTuning(EventfulEvalModule):
                 raise ValueError(
                     f"{option}={values} exceeds the spatial model's {tokens} tokens per frame"
                 )
-        if pretrained:
-            layout = load_vivit_checkpoint(self.model, pretrained, trust_pretrained)
-            rank_zero_info(f"ViViTFineTuning: loaded {pretrained} ({layout} layout)")
-        else:
-            rank_zero_warn(
-                "ViViTFineTuning: pretrained is not set, so the frozen spatial model keeps "
-                "its random initialisation (fine for the demo; set model.pretrained for real runs)"
-            )
+        self.pretrained, self.trust_pretrained = pretrained, trust_pretrained
         for part in (self.model.embedding, self.model.spatial):
             part.requires_grad_(False)
         self.train_top1 = MulticlassAccuracy(self.model.num_classes, average="micro")
         self._static_cache: dict[str, dict[str, int]] = {}
+        self._checked_caches: set = set()
         self.build_eval_metrics()
 
     def setup(self, stage: str) -> None:
@@ -154,6 +151,37 @@ class ViViTFineTuning(EventfulEvalModule):
         from eventful_pl.kernels import prepare_fused_kernels
 
         prepare_fused_kernels(self._trainer)
+
+    def read_pretrained(self) -> None:
+        """Loads ``pretrained`` into the network (see :meth:`load_pretrained`)."""
+        if self.pretrained:
+            layout = load_vivit_checkpoint(self.model, self.pretrained, self.trust_pretrained)
+            rank_zero_info(f"ViViTFineTuning: loaded {self.pretrained} ({layout} layout)")
+        else:
+            rank_zero_warn(
+                "ViViTFineTuning: pretrained is not set, so the frozen spatial model keeps "
+                "its random initialisation (fine for the demo; set model.pretrained for real runs)"
+            )
+
+    def on_fit_start(self) -> None:
+        """Pretrained weights, then the training feature cache: written on first
+        use by this model (each rank its shard, then a barrier) and checked
+        against it (:func:`~eventful_pl.lightning.feature_cache.prepare_finetune_cache`)."""
+        super().on_fit_start()
+        prepare_finetune_cache(self.trainer, self.model, self.r)
+        self._check_feature_caches()
+
+    def on_validation_start(self) -> None:
+        super().on_validation_start()
+        self._check_feature_caches()
+
+    def on_test_start(self) -> None:
+        super().on_test_start()
+        self._check_feature_caches()
+
+    def _check_feature_caches(self) -> None:
+        """Refuses the caches of a FeatureDataModule that another model made."""
+        check_feature_datamodule(self._trainer, self.model, self._checked_caches)
 
     # ------------------------------------------------------------------- model
 
