@@ -23,7 +23,9 @@ in one pass that reads every input once:
 They are used when gradients are off and the tensors are float32 on CPU
 (see :func:`fused_kernels_available`); everything else, and every machine
 where the extension cannot be built (no C++ compiler), uses the equivalent
-PyTorch ops (with one warning that says why the build failed).
+PyTorch ops (with one warning that says why the build failed): for the full
+block's softmax and output updates the pure functions of
+:mod:`eventful_pl.blocks.softmax`, which the kernels are tested against.
 
 Builds: once per source, never per checkout. The extension's name and build
 folder (:func:`extension_name`, :func:`build_directory`, under
@@ -292,7 +294,8 @@ def update_softmax(
     max_log_shift: float,
 ) -> bool:
     """The full eventful block's incremental softmax update in two fused passes
-    (``EventfulBlock._update_softmax`` documents the method).
+    (:func:`eventful_pl.blocks.softmax.update_softmax`, its PyTorch path,
+    documents the method).
 
     rows (B, H, r, Nk), cols_old and cols_new (B, H, m, N), log_norm (B, H, N),
     index (B, r). On success updates ``log_norm`` in place, overwrites
@@ -330,7 +333,8 @@ def incremental_softmax(
     q_rows (G, r, d), keys_t (G, d, Nk), k_new and k_old (G, m, d), q_t
     (G, d, N), log_norm (G, N), index (B, r), probs (G, m, N) (written).
     Same result and fallback contract as :func:`update_softmax` given the
-    logits ``q_rows @ keys_t``, ``k_old @ q_t`` and ``k_new @ q_t``.
+    logits ``q_rows @ keys_t``, ``k_old @ q_t`` and ``k_new @ q_t``
+    (PyTorch path: :func:`eventful_pl.blocks.softmax.incremental_softmax`).
     """
     return load_extension().incremental_softmax(
         q_rows,
@@ -358,6 +362,7 @@ def attention_update(
     columns and values straight from the delta gates' references:
     ``out += a_new^T v_new - a_ref[keys]^T v_ref[keys]`` (= ``A_new dV + dA V_old``),
     then ``a_ref[keys] = a_new`` in the same pass (``v_ref`` is only read).
+    PyTorch path (delta form): :func:`eventful_pl.blocks.softmax.update_output`.
 
     out (G, N, d), a_new (G, m, N), v_new (G, m, d), a_ref (G, Nk, N), v_ref
     (G, Nk, d), all contiguous, G = B * H; key_index (B, m), no key twice.

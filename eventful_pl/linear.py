@@ -8,7 +8,9 @@ packs the weight once into oneDNN's blocked layout (a cached copy, refreshed
 when the weight changes in place) and calls oneDNN's linear primitive, with
 GELU fused into it if asked. Everything else (training, CUDA, half precision,
 inference-mode weights) uses ``F.linear``. Dense and eventful blocks both go
-through here, so speed comparisons stay like for like.
+through here for their plain ``nn.Linear`` layers, so speed comparisons stay
+like for like; a replaced or hooked layer is called as a module instead
+(:meth:`eventful_pl.blocks.Block.linear`).
 
 Switch it off with ``set_prepacked_linear(False)`` (it holds one packed copy
 of each weight used, about the size of the weights).

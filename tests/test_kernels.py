@@ -1,4 +1,5 @@
-"""Fused CPU kernels (eventful_pl.kernels) against the PyTorch ops they replace."""
+"""Fused CPU kernels (eventful_pl.kernels) against the PyTorch ops they replace: the
+library's own PyTorch path (eventful_pl.blocks.softmax for the full block's maths)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from eventful_pl import kernels
+from eventful_pl.blocks import softmax
 from eventful_pl.gates import TokenGate
 from eventful_pl.policies import ThresholdPolicy, TopRPolicy
 from tests.helpers import make_backbones, video_stream
@@ -165,32 +167,42 @@ def softmax_inputs(batch: int, heads: int = 3, n: int = 21, r: int = 4, m: int =
     return rows, k_old @ q.transpose(-1, -2), k_new @ q.transpose(-1, -2), log_norm, index
 
 
-def reference_softmax_update(rows, cols_old, cols_new, log_norm, index):
-    """The method in float64: (new log-normalisers, new softmax columns)."""
+def library_softmax_update(rows, cols_old, cols_new, log_norm, index):
+    """The library's PyTorch path (``softmax.update_softmax``) in float64:
+    (new log-normalisers, new softmax columns)."""
     rows, cols_old, cols_new, log_norm = (t.double() for t in (rows, cols_old, cols_new, log_norm))
-    shift = log_norm.unsqueeze(-2)
-    total = 1 - (cols_old - shift).exp().sum(-2) + (cols_new - shift).exp().sum(-2)
-    row_index = index.unsqueeze(1).expand(-1, log_norm.shape[1], -1)
-    row_mass = (rows - log_norm.gather(2, row_index).unsqueeze(-1)).exp().sum(-1)
-    new_norm = log_norm + total.scatter(2, row_index, row_mass).log()
-    return new_norm, (cols_new - new_norm.unsqueeze(-2)).exp()
+    with torch.no_grad():
+        cols, _ = softmax.update_softmax(rows, cols_old, cols_new, log_norm, index, 1e-3, 60.0)
+    assert cols is not None
+    return log_norm, cols
 
 
 @pytest.mark.parametrize("batch", [1, 3])
 def test_update_softmax_matches_the_method(batch: int) -> None:
     rows, cols_old, cols_new, log_norm, index = softmax_inputs(batch)
-    expected_norm, expected_cols = reference_softmax_update(
-        rows, cols_old, cols_new, log_norm, index
-    )
+    expected_norm, expected_cols = library_softmax_update(rows, cols_old, cols_new, log_norm, index)
     norm = log_norm.clone()
     assert kernels.update_softmax(rows, cols_old, cols_new, norm, index, 1e-3, 60.0)
     torch.testing.assert_close(norm.double(), expected_norm, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cols_new.double(), expected_cols, rtol=1e-5, atol=1e-7)
 
 
+def torch_update_softmax(rows, cols_old, cols_new, log_norm, index, min_kept, max_shift) -> bool:
+    """``softmax.update_softmax`` with the kernel's contract (True on success)."""
+    with torch.no_grad():
+        cols, _ = softmax.update_softmax(
+            rows, cols_old, cols_new, log_norm, index, min_kept, max_shift
+        )
+    return cols is not None
+
+
+@pytest.mark.parametrize(
+    "update", [kernels.update_softmax, torch_update_softmax], ids=["kernel", "torch"]
+)
 @pytest.mark.parametrize("case", ["kept-mass", "log-shift", "nan"])
-def test_update_softmax_asks_for_the_fallback(case: str) -> None:
-    """Failed precision checks: returns False and leaves the normalisers as they were."""
+def test_update_softmax_asks_for_the_fallback(case: str, update) -> None:
+    """Failed precision checks: the kernel and the library's PyTorch path both
+    return False and leave the normalisers as they were."""
     rows, cols_old, cols_new, log_norm, index = softmax_inputs(2)
     min_kept, max_shift = 1e-3, 60.0
     if case == "kept-mass":
@@ -200,7 +212,7 @@ def test_update_softmax_asks_for_the_fallback(case: str) -> None:
     else:
         cols_old[0, 1, 3, 2] = float("nan")
     norm = log_norm.clone()
-    assert not kernels.update_softmax(rows, cols_old, cols_new, norm, index, min_kept, max_shift)
+    assert not update(rows, cols_old, cols_new, norm, index, min_kept, max_shift)
     assert torch.equal(norm, log_norm)
 
 
@@ -245,14 +257,18 @@ def test_attention_update_matches_the_delta_form(head_size: int, tokens: int, ba
     rows = key_index.repeat_interleave(heads, dim=0)  # (G, m)
     a_old = a_ref.gather(1, rows[..., None].expand(-1, -1, tokens))
     v_old = v_ref.gather(1, rows[..., None].expand(-1, -1, head_size))
-    expected = (
-        out + a_new.transpose(1, 2) @ (v_new - v_old) + (a_new - a_old).transpose(1, 2) @ v_old
+    expected = softmax.update_output(  # the library's PyTorch path, in float64
+        out.double(),
+        a_new.double(),
+        (a_new - a_old).double(),
+        v_new.double(),
+        (v_new - v_old).double(),
     )
     expected_a_ref = a_ref.scatter(1, rows[..., None].expand(-1, -1, tokens), a_new)
     v_before = v_ref.clone()
     assert kernels.attention_update_supported(head_size)
     kernels.attention_update(out, a_new, v_new, a_ref, v_ref, key_index)
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
     assert torch.equal(a_ref, expected_a_ref)  # the new columns replaced the old ones
     assert torch.equal(v_ref, v_before)
 
@@ -292,17 +308,29 @@ def fused_softmax_call(q, k, k_old, log_norm, index, key_index, **checks):
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("n", [21, 70, 128])  # within one panel, a partial panel, whole panels
 def test_incremental_softmax_matches_the_method(batch: int, n: int) -> None:
+    """The kernel against the library's PyTorch path (``softmax.incremental_softmax``:
+    the logits as float32 products, then the update)."""
     q, k, k_old, log_norm, index, key_index = frame_state(batch, 3, n, r=7, m=8, seed=1)
-    d = q.shape[-1]
+    g, d = batch * 3, q.shape[-1]
     k_new = k.gather(2, key_index[:, None, :, None].expand(-1, 3, -1, d))
-    rows = q.gather(2, index[:, None, :, None].expand(-1, 3, -1, d)) @ k.transpose(-1, -2)
-    expected_norm, expected_cols = reference_softmax_update(
-        rows, k_old @ q.transpose(-1, -2), k_new @ q.transpose(-1, -2), log_norm, index
-    )
+    q_rows = q.gather(2, index[:, None, :, None].expand(-1, 3, -1, d))
+    expected_norm = log_norm.clone()
+    with torch.no_grad():
+        expected_cols, _ = softmax.incremental_softmax(
+            q_rows.reshape(g, 7, d),
+            k.transpose(-1, -2).reshape(g, d, n),
+            k_new.reshape(g, 8, d),
+            k_old.reshape(g, 8, d),
+            q.transpose(-1, -2).reshape(g, d, n),
+            expected_norm.view(g, n),
+            index,
+            1e-3,
+            60.0,
+        )
     ok, norm, probs = fused_softmax_call(q, k, k_old, log_norm, index, key_index)
-    assert ok
-    torch.testing.assert_close(norm.double(), expected_norm, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(probs.double(), expected_cols, rtol=1e-5, atol=1e-7)
+    assert ok and expected_cols is not None
+    torch.testing.assert_close(norm, expected_norm, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(probs, expected_cols.view_as(probs), rtol=1e-5, atol=1e-7)
 
 
 def test_incremental_softmax_asks_for_the_fallback() -> None:
