@@ -9,8 +9,8 @@ import av
 import numpy as np
 import pytest
 
-from eventful_pl.count_command import main
-from eventful_pl.gflops import count_vitdet, count_vivit
+from eventful_pl.lightning.count_command import main
+from eventful_pl.models.gflops import count_vitdet, count_vivit
 from eventful_pl.models.vitdet import ViTDet
 from eventful_pl.models.vivit import FactorizedViViT
 from eventful_pl.policies import TopRPolicy
@@ -158,6 +158,7 @@ def test_errors_name_the_problem(tmp_path):
               str(tmp_path / "broken.mp4")])  # fmt: skip
 
 
+@pytest.mark.slow
 def test_cli_entry_point_reproduces_published_vivit_counts():
     """``python cli.py count``: dense ViViT-B is 3.36 TFlops per Kinetics-400 video (paper)."""
     result = subprocess.run(

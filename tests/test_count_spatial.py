@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from eventful_pl.count_command import _read_video, main
 from eventful_pl.counting import OP_KINDS, count_ops
-from eventful_pl.gflops import content_dependent_top_r, count_vitdet
+from eventful_pl.lightning.count_command import _read_video, main
+from eventful_pl.models.gflops import content_dependent_top_r, count_vitdet
 from eventful_pl.models.vitdet import ViTDet
 from eventful_pl.policies import TopRPolicy
 
@@ -68,6 +68,7 @@ def row(table, label):
 @pytest.mark.parametrize(
     "size, spatial, base", [(672, 159.7, 174.5), (1024, 388.1, 467.4)]
 )  # fmt: skip
+@pytest.mark.slow
 def test_spatial_config_reports_the_pooled_model_beside_the_base(capsys, size, spatial, base):
     config = str(ROOT / f"configs/vitdet/vid_{size}_spatial.yaml")
     table, report = run(capsys, ["--config", config])
@@ -98,6 +99,7 @@ def test_spatial_config_reports_the_pooled_model_beside_the_base(capsys, size, s
         ("configs/count/vitdet_b_vid_1024.yaml", 467.4),
     ],
 )
+@pytest.mark.slow
 def test_other_configs_report_only_the_base_model(capsys, config, base):
     table, report = run(capsys, ["--config", str(ROOT / config)])
     (dense,) = report["settings"]
@@ -160,6 +162,7 @@ def test_pooled_top_r_is_measured_on_the_video(tmp_path):
     assert model.backbone.blocks[1].qkv_gate.policy.r == 8  # the policy is restored
 
 
+@pytest.mark.slow
 def test_count_command_flags_how_pooled_top_r_was_counted(tmp_path, capsys):
     config = str(tmp_path / "config.yaml")
     Path(config).write_text(TINY_SPATIOTEMPORAL)

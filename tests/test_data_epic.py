@@ -64,6 +64,7 @@ def test_both_layouts_find_the_videos_and_skip_bad_ones(data):
 
 
 @pytest.mark.parametrize("clip_bounds", ["frames", "timestamps"])
+@pytest.mark.slow
 def test_eval_gives_every_frame_of_each_segment(data, clip_bounds):
     dm = module(data, clip_bounds=clip_bounds)
     dm.setup("validate")

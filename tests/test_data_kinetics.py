@@ -149,6 +149,7 @@ def test_unreadable_clip_found_while_loading_is_replaced_or_reported(data):
     assert set(reported) == corrupt
 
 
+@pytest.mark.slow
 def test_loader_workers_and_train_limit(data):
     dm = module(data, num_workers=2, train_limit=5, batch_size=5)
     dm.setup("fit")

@@ -712,6 +712,8 @@ class SegmentRecorder(L.LightningModule):
         Path(self.folder, f"rank{self.global_rank}.json").write_text(json.dumps(self.seen))
 
 
+@pytest.mark.slow
+@pytest.mark.ddp
 def test_ddp_validation_sees_every_segment_once(synth, tmp_path):
     """Two real processes (gloo): each segment is validated once, whole, by one rank."""
     dm = make_dm(synth, segment_length=3, eval_batch_size=2)

@@ -30,23 +30,34 @@ def test_the_body_runs_in_the_mode_of_its_id(grad_mode):
         assert eventful(frame).requires_grad == (grad_mode == "grad")
 
 
+# The fast loop (-m "not slow") keeps one option set of each kind per variant
+# (class token, relative position with pooling, padded windows) on a batch of
+# 3 with the gate after the norm; the whole grid runs in the full suite.
+FAST_BLOCK_OPTIONS = {"global-classtoken", "relpos-pooled", "window-padded-relpos"}
+
+
 def _cases():
     for variant in EVENTFUL_VARIANTS:
         for name, kwargs, class_token in BLOCK_OPTIONS:
             if "window_size" in kwargs and variant != "tokenwise":
                 continue
             for gate_before_ln in (False, True):
-                yield pytest.param(
-                    variant,
-                    kwargs,
-                    class_token,
-                    gate_before_ln,
-                    id=f"{variant}-{name}-{'before' if gate_before_ln else 'after'}_ln",
-                )
+                for batch in (1, 3):
+                    fast = name in FAST_BLOCK_OPTIONS and not gate_before_ln and batch == 3
+                    yield pytest.param(
+                        variant,
+                        kwargs,
+                        class_token,
+                        gate_before_ln,
+                        batch,
+                        id=f"{variant}-{name}-{'before' if gate_before_ln else 'after'}_ln-{batch}",
+                        marks=() if fast else pytest.mark.slow,
+                    )
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-@pytest.mark.parametrize(("variant", "kwargs", "class_token", "gate_before_ln"), list(_cases()))
+@pytest.mark.parametrize(
+    ("variant", "kwargs", "class_token", "gate_before_ln", "batch"), list(_cases())
+)
 def test_block_r_equals_n_matches_dense(variant, kwargs, class_token, gate_before_ln, batch):
     n = num_tokens(kwargs, class_token)
     dense, eventful = make_pair(
@@ -73,7 +84,7 @@ def test_threshold_zero_matches_dense(variant):
         torch.testing.assert_close(eventful(frame), dense(frame), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("cast", ["float16", "bfloat16"])
+@pytest.mark.parametrize("cast", [pytest.param("float16", marks=pytest.mark.slow), "bfloat16"])
 @pytest.mark.parametrize("variant", EVENTFUL_VARIANTS)
 def test_half_precision_av_r_equals_n(variant, cast):
     """With A @ V in half precision, r = N matches the dense block with the same cast."""
@@ -114,11 +125,23 @@ BACKBONE_OPTIONS = [
 ]
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-@pytest.mark.parametrize("variant", EVENTFUL_VARIANTS)
-@pytest.mark.parametrize(
-    ("name", "options"), BACKBONE_OPTIONS, ids=[o[0] for o in BACKBONE_OPTIONS]
-)
+def _backbone_cases():
+    """The fast loop keeps the full variant on a batch of 3 for each backbone."""
+    for name, options in BACKBONE_OPTIONS:
+        for variant in EVENTFUL_VARIANTS:
+            for batch in (1, 3):
+                fast = variant == "full" and batch == 3
+                yield pytest.param(
+                    name,
+                    options,
+                    variant,
+                    batch,
+                    id=f"{name}-{variant}-{batch}",
+                    marks=() if fast else pytest.mark.slow,
+                )
+
+
+@pytest.mark.parametrize(("name", "options", "variant", "batch"), list(_backbone_cases()))
 def test_backbone_r_equals_n_matches_dense(name, options, variant, batch):
     options = dict(options)
     window_variant = options.pop("window_block_variant", None)

@@ -82,6 +82,7 @@ def on_the_fly(model, batch) -> list[torch.Tensor]:
         ]
 
 
+@pytest.mark.slow
 def test_cache_and_whole_video_training_give_the_same_batches(data, tmp_path):
     model = make_model()
     videos = module(data, train_clips="whole", train_limit=8, seed=5)
@@ -121,6 +122,7 @@ def test_cache_and_whole_video_training_give_the_same_batches(data, tmp_path):
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.slow
 def test_eval_items_are_listed_in_the_video_module_order(data, tmp_path, world_size):
     model = make_model()
     write(module(data), "val", model, tmp_path)  # single writer
@@ -182,6 +184,7 @@ def assert_same_entries(cache_dir: Path, reference: Reference) -> None:
             )
 
 
+@pytest.mark.slow
 def test_reference_cache_holds_every_readable_clip(data, reference):
     assert reference.report.written == 10 and reference.report.existing == 0
     assert reference.report.shard_size == 12
@@ -237,6 +240,7 @@ write_datamodule_features(videos, "val", model, 6, cache_root, dtype="float32")
 """
 
 
+@pytest.mark.slow
 def test_killed_writer_leaves_whole_entries_and_a_restart_finishes_the_cache(
     data, reference, tmp_path
 ):
@@ -461,6 +465,7 @@ def test_unreadable_and_missing_videos_are_recorded_as_skips(data, reference):
 # --------------------------------------------------------------------- rank shards
 
 
+@pytest.mark.slow
 def test_ranks_write_and_read_disjoint_shards_covering_every_item(data, reference, tmp_path):
     model = make_model()
     cache = feature_cache_dir(tmp_path, "kinetics400", "val", R)
@@ -501,6 +506,7 @@ def test_ranks_write_and_read_disjoint_shards_covering_every_item(data, referenc
 # ------------------------------------------------------------------- the data module
 
 
+@pytest.mark.slow
 def test_feature_data_module_batches_equal_the_spatial_model_on_whole_clips(data, reference):
     model = make_model()
     write(module(data), "train", model, reference.root)
@@ -620,6 +626,7 @@ def cache_features_config(data, tmp_path: Path, pretrained: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_cache_features_command_writes_the_cache_fit_reads(data, reference, tmp_path, capsys):
     from cli import cli_main
 

@@ -81,6 +81,7 @@ def sha256(tensor: torch.Tensor) -> str:
     return hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()
 
 
+@pytest.mark.slow
 def test_entries_record_checksum_shape_and_dtype(data, reference):
     cache = cache_of(reference)
     for item in data.ok("val"):
@@ -246,6 +247,7 @@ def nan_model():
     return model
 
 
+@pytest.mark.slow
 def test_non_finite_model_outputs_are_never_cached(data, tmp_path):
     cache = cache_of(tmp_path)
     report, warned = write(data, tmp_path, nan_model())
@@ -269,6 +271,7 @@ def test_non_finite_model_outputs_are_never_cached(data, tmp_path):
     assert report.skipped[NONFINITE] == 6 and not list(cache.glob("*.pt"))
 
 
+@pytest.mark.slow
 def test_features_overflowing_the_storage_dtype_are_not_cached(data, tmp_path):
     model = make_model()
     with torch.no_grad():
@@ -303,6 +306,7 @@ def test_writer_stops_when_the_model_gives_only_non_finite_features(data, tmp_pa
 # ---------------------------------------------------------------- skipped, then fixed
 
 
+@pytest.mark.slow
 def test_fixed_video_is_tried_again_and_trained_on(tmp_path):
     videos = make_data(tmp_path / "videos")
     good = make_data(tmp_path / "good", broken=False)

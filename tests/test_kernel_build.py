@@ -123,6 +123,7 @@ def run_script(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
     return done
 
 
+@pytest.mark.slow
 def test_failed_build_falls_back_with_one_warning(tmp_path):
     """No compiler (CXX names none) and no build yet: the module's setup()
     announces the build once, it fails with one warning, and a whole
@@ -142,6 +143,7 @@ def test_failed_build_falls_back_with_one_warning(tmp_path):
 
 
 @needs_compiler
+@pytest.mark.slow
 def test_setup_loads_an_existing_build_without_a_message(tmp_path):
     """With the build on disk (this session's), setup() loads it quietly and
     the stream with the kernels matches the PyTorch ops."""

@@ -24,9 +24,9 @@ from datamodules.imagenet_vid import ImageNetVIDDataModule
 from datamodules.synthetic_detection import SyntheticVID, write_synthetic_vid
 from eventful_pl.counting import OP_KINDS
 from eventful_pl.gates import TokenGate
-from eventful_pl.gflops import count_vitdet
 from eventful_pl.lightning.sweep import EvalSetting
 from eventful_pl.lightning.vitdet_module import WARMUP_START_FACTOR, ViTDetModule
+from eventful_pl.models.gflops import count_vitdet
 from eventful_pl.models.vitdet import create_vitdet
 from eventful_pl.policies import TopRPolicy
 from tests.helpers import print_config, quiet_trainer_options, run_script
@@ -154,6 +154,7 @@ def expected_gflops(model, r: int, length: int) -> dict[str, float]:
 
 
 @pytest.mark.parametrize("layout", ["ilsvrc", "coco"])
+@pytest.mark.slow
 def test_fit_validate_test_through_the_cli(tmp_path, data, layout, argv):
     config = str(cli_config(tmp_path, data, layout))
     cli = cli_main(["fit", "--config", config])
@@ -441,6 +442,7 @@ def test_bad_options_raise_value_errors_naming_the_option(kwargs, match):
 # --------------------------------------------------------------------------- configs
 
 
+@pytest.mark.slow
 def test_every_paper_config_parses_and_builds(tmp_path, monkeypatch, argv):
     names = {p.stem for p in CONFIGS}
     assert names == {
@@ -544,6 +546,8 @@ if __name__ == "__main__":  # ddp_spawn re-imports this file in its processes
 """
 
 
+@pytest.mark.slow
+@pytest.mark.ddp
 @pytest.mark.timeout(600)
 def test_ddp_two_processes_validate_like_one(tmp_path):
     """Validation with 2 gloo processes (segments shared out whole) gives the
@@ -566,6 +570,7 @@ def test_ddp_two_processes_validate_like_one(tmp_path):
         assert two[key] == pytest.approx(one[key], abs=1e-6), key
 
 
+@pytest.mark.slow
 def test_predict_streams_each_segment_under_the_own_policy(tmp_path, data, argv):
     config = str(cli_config(tmp_path, data, "ilsvrc"))
     with contextlib.redirect_stdout(io.StringIO()):
@@ -596,6 +601,7 @@ def test_class_count_mismatch_is_a_clear_error(tmp_path, data):
         trainer(tmp_path).validate(lit, datamodule(data), verbose=False)
 
 
+@pytest.mark.slow
 def test_dense_setting(tmp_path, data):
     """eval_dense: the dense model's mAP (= every token) and backbone GFlops, last."""
     lit = module(variant="eventful", r=32, eval_r=[TOKENS], eval_dense=True)

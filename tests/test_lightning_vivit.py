@@ -29,9 +29,9 @@ from datamodules.kinetics import KineticsDataModule
 from datamodules.synthetic_video import make_kinetics
 from eventful_pl.counting import OP_KINDS
 from eventful_pl.gates import TokenGate
-from eventful_pl.gflops import count_vivit
 from eventful_pl.lightning.callbacks import GFlopsCallback, TokenUpdateMapCallback
 from eventful_pl.lightning.vivit_module import ViViTFineTuning
+from eventful_pl.models.gflops import count_vivit
 from eventful_pl.policies import TopRPolicy
 from tests.helpers import SMALL_CLIPS, print_config, quiet_trainer_options, run_script
 
@@ -141,6 +141,7 @@ def cli_config(tmp_path: Path, data_root: Path, **trainer_args) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_fit_validate_test_through_the_cli(tmp_path, argv):
     data_root = tmp_path / "data"  # absent: the data module writes the synthetic dataset
     config = str(cli_config(tmp_path, data_root))
@@ -408,6 +409,8 @@ def _read_csv_metrics(path: Path) -> dict[str, float]:
     return last
 
 
+@pytest.mark.slow
+@pytest.mark.ddp
 @pytest.mark.timeout(600)
 def test_ddp_two_processes_equal_one(tmp_path, root):
     """fit + validate with 2 gloo processes (batch 2 each) equals 1 process (batch 4):
@@ -447,6 +450,7 @@ def test_ddp_two_processes_equal_one(tmp_path, root):
 PAPER_CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "vivit").glob("*.yaml"))
 
 
+@pytest.mark.slow
 def test_every_paper_config_parses_and_builds(argv):
     assert {p.stem for p in PAPER_CONFIGS} == {
         f"{data}_r{r}"
@@ -527,6 +531,7 @@ def test_threshold_sweep(tmp_path, root):
     assert all(g.policy.r == 8 for g in lit.model.modules() if isinstance(g, TokenGate))
 
 
+@pytest.mark.slow
 def test_demo_config_runs(tmp_path, argv):
     """README command 1 (configs/demo.yaml) on a smaller dataset and one epoch."""
     demo = Path(__file__).parents[1] / "configs" / "demo.yaml"

@@ -85,6 +85,7 @@ def test_eval_loader_batches_clips_of_three_frame_sizes(root, eval_batch_size):
 
 
 @pytest.mark.parametrize("eval_batch_size", [3, 8])
+@pytest.mark.slow
 def test_validation_and_predictions_equal_batch_size_one(tmp_path, root, eval_batch_size):
     results, logits = [], []
     for size in (1, eval_batch_size):

@@ -29,6 +29,7 @@ def spatial(model) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if k.startswith(("spatial.", "embedding."))}
 
 
+@pytest.mark.slow
 def test_pretrained_is_loaded_before_the_cache_is_written_and_not_read_on_restore(tmp_path, root):
     torch.manual_seed(5)
     source = ViViTFineTuning(preset="vivit_tiny", model_kwargs=MODEL_KWARGS, r=8).model

@@ -112,6 +112,7 @@ def run_cli(*args: str):
         return cli_main(list(args))
 
 
+@pytest.mark.slow
 def test_config_yaml_of_the_user_is_never_replaced(tmp_path, root, argv, monkeypatch):
     work = tmp_path / "work"
     work.mkdir()
@@ -178,6 +179,7 @@ def fitted(tmp_path_factory, root) -> tuple[Path, Path]:
     return config, tmp_path / "ckpt" / "last.ckpt"
 
 
+@pytest.mark.slow
 def test_command_line_wins_over_the_checkpoint(fitted, argv):
     config, ckpt = fitted
     cli = run_cli(
@@ -209,6 +211,7 @@ def test_checkpoint_of_another_model_class_is_refused(fitted, argv, tmp_path):
         run_cli("validate", "--config", str(config), "--ckpt_path", str(path))
 
 
+@pytest.mark.slow
 def test_ckpt_path_that_runs_code_is_refused(fitted, argv, tmp_path):
     config, ckpt = fitted
     marker = tmp_path / "code_ran"
@@ -280,6 +283,7 @@ def _fit(tmp_path: Path, root: Path, cache: Path, epochs: int, ckpt: Path | None
     return lit, trainer
 
 
+@pytest.mark.slow
 def test_resume_is_bit_identical_with_dropout(tmp_path, root):
     cache = tmp_path / "cache"
     _fit(tmp_path / "cache_writer", root, cache, epochs=1)  # writing it draws numbers too

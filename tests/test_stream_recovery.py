@@ -57,6 +57,7 @@ def finite(x: torch.Tensor) -> bool:
 @pytest.mark.parametrize("options", list(OPTIONS))
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.slow
 def test_stream_recovers_after_a_nan_token(variant, batch, options, fused):
     """Frames after the bad one are finite and close to dense (r < N is an
     approximation); a second stream in the batch gives its outputs alone."""
@@ -89,6 +90,7 @@ def test_stream_recovers_after_a_nan_token(variant, batch, options, fused):
 @pytest.mark.parametrize("bad", [0, 2], ids=["flush-frame", "incremental-frame"])
 @pytest.mark.parametrize("value", [math.nan, math.inf], ids=["nan", "inf"])
 @pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.slow
 def test_every_token_updated_gives_the_dense_outputs_again(variant, value, bad, fused):
     """With every token updated on every frame, the frames after the bad one
     equal a fresh stream's (the dense outputs), for both streams of a batch."""
