@@ -230,11 +230,27 @@ def test_position_caches_follow_weight_updates():
     assert not torch.allclose(before, after)
 
 
-@pytest.mark.parametrize(
-    ("option", "value"), [("min_kept_mass", 2.0), ("max_log_shift", 0.0)], ids=["kept", "shift"]
-)
-@pytest.mark.parametrize("relative", [None, 6], ids=["global", "relpos"])
-@pytest.mark.parametrize("fused", [True, False], ids=["kernels", "torch"])
+def _normaliser_cases():
+    """Each trigger x path x position; the fast loop keeps two that cover all of them."""
+    fast = {("kernels", "global", "kept"), ("torch", "relpos", "shift")}
+    for fused, path in ((True, "kernels"), (False, "torch")):
+        for relative, position in ((None, "global"), (6, "relpos")):
+            for option, value, trigger in (
+                ("min_kept_mass", 2.0, "kept"),
+                ("max_log_shift", 0.0, "shift"),
+            ):
+                key = (path, position, trigger)
+                yield pytest.param(
+                    option,
+                    value,
+                    relative,
+                    fused,
+                    id="-".join(key),
+                    marks=() if key in fast else pytest.mark.slow,
+                )
+
+
+@pytest.mark.parametrize(("option", "value", "relative", "fused"), list(_normaliser_cases()))
 def test_full_block_normaliser_update_matches_exact_recompute(option, value, relative, fused):
     """The incremental softmax normaliser equals an exact recompute on every frame
     (the exact fallback taken every frame, through either of its triggers), on

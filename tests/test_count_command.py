@@ -113,6 +113,7 @@ def test_vivit_table_and_json(tmp_path, capsys):
     assert printed["settings"][0]["total"] == pytest.approx(expected["settings"][0]["total"])
 
 
+@pytest.mark.slow
 def test_thresholds_read_the_given_video(tmp_path, capsys):
     path = tmp_path / "clip.mp4"
     with av.open(str(path), "w") as container:
