@@ -7,7 +7,7 @@
     python cli.py cache-features --config configs/demo.yaml --splits train
 
 ``count`` prints the operation counts of the config's model (see
-``eventful_pl/count_command.py``); ``cache-features`` writes the spatial-feature
+``eventful_pl/lightning/count_command.py``); ``cache-features`` writes the spatial-feature
 caches of a fine-tuning config (the same YAML as ``fit``; see
 ``eventful_pl/lightning/cache_command.py``); every other subcommand is LightningCLI's,
 with the model and data given by ``class_path`` in the config. Checkpoints
@@ -28,7 +28,7 @@ def cli_main(args: Sequence[str] | None = None) -> EventfulCLI | dict | list:
     """Runs the command line on ``args`` (default: ``sys.argv[1:]``)."""
     args = list(sys.argv[1:] if args is None else args)
     if args and args[0] == "count":
-        from eventful_pl.count_command import main as count_main
+        from eventful_pl.lightning.count_command import main as count_main
 
         return count_main(args[1:])
     if args and args[0] == "cache-features":

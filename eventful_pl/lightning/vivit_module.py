@@ -29,11 +29,11 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from eventful_pl.counting import count_ops
 from eventful_pl.gates import TokenGate
-from eventful_pl.gflops import static_video_counts
 from eventful_pl.lightning.evaluation import EventfulEvalModule
 from eventful_pl.lightning.feature_cache import check_feature_datamodule, prepare_finetune_cache
 from eventful_pl.lightning.sweep import EvalSetting
 from eventful_pl.lightning.token_maps import record_token_updates, update_maps
+from eventful_pl.models.gflops import static_video_counts
 from eventful_pl.models.vivit import VIVIT_PRESETS, FactorizedViViT, create_vivit
 from eventful_pl.models.vivit_convert import load_vivit_checkpoint
 from eventful_pl.policies import TopRPolicy
