@@ -170,3 +170,23 @@ def test_cli_entry_point_reproduces_published_vivit_counts():
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["settings"][0]["total"] == pytest.approx(3359.6, abs=0.5)
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("eventful_pl.gflops", "eventful_pl.models.gflops"),
+        ("eventful_pl.count_command", "eventful_pl.lightning.count_command"),
+    ],
+)
+def test_old_module_paths_warn_and_give_the_moved_module(old, new):
+    code = (
+        "import importlib, warnings\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        f"    old = importlib.import_module({old!r})\n"
+        f"assert old is importlib.import_module({new!r})\n"
+        "assert any(w.category is DeprecationWarning and "
+        f"{new!r} in str(w.message) for w in caught), caught\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
