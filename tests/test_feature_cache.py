@@ -336,6 +336,7 @@ def test_killed_writer_leaves_whole_entries_and_a_restart_finishes_the_cache(
 # -------------------------------------------------------------------------- mismatch
 
 
+@pytest.mark.slow
 def test_cache_made_otherwise_is_refused_naming_the_fields(data, reference):
     cache = reference.dir
     items = module(data).split_items("val")
@@ -426,6 +427,7 @@ def test_cache_made_otherwise_is_refused_naming_the_fields(data, reference):
 # ----------------------------------------------------------------------------- skips
 
 
+@pytest.mark.slow
 def test_unreadable_and_missing_videos_are_recorded_as_skips(data, reference):
     reasons = {"corrupt": "unreadable", "missing": "missing"}
     bad = [item for item in data.items["val"] if item.status != "ok"]
