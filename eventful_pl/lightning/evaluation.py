@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric, MetricCollection
 
+from eventful_pl.kernels import prepare_fused_kernels
 from eventful_pl.lightning.rng_state import CHECKPOINT_KEY, capture_rng_states, restore_rng_states
 from eventful_pl.lightning.sweep import EvalSetting, OpsMeter, build_sweep
 
@@ -149,8 +150,11 @@ class EventfulEvalModule(L.LightningModule):
         self.ensure_pretrained()
 
     def setup(self, stage: str) -> None:
-        """Refuses data whose class count differs from the network's (before a
-        label out of range fails deep inside a loss)."""
+        """Builds (once per source, if needed) and loads the fused CPU kernels,
+        local rank 0 first, not in the first frame; refuses data whose class
+        count differs from the network's (before a label out of range fails
+        deep inside a loss)."""
+        prepare_fused_kernels(self._trainer)
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
         data_classes = getattr(datamodule, "num_classes", None)
         model_classes = getattr(getattr(self, "model", None), "num_classes", None)

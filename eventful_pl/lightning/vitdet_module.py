@@ -256,14 +256,6 @@ class ViTDetModule(EventfulEvalModule):
                 " (or eval_r / eval_thresholds)"
             )
 
-    def setup(self, stage: str) -> None:
-        """Also builds (once per source, if needed) and loads the fused CPU
-        kernels here, local rank 0 first, not in the first frame."""
-        super().setup(stage)
-        from eventful_pl.kernels import prepare_fused_kernels
-
-        prepare_fused_kernels(self._trainer)
-
     def read_pretrained(self) -> None:
         """Loads ``pretrained`` into the network (see :meth:`load_pretrained`)."""
         if self.pretrained:
