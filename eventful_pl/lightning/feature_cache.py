@@ -2,21 +2,21 @@
 
 The frozen eventful spatial model of a :class:`~eventful_pl.models.vivit.FactorizedViViT`
 computes each video's features once; this module runs it and writes them, in
-the layout that :mod:`datamodules.features` documents and reads
-(:class:`~datamodules.features.FeatureDataset`). What needs the model lives
-here, so the data modules never build or run one:
+the format of :mod:`datamodules.feature_entries`, which
+:class:`~datamodules.features.FeatureDataset` reads. What needs the model lives
+in the Lightning layer, so the data modules never build or run one. This
+module holds the writer (:func:`write_feature_cache`,
+:func:`write_datamodule_features`, :class:`CacheReport`), which resumes,
+verifies what it finds and rewrites bad entries; it is also the place to
+import the rest of the model's side from:
 
 - the manifest's model fields (:func:`spatial_config`, :func:`spatial_weights_hash`,
-  :func:`make_manifest`) and the check of a cache against a model (:func:`check_model`);
-- the writer (:func:`write_feature_cache`, :func:`write_datamodule_features`),
-  which resumes, verifies what it finds and rewrites bad entries;
-- the hooks of fine-tuning: :func:`prepare_finetune_cache` writes the
-  training cache of a :class:`~datamodules.finetune.ViViTFineTuneDataModule`
-  on first use (each DDP rank its shard, then a barrier) and hands it to the
-  data module; :func:`check_feature_datamodule` checks the caches of a
-  :class:`~datamodules.features.FeatureDataModule` against the trainer's model.
-  :class:`~eventful_pl.lightning.vivit_module.ViViTFineTuning` calls both once
-  its pretrained weights are in place.
+  :func:`make_manifest`) and the check of a cache against a model
+  (:func:`check_model`): :mod:`eventful_pl.lightning.feature_cache_model`;
+- the hooks of fine-tuning (:func:`prepare_finetune_cache`,
+  :func:`check_feature_datamodule`), called by
+  :class:`~eventful_pl.lightning.vivit_module.ViViTFineTuning` once its
+  pretrained weights are in place: :mod:`eventful_pl.lightning.feature_cache_hooks`.
 
 From the command line (the same YAML config as ``fit``)::
 
@@ -39,7 +39,6 @@ Usage from Python::
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 from collections import Counter
 from collections.abc import Sequence
@@ -54,26 +53,26 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from datamodules.common import SkipLog, rank_and_world_size, shard, write_atomic
-from datamodules.features import (
-    CHECKED,
+from datamodules.feature_entries import CHECKED as CHECKED
+from datamodules.feature_entries import (
     DTYPES,
-    FORMAT,
-    MANIFEST,
     NONFINITE,
-    SPATIAL_KEYS,
     FeatureCacheMismatch,
     _load_skip,
     _skip_is_current,
     _warn_list,
     check_entry,
-    check_manifest,
     entry_key,
     feature_cache_dir,
-    jsonable,
     make_entry,
-    read_manifest,
     video_state,
 )
+from datamodules.feature_entries import FORMAT as FORMAT
+from datamodules.feature_entries import MANIFEST as MANIFEST
+from datamodules.feature_entries import SPATIAL_KEYS as SPATIAL_KEYS
+from datamodules.feature_entries import check_manifest as check_manifest
+from datamodules.feature_entries import jsonable as jsonable
+from datamodules.feature_entries import read_manifest as read_manifest
 from datamodules.transforms import ClipSampling
 from datamodules.video import (
     ClipDataModule,
@@ -82,6 +81,18 @@ from datamodules.video import (
     filter_readable,
     unique_items,
 )
+from eventful_pl.lightning.feature_cache_hooks import (
+    check_feature_datamodule,
+    prepare_finetune_cache,
+)
+from eventful_pl.lightning.feature_cache_model import (
+    _ensure_manifest,
+    check_model,
+    make_manifest,
+    spatial_config,
+    spatial_weights_hash,
+)
+from eventful_pl.lightning.feature_cache_model import model_expectation as model_expectation
 from eventful_pl.models.vivit import FactorizedViViT
 from eventful_pl.policies import TopRPolicy
 
@@ -102,70 +113,6 @@ __all__ = [
     "write_datamodule_features",
     "write_feature_cache",
 ]
-
-# ------------------------------------------------------------------------ manifest
-
-
-def spatial_config(model: FactorizedViViT) -> dict[str, Any]:
-    """The constructor arguments that shape the spatial outputs (JSON form)."""
-    return {key: jsonable(model.config.get(key)) for key in SPATIAL_KEYS}
-
-
-def spatial_weights_hash(model: FactorizedViViT) -> str:
-    """SHA-256 of the tubelet embedding and spatial ViT weights (names, shapes, values)."""
-    digest = hashlib.sha256()
-    for prefix, module in (("embedding.", model.embedding), ("spatial.", model.spatial)):
-        for name, tensor in sorted(module.state_dict().items()):
-            value = tensor.detach().cpu().contiguous()
-            digest.update(f"{prefix}{name}:{value.dtype}:{tuple(value.shape)}".encode())
-            digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
-    return digest.hexdigest()
-
-
-def make_manifest(
-    model: FactorizedViViT,
-    r: int | None,
-    dataset: str,
-    split: str,
-    items: Sequence[ClipItem],
-    short_side: int | None,
-    dtype: str,
-) -> dict[str, Any]:
-    """What a cache records about how it was made (see module docstring)."""
-    return {
-        "format": FORMAT,
-        "dataset": dataset,
-        "split": split,
-        "r": r,
-        "spatial_config": spatial_config(model),
-        "spatial_hash": spatial_weights_hash(model),
-        "short_side": short_side,
-        "dtype": dtype,
-        "feature_shape": [model.num_views, model.steps, model.dim],
-        "model_config": jsonable(model.config),
-        "items": [[item.id, item.label] for item in items],
-    }
-
-
-def check_model(cache_dir: str | Path, model: FactorizedViViT) -> None:
-    """Refuses (FeatureCacheMismatch) a cache made by another spatial model or weights."""
-    expected = {
-        "spatial_config": spatial_config(model),
-        "spatial_hash": spatial_weights_hash(model),
-    }
-    check_manifest(read_manifest(cache_dir), expected, cache_dir)
-
-
-def _ensure_manifest(cache_dir: Path, manifest: dict[str, Any]) -> None:
-    path = cache_dir / MANIFEST
-    if path.is_file():
-        wanted = {k: manifest[k] for k in (*CHECKED, "dtype", "items")}
-        check_manifest(read_manifest(cache_dir), wanted, cache_dir)
-        return
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(manifest, indent=1).encode()
-    write_atomic(path, lambda f: f.write(text))
-
 
 # -------------------------------------------------------------------------- writer
 
@@ -430,70 +377,3 @@ def write_datamodule_features(
         r,
         **kwargs,
     )
-
-
-# ---------------------------------------------------------------- under a Trainer
-
-
-def model_expectation(model: FactorizedViViT) -> dict[str, Any]:
-    """The manifest fields a cache must have to hold ``model``'s spatial features."""
-    return {"spatial_config": spatial_config(model), "spatial_hash": spatial_weights_hash(model)}
-
-
-def prepare_finetune_cache(trainer: Any, model: FactorizedViViT, r: int | None) -> Path | None:
-    """Writes what the training cache of the trainer's fine-tuning data lacks, then hands it over.
-
-    For a :class:`~datamodules.finetune.ViViTFineTuneDataModule` with a
-    ``cache_root``: each rank writes its shard of the training split's entries
-    (an interrupted run resumes; bad entries are rewritten), every rank waits
-    at a barrier, and the data module is told to read the cache, which must
-    hold ``model``'s features (another model, r or weights is refused with
-    :class:`~datamodules.features.FeatureCacheMismatch`). Returns the cache
-    folder; None (nothing done) for other data modules or without a cache.
-
-    Call it once the model's final weights are in place (after ``pretrained``
-    or a checkpoint was loaded) and the model is on its device.
-    """
-    from datamodules.finetune import ViViTFineTuneDataModule
-
-    data = getattr(trainer, "datamodule", None) if trainer is not None else None
-    if not isinstance(data, ViViTFineTuneDataModule) or data.cache_root is None:
-        return None
-    videos = data.videos
-    split = videos.train_split
-    write_datamodule_features(
-        videos,
-        split,
-        model,
-        r,
-        data.cache_root,
-        dtype=data.cache_dtype,
-        num_workers=data.write_workers,
-    )
-    trainer.strategy.barrier("feature_cache")
-    cache = data.train_cache_dir(r)
-    data.use_train_cache(cache, r, model_expectation(model))
-    return cache
-
-
-def check_feature_datamodule(
-    trainer: Any, model: FactorizedViViT, checked: set[Path] | None = None
-) -> None:
-    """Refuses (FeatureCacheMismatch) the caches of the trainer's
-    :class:`~datamodules.features.FeatureDataModule` (when its
-    ``check_trainer_model`` is on) if ``model``'s spatial config or weights
-    did not make them. Nothing for other data modules. ``checked``: cache
-    folders already checked (skipped; the ones checked now are added)."""
-    from datamodules.features import FeatureDataModule
-
-    data = getattr(trainer, "datamodule", None) if trainer is not None else None
-    if not isinstance(data, FeatureDataModule) or not data.check_trainer_model:
-        return
-    expected = None
-    for dataset in data.datasets.values():
-        if checked is not None and dataset.cache_dir in checked:
-            continue
-        expected = expected or model_expectation(model)
-        check_manifest(dataset.manifest, expected, dataset.cache_dir)
-        if checked is not None:
-            checked.add(dataset.cache_dir)
