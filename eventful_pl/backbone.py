@@ -92,7 +92,10 @@ class ViTBackbone(Counted, nn.Module):
         else:
             variants = list(block_variant)
             if len(variants) != depth:
-                raise ValueError(f"block_variant lists {len(variants)} variants for depth={depth}")
+                raise ValueError(
+                    f"block_variant lists {len(variants)} variants for depth={depth}; "
+                    f"give one variant per block ({depth}) or one name for all blocks"
+                )
         if window_block_variant is not None:
             variants = [
                 window_block_variant if i in window_block_indices else v

@@ -60,7 +60,8 @@ class TopRPolicy(TokenPolicy):
     def validate(self, num_tokens: int) -> None:
         if self.r > num_tokens:
             raise ValueError(
-                f"top-r policy: r={self.r} exceeds the number of tokens N={num_tokens}"
+                f"top-r policy: r={self.r} exceeds the number of tokens N={num_tokens}; "
+                f"use r <= {num_tokens} (r = N updates every token)"
             )
 
     def num_selected(self, num_tokens: int) -> int:

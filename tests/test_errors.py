@@ -34,19 +34,22 @@ def raises(message: str):
         ),
         pytest.param(
             lambda: ViTBackbone(dim=32, depth=2, heads=4, block_variant=["full"]),
-            "block_variant lists 1 variants for depth=2",
+            "block_variant lists 1 variants for depth=2; give one variant per block (2) "
+            "or one name for all blocks",
             id="variant-list-length",
         ),
         pytest.param(
             lambda: build_block("dense", 32, 4, input_size=(6, 6), window_size=7),
-            "window_size=(7, 7) is larger than the token grid input_size=(6, 6)",
+            "window_size=(7, 7) is larger than the token grid input_size=(6, 6); "
+            "use a window no larger than the grid",
             id="window-too-large",
         ),
         pytest.param(
             lambda: ViTBackbone(
                 dim=32, depth=2, heads=4, input_size=4, window_size=5, window_block_indices=(0,)
             ),
-            "window_size=(5, 5) is larger than the token grid input_size=(4, 4)",
+            "window_size=(5, 5) is larger than the token grid input_size=(4, 4); "
+            "use a window no larger than the grid",
             id="backbone-window-too-large",
         ),
         pytest.param(
@@ -63,7 +66,8 @@ def raises(message: str):
         ),
         pytest.param(
             lambda: build_block("dense", 32, 4, input_size=(6, 6), pool_size=4),
-            "pool_size=(4, 4) must divide the attention size (6, 6)",
+            "pool_size=(4, 4) must divide the attention size (6, 6); "
+            "choose a pool size that divides each side",
             id="pool-size",
         ),
         pytest.param(
@@ -81,10 +85,14 @@ def raises(message: str):
             "ats_fraction is only supported by the dense block variant",
             id="ats-variant",
         ),
-        pytest.param(lambda: build_block("dense", 30, 4), "heads=4 must divide dim=30", id="heads"),
+        pytest.param(
+            lambda: build_block("dense", 30, 4),
+            "heads=4 must divide dim=30; choose a head count that divides the embedding width",
+            id="heads",
+        ),
         pytest.param(
             lambda: ViTBackbone(dim=32, depth=2, heads=4, input_size=3, policy=TopRPolicy(10)),
-            "r=10 exceeds the number of tokens N=9",
+            "r=10 exceeds the number of tokens N=9; use r <= 9",
             id="r-too-large",
         ),
         pytest.param(
@@ -111,7 +119,7 @@ def test_bad_arguments_raise_value_error(make, message):
 def test_backbone_set_policy_validates_r():
     backbone = ViTBackbone(dim=32, depth=1, heads=4, input_size=3, class_token=True)
     backbone.set_policy(TopRPolicy(10))  # N = 9 + 1
-    with raises("r=11 exceeds the number of tokens N=10"):
+    with raises("r=11 exceeds the number of tokens N=10; use r <= 10"):
         backbone.set_policy(TopRPolicy(11))
 
 

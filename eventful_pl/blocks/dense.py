@@ -148,7 +148,10 @@ class Block(Counted, nn.Module):
     ) -> None:
         super().__init__()
         if dim % heads:
-            raise ValueError(f"heads={heads} must divide dim={dim}")
+            raise ValueError(
+                f"heads={heads} must divide dim={dim}; choose a head count that divides "
+                "the embedding width"
+            )
         self.dim = dim
         self.heads = heads
         self.input_size = to_pair(input_size)
@@ -178,7 +181,8 @@ class Block(Counted, nn.Module):
             if any(w > g for w, g in zip(self.window_size, self.input_size)):
                 raise ValueError(
                     f"window_size={self.window_size} is larger than the token grid "
-                    f"input_size={self.input_size}"
+                    f"input_size={self.input_size}; use a window no larger than the grid "
+                    "(or global attention: window_size=None)"
                 )
             if any(w <= 0 for w in self.window_size):
                 raise ValueError(f"window_size must be positive, got {self.window_size}")
@@ -187,7 +191,8 @@ class Block(Counted, nn.Module):
             a % p for a, p in zip(self.attention_size, self.pool_size)
         ):
             raise ValueError(
-                f"pool_size={self.pool_size} must divide the attention size {self.attention_size}"
+                f"pool_size={self.pool_size} must divide the attention size "
+                f"{self.attention_size}; choose a pool size that divides each side"
             )
         if ats_fraction is not None:
             if not 0.0 <= ats_fraction <= 1.0:
