@@ -48,25 +48,22 @@ class SkipLog:
         self.adjusted: Counter[str] = Counter()
 
     def skip(self, reason: str, item: str | Path) -> None:
-        if reason not in self.reasons:
-            warnings.warn(
-                f"{self.dataset}: skipping {item} ({reason}); further items skipped for "
-                "this reason are counted in the summary",
-                stacklevel=2,
-            )
-            self.examples[reason] = str(item)
-        self.reasons[reason] += 1
+        """Counts a dropped item; warns on the first of each reason."""
+        self._count(self.reasons, reason, item, f"skipping {item} ({reason})", "skipped")
 
     def adjust(self, reason: str, item: str | Path) -> None:
         """Counts an item that is kept after a fix; warns on the first of each reason."""
-        if reason not in self.adjusted:
+        self._count(self.adjusted, reason, item, f"{item} ({reason})", "adjusted")
+
+    def _count(self, counts: Counter, reason: str, item: str | Path, what: str, verb: str) -> None:
+        if reason not in counts:
             warnings.warn(
-                f"{self.dataset}: {item} ({reason}); further items adjusted for this reason "
-                "are counted in the summary",
-                stacklevel=2,
+                f"{self.dataset}: {what}; further items {verb} for this reason are counted "
+                "in the summary",
+                stacklevel=3,
             )
             self.examples[reason] = str(item)
-        self.adjusted[reason] += 1
+        counts[reason] += 1
 
     @property
     def total(self) -> int:

@@ -9,8 +9,8 @@ from torchvision.ops import roi_align
 
 from eventful_pl.checkpoints import CheckpointMismatchError
 from eventful_pl.counting import count_ops
-from eventful_pl.gflops import count_vitdet
 from eventful_pl.models.detection_head import LevelRoIAlign, UnroundedAnchorGenerator
+from eventful_pl.models.gflops import count_vitdet
 from eventful_pl.models.vitdet import (
     VITDET_PRESETS,
     VITDET_VARIANTS,

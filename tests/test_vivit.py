@@ -240,7 +240,7 @@ def test_unknown_preset_and_bad_tubelet():
 
 
 def test_count_vivit_matches_a_full_counted_forward():
-    from eventful_pl.gflops import count_vivit
+    from eventful_pl.models.gflops import count_vivit
 
     model = tiny(spatial_variant="full", policy=TopRPolicy(5))
     video = moving_video()

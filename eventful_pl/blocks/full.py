@@ -20,6 +20,11 @@ from eventful_pl.indexing import expand_col_index, flat_row_index, gather_rows, 
 from eventful_pl.workspace import Workspaces
 
 
+def nonfinite_streams(x: Tensor) -> Tensor:
+    """(B,) bool: the streams (batch items) of ``x`` (B, ...) holding a NaN or infinity."""
+    return torch.isfinite(x.detach()).flatten(1).all(dim=1).logical_not_()
+
+
 class EventfulBlock(QueryKeyEventfulBlock):
     """The paper's method: also updates ``A @ V`` incrementally (variant 3).
 
@@ -175,7 +180,7 @@ class EventfulBlock(QueryKeyEventfulBlock):
         self.v_gate.flush(v)
         self.a_gate.flush(probs.transpose(-1, -2).contiguous(), copy=False)
         self.output = self.matmul(probs, v)
-        nonfinite = torch.isfinite(self.output.detach()).flatten(1).all(dim=1).logical_not_()
+        nonfinite = nonfinite_streams(self.output)
         self.nonfinite_items = nonfinite if bool(nonfinite.any()) else None
         return self.output
 
@@ -276,7 +281,7 @@ class EventfulBlock(QueryKeyEventfulBlock):
         self._new_range = None
         nonfinite = self.nonfinite_items
         if new_range is not None and not all(map(math.isfinite, new_range)):
-            new = torch.isfinite(qkv.detach()).flatten(1).all(dim=1).logical_not_()
+            new = nonfinite_streams(qkv)
             nonfinite = new if nonfinite is None else new.logical_or_(nonfinite)
         if nonfinite is not None:
             self._recompute_items(nonfinite)
@@ -303,7 +308,7 @@ class EventfulBlock(QueryKeyEventfulBlock):
         self.log_norm.index_copy_(0, rows, log_norm)
         self.a_gate.p.index_copy_(0, rows, probs.transpose(-1, -2))
         self.output.index_copy_(0, rows, output.to(self.output.dtype))
-        still = torch.isfinite(output.detach()).flatten(1).all(dim=1).logical_not_()
+        still = nonfinite_streams(output)
         self.nonfinite_items = None
         if bool(still.any()):
             self.nonfinite_items = torch.zeros_like(items).index_copy_(0, rows, still)
