@@ -36,6 +36,7 @@ from eventful_pl.lightning.token_maps import record_token_updates, update_maps
 from eventful_pl.models.vitdet import VITDET_PRESETS, VITDET_VARIANTS, ViTDet, create_vitdet
 from eventful_pl.models.vitdet_convert import load_vitdet_checkpoint
 from eventful_pl.policies import ThresholdPolicy, TokenPolicy, TopRPolicy
+from eventful_pl.weights import resolve_weights
 
 Detections = dict[str, Tensor]
 
@@ -121,9 +122,10 @@ def load_pretrained(model: ViTDet, path: str, trusted: bool = False) -> str:
     A checkpoint with another number of classes (e.g. COCO's 80 into a
     30-class VID model) loads everything but the box predictor, which keeps
     its fresh initialisation. Returns a short description of what was loaded.
+    ``path``: a file or a URL (see :func:`~eventful_pl.weights.resolve_weights`).
     ``trusted``: see :func:`~eventful_pl.checkpoints.read_checkpoint`.
     """
-    state_dict = read_checkpoint(path, trusted)
+    state_dict = read_checkpoint(resolve_weights(path), trusted)
     classes = predictor_classes(state_dict)
     if classes is None or classes == model.num_classes:
         layout = load_vitdet_checkpoint(model, state_dict)
@@ -391,11 +393,27 @@ class ViTDetModule(EventfulEvalModule):
     def test_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
         self.eval_step(batch)
 
+    def setup(self, stage: str) -> None:
+        """The base checks; for ``predict`` on a
+        :class:`~datamodules.video_folder.VideoFolderDataModule`, tells it to serve
+        frames in order and checks its class list."""
+        super().setup(stage)
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        hand_over = getattr(datamodule, "use_vitdet_frames", None)
+        if stage == "predict" and hand_over is not None:
+            hand_over(num_classes=self.model.num_classes)
+
     @torch.no_grad()
     def predict_step(self, batch: list[dict[str, Any]], batch_idx: int) -> list[dict[str, Any]]:
         """Streams each segment under the model's own policy -> per segment
         ``{"video_id", "segment_index", "frame_indices", "detections": [per frame
-        {"boxes" (n, 4) xyxy pixels, "scores" (n,), "labels" (n,)}]}``."""
+        {"boxes" (n, 4) xyxy pixels, "scores" (n,), "labels" (n,)}]}``.
+
+        A batch of video chunks (:class:`~datamodules.video_folder.VideoFolderDataModule`)
+        gives one record per frame instead, see :meth:`predict_chunks`.
+        """
+        if batch and "chunk" in batch[0]:
+            return self.predict_chunks(batch)
         own = EvalSetting("predict")
         count, self.count_ops = self.count_ops, False
         try:
@@ -411,6 +429,73 @@ class ViTDetModule(EventfulEvalModule):
         finally:
             self.count_ops = count
             self._restore_policy()
+
+    @torch.no_grad()
+    def predict_chunks(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Video chunks in order -> one record per frame, under the model's own policy.
+
+        ``batch``: chunk items of :class:`~datamodules.video_folder.FrameChunkDataset`.
+        The stream goes on from the previous chunk of the same video (also
+        across batches) unless the chunk starts a stream (``reset``) or does
+        not follow the last one streamed. Records: ``{"video", "frame" (number
+        in the file), "boxes" (n, 4) xyxy in the video's pixels, "scores",
+        "labels", "names" (None without a class list), "gflops" (the
+        backbone's, this frame), "updated" (share of tokens recomputed),
+        "token_map" (gh, gw) float16 share of gates that recomputed each token,
+        "token_extent" (rows, columns of the grid the frame covers)}``; a chunk
+        that failed to decode gives no records.
+        """
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        names = getattr(datamodule, "class_names", None)
+        device = next(self.model.parameters()).device
+        if has_gates(self.model.backbone):
+            self.model.set_policy(self.setting_policy(EvalSetting("predict")))
+        pre = self.model.preprocessing
+        records: list[dict[str, Any]] = []
+        for item in batch:
+            position = (item["video"], item["chunk"])
+            follows = getattr(self, "_predict_position", None) == (item["video"], item["chunk"] - 1)
+            if item["frames"] is None:
+                self._predict_position = None
+                continue
+            if item["reset"] or not follows:
+                self.model.reset()
+            self._predict_position = position
+            frames = item["frames"]
+            height, width = frames.shape[-2:]
+            size_h, size_w = item["size"]
+            scale = torch.tensor([size_w / width, size_h / height] * 2)
+            resized = pre.resized_size(height, width)
+            grid_h, grid_w = self.model.grid
+            extent = (resized[0] * grid_h / pre.image_size, resized[1] * grid_w / pre.image_size)
+            found, gflops = [], []
+            with record_token_updates(self.model.backbone) as calls:
+                for frame in frames:  # one stream: each frame depends on the state of the last
+                    with counting.count_ops(self.model.backbone) as counter:
+                        found.append(self.model([frame.to(device)])[0])
+                    gflops.append(sum(counter.counts.values()) / 1e9)
+            maps = update_maps(calls, self.model.grid)
+            if maps:
+                shares = torch.stack(list(maps.values())).mean(dim=0)  # (T, gh, gw)
+            else:  # no gates: every token is computed
+                shares = torch.ones(len(frames), grid_h, grid_w)
+            for k, detections in enumerate(found):
+                labels = detections["labels"].cpu()
+                records.append(
+                    {
+                        "video": item["video"],
+                        "frame": int(item["frame_indices"][k]),
+                        "boxes": detections["boxes"].cpu() * scale,
+                        "scores": detections["scores"].cpu(),
+                        "labels": labels,
+                        "names": None if names is None else [names[int(i)] for i in labels],
+                        "gflops": gflops[k],
+                        "updated": float(shares[k].mean()),
+                        "token_map": shares[k].to(torch.float16),
+                        "token_extent": extent,
+                    }
+                )
+        return records
 
     @torch.no_grad()
     def token_map_frames(self, batch: list[dict[str, Any]]) -> Tensor | None:

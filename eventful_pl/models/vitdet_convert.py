@@ -40,6 +40,7 @@ from eventful_pl.checkpoints import (
     rename_keys,
 )
 from eventful_pl.models.vitdet import ViTDet, create_vitdet
+from eventful_pl.weights import resolve_weights
 
 # Feature pyramid: detectron2 ``simfp_{2,3,4,5}.{i}[.norm]`` -> our stage layer index.
 _PYRAMID = {
@@ -154,7 +155,7 @@ def _state_dict(
 ) -> tuple[dict, str]:
     if isinstance(source, Mapping):
         return dict(source), "(state dict)"
-    return read_checkpoint(source, trusted), str(source)
+    return read_checkpoint(resolve_weights(source), trusted), str(source)
 
 
 #: ViTDet options that shape the detection head, as a checkpoint's keys define them.

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from eventful_pl.checkpoints import RenameRule, load_converted, read_checkpoint, rename_keys
 from eventful_pl.models.vivit import FactorizedViViT
+from eventful_pl.weights import resolve_weights
 
 _TADA_BLOCK = {
     r"norm\.": "norm1.",
@@ -86,7 +87,7 @@ def _state_dict(
 ) -> tuple[dict, str]:
     if isinstance(source, Mapping):
         return _strip_prefix(source), "(state dict)"
-    return _strip_prefix(read_checkpoint(source, trusted)), str(source)
+    return _strip_prefix(read_checkpoint(resolve_weights(source), trusted)), str(source)
 
 
 def _load(model, source, rules, fmt: str, temporal_only: bool, trusted: bool = False) -> None:
