@@ -24,7 +24,7 @@ from eventful_pl.indexing import (
     scatter_rows_,
     scatter_tokens_,
 )
-from eventful_pl.policies import TokenPolicy
+from eventful_pl.policies import TokenPolicy, all_tokens
 from eventful_pl.state import StreamState
 from eventful_pl.workspace import Workspaces
 
@@ -77,10 +77,22 @@ class TokenGate(Counted, StreamState, nn.Module):
         self.policy = policy
         self.p: Tensor | None = None
         self._error: Tensor | None = None
+        self.frames = 0  # incremental frames since the flush (for policy.refresh_every)
 
     def reset_state(self) -> None:
         self.p = None
         self._error = None
+        self.frames = 0
+
+    def policy_index(self, norms: Tensor) -> Tensor:
+        """The policy's index (B, k) for error norms (B, N); every token on each
+        ``policy.refresh_every``-th incremental frame (a periodic refresh)."""
+        policy = _require_policy(self.policy, self)
+        self.frames += 1
+        every = policy.refresh_every
+        if every and self.frames % every == 0:
+            return all_tokens(norms)
+        return _select(policy, norms)
 
     def error_norms(self, c: Tensor) -> Tensor:
         """L2 norms (B, N) of ``c - p``: one fused pass when the fused CPU
@@ -97,11 +109,12 @@ class TokenGate(Counted, StreamState, nn.Module):
         """Sets the reference to a (B, N, D) copy of ``c``; returns ``c`` as (B, N, D)."""
         tokens = c.flatten(2)
         self.p = tokens.detach().clone(memory_format=torch.contiguous_format)
+        self.frames = 0
         return tokens
 
     def select(self, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Index (B, k) of the tokens to update, their flat index and values (B, k, D)."""
-        index = _select(_require_policy(self.policy, self), self.error_norms(c))
+        index = self.policy_index(self.error_norms(c))
         flat = flat_token_index(index, c.shape[1])
         return index, flat, gather_tokens(c, index, flat).flatten(2)
 
@@ -130,8 +143,7 @@ class TokenGate(Counted, StreamState, nn.Module):
     def _gate_layer_norm(self, x: Tensor, norm: nn.LayerNorm) -> tuple[Tensor, Tensor]:
         """The incremental ``forward(x, norm)`` with the fused kernel."""
         self.count("gate", self.p.numel())
-        policy = _require_policy(self.policy, self)
-        index = _select(policy, kernels.layer_norm_error_norms(x, norm, self.p))
+        index = self.policy_index(kernels.layer_norm_error_norms(x, norm, self.p))
         flat = flat_token_index(index, x.shape[1])
         c_sel = norm(gather_tokens(x, index, flat))
         scatter_tokens_(self.p, index, c_sel, flat)
@@ -296,8 +308,11 @@ class DeltaGate(Counted, StreamState, nn.Module):
 def set_policy(model: nn.Module, policy: TokenPolicy | None) -> None:
     """Sets the token-selection policy of every token gate in ``model``.
 
-    Use it to sweep test-time r (or thresholds) on one model.
+    Use it to sweep test-time r (or thresholds) on one model. Each gate gets
+    ``policy.for_gate(name)`` (its module name): one policy per gate for
+    per-gate policies (:class:`eventful_pl.policies.CalibratedThresholdPolicy`),
+    ``policy`` itself for the others.
     """
-    for module in model.modules():
+    for name, module in model.named_modules():
         if isinstance(module, TokenGate):
-            module.policy = policy
+            module.policy = None if policy is None else policy.for_gate(name)

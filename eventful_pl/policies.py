@@ -11,12 +11,24 @@ its own over-threshold tokens, plus (if another item needed more) its next
 largest errors. Updating more tokens than needed only makes a gate more exact,
 and operation counts report the k tokens actually computed. With B = 1 the
 selection is exactly the over-threshold set.
+
+Per-gate policies: :meth:`TokenPolicy.for_gate` gives the policy one gate uses,
+from the gate's module name; :func:`eventful_pl.gates.set_policy` calls it for
+each gate. Most policies return themselves. :class:`PerGatePolicy` (e.g. a
+top-r per gate) and :class:`CalibratedThresholdPolicy` (a threshold per gate,
+read from a calibration file written by ``cli.py calibrate``) return each
+gate's own policy. Gates are named ``blocks.<i>.<qkv|proj|mlp>_gate`` (the
+module path inside the backbone, :func:`gate_key`).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -24,6 +36,14 @@ from torch import Tensor
 
 class TokenPolicy(ABC):
     """Chooses tokens to update from their error norms."""
+
+    #: Update every token on each ``refresh_every``-th incremental frame of a
+    #: gate (counted from its flush); None: never (the default).
+    refresh_every: int | None = None
+
+    def for_gate(self, name: str) -> TokenPolicy:
+        """The policy the gate named ``name`` uses (this one, unless per gate)."""
+        return self
 
     @abstractmethod
     def select(self, norms: Tensor) -> Tensor:
@@ -40,7 +60,8 @@ class TokenPolicy(ABC):
         return self.select(norms)
 
 
-def _all_tokens(norms: Tensor) -> Tensor:
+def all_tokens(norms: Tensor) -> Tensor:
+    """The index (B, N) of every token, for norms (B, N)."""
     b, n = norms.shape
     return torch.arange(n, device=norms.device).expand(b, n)
 
@@ -71,7 +92,7 @@ class TopRPolicy(TokenPolicy):
         n = norms.shape[-1]
         self.validate(n)
         if self.r == n:
-            return _all_tokens(norms)
+            return all_tokens(norms)
         return norms.topk(self.r, dim=-1, sorted=False).indices
 
     def __repr__(self) -> str:
@@ -99,11 +120,19 @@ class TopFractionPolicy(TokenPolicy):
         n = norms.shape[-1]
         k = self.num_selected(n)
         if k == n:
-            return _all_tokens(norms)
+            return all_tokens(norms)
         return norms.topk(k, dim=-1, sorted=False).indices
 
     def __repr__(self) -> str:
         return f"TopFractionPolicy(fraction={self.fraction})"
+
+
+def _check_optional_positive(value: int | None, what: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{what} must be a positive integer or None (off), got {value!r}")
+    return value
 
 
 class ThresholdPolicy(TokenPolicy):
@@ -115,24 +144,280 @@ class ThresholdPolicy(TokenPolicy):
 
     Args:
         threshold: Norm threshold h >= 0.
+        max_tokens: At most this many tokens per frame (the largest errors), so
+            that a scene cut cannot blow a frame's budget; None: no cap.
+        refresh_every: Update every token on each K-th incremental frame
+            (None: never).
     """
 
-    def __init__(self, threshold: float) -> None:
+    def __init__(
+        self,
+        threshold: float,
+        max_tokens: int | None = None,
+        refresh_every: int | None = None,
+    ) -> None:
         if not float(threshold) >= 0.0:
             raise ValueError(
                 f"threshold policy: threshold must be >= 0, got threshold={threshold!r}"
             )
         self.threshold = float(threshold)
+        self.max_tokens = _check_optional_positive(max_tokens, "threshold policy: max_tokens")
+        self.refresh_every = _check_optional_positive(
+            refresh_every, "threshold policy: refresh_every"
+        )
 
     def select(self, norms: Tensor) -> Tensor:
         n = norms.shape[-1]
         k = int(norms.gt(self.threshold).sum(dim=-1).max())
+        if self.max_tokens is not None:
+            k = min(k, self.max_tokens)
         if k == n:
-            return _all_tokens(norms)
+            return all_tokens(norms)
         return norms.topk(k, dim=-1, sorted=False).indices
 
     def __repr__(self) -> str:
-        return f"ThresholdPolicy(threshold={self.threshold})"
+        extra = "".join(
+            f", {name}={value}"
+            for name, value in (
+                ("max_tokens", self.max_tokens),
+                ("refresh_every", self.refresh_every),
+            )
+            if value is not None
+        )
+        return f"ThresholdPolicy(threshold={self.threshold}{extra})"
+
+
+def gate_key(name: str) -> str:
+    """A gate's key in per-gate policies: its module path from the backbone's
+    ``blocks`` on (``spatial.blocks.3.qkv_gate`` -> ``blocks.3.qkv_gate``)."""
+    parts = name.split(".")
+    if "blocks" in parts:
+        last = len(parts) - 1 - parts[::-1].index("blocks")
+        return ".".join(parts[last:])
+    return name
+
+
+class _PerGate(TokenPolicy):
+    """Shared parts of the per-gate policies: they choose tokens only through
+    the policy :meth:`for_gate` gives each gate."""
+
+    def select(self, norms: Tensor) -> Tensor:
+        raise RuntimeError(
+            f"{type(self).__name__} holds one policy per gate and cannot select tokens "
+            "itself: give it to the gates with model.set_policy(policy) (or "
+            "eventful_pl.set_policy(model, policy)), which hands each gate its own"
+        )
+
+
+class PerGatePolicy(_PerGate):
+    """A policy of its own for each gate, e.g. a top-r per gate.
+
+    Args:
+        policies: Gate key (:func:`gate_key`, e.g. ``"blocks.0.mlp_gate"``) ->
+            that gate's policy.
+        default: The policy of gates not in ``policies`` (None: every gate must
+            be listed).
+    """
+
+    def __init__(
+        self, policies: Mapping[str, TokenPolicy], default: TokenPolicy | None = None
+    ) -> None:
+        self.policies = {gate_key(k): v for k, v in policies.items()}
+        self.default = default
+
+    def for_gate(self, name: str) -> TokenPolicy:
+        policy = self.policies.get(gate_key(name), self.default)
+        if policy is None:
+            raise ValueError(
+                f"PerGatePolicy has no policy for gate {gate_key(name)!r} (it lists "
+                f"{sorted(self.policies)[:4]}...): add it, or give a default policy"
+            )
+        return policy.for_gate(name)
+
+    def validate(self, num_tokens: int) -> None:
+        for policy in [*self.policies.values(), self.default]:
+            if policy is not None:
+                policy.validate(num_tokens)
+
+    def __repr__(self) -> str:
+        return f"PerGatePolicy({len(self.policies)} gates, default={self.default!r})"
+
+
+#: The ``format`` field of a calibration file.
+CALIBRATION_FORMAT = "eventful-pl-calibration"
+CALIBRATION_VERSION = 1
+
+
+def read_calibration(path: str | Path) -> dict[str, Any]:
+    """A calibration file's contents (checked): ``{"format", "version", "unit",
+    "policies": [{"budget", "thresholds", ...}, ...], ...}``."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError as error:
+        raise ValueError(
+            f"calibration file {path} does not exist: write it with `python cli.py calibrate "
+            "--config <config> --budget_gflops <budget>` (or fix the path)"
+        ) from error
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"calibration file {path} is not readable JSON: {error}") from error
+    if not isinstance(data, dict) or data.get("format") != CALIBRATION_FORMAT:
+        raise ValueError(
+            f"{path} is not a calibration file (no format {CALIBRATION_FORMAT!r}); "
+            "write one with `python cli.py calibrate`"
+        )
+    if data.get("version") != CALIBRATION_VERSION:
+        raise ValueError(
+            f"calibration file {path} has version {data.get('version')!r}; this code reads "
+            f"version {CALIBRATION_VERSION}: calibrate again"
+        )
+    policies = data.get("policies")
+    if not isinstance(policies, list) or not policies:
+        raise ValueError(f"calibration file {path} holds no policies: calibrate again")
+    for entry in policies:
+        thresholds = entry.get("thresholds") if isinstance(entry, dict) else None
+        if not isinstance(thresholds, dict) or not thresholds:
+            raise ValueError(f"calibration file {path}: a policy without thresholds")
+    return data
+
+
+class CalibratedThresholdPolicy(_PerGate):
+    """A threshold of its own for each gate, chosen to meet a compute budget.
+
+    Give ``thresholds`` directly, or ``path``: a calibration file written by
+    ``cli.py calibrate`` (JSON; one policy per budget), with ``budget`` naming
+    the policy when the file holds several. In YAML::
+
+        policy:
+          class_path: eventful_pl.policies.CalibratedThresholdPolicy
+          init_args: {path: vitdet_b.calibration.json, budget: 90}
+
+    Each gate gets a :class:`ThresholdPolicy` (see :meth:`for_gate`); set it
+    with ``model.set_policy(policy)``.
+
+    Args:
+        thresholds: Gate key (:func:`gate_key`) -> threshold h >= 0.
+        path: Calibration file to read the thresholds from (instead).
+        budget: Which of the file's policies (its ``budget``, in the file's
+            unit); None: the file's only one.
+        default: Threshold of gates not listed (None: every gate must be listed).
+        max_tokens: Per-gate cap on the tokens updated per frame (one number
+            for every gate, or gate key -> cap); None: the file's (or no) cap.
+        refresh_every: Update every token each K-th frame; None: the file's
+            (or never).
+    """
+
+    def __init__(
+        self,
+        thresholds: Mapping[str, float] | None = None,
+        path: str | None = None,
+        budget: float | None = None,
+        default: float | None = None,
+        max_tokens: int | Mapping[str, int] | None = None,
+        refresh_every: int | None = None,
+    ) -> None:
+        if (thresholds is None) == (path is None):
+            raise ValueError("CalibratedThresholdPolicy: give thresholds or path (one of them)")
+        self.path = None if path is None else str(path)
+        self.budget = None if budget is None else float(budget)
+        self.info: dict[str, Any] = {}
+        if path is not None:
+            entry = self._entry(read_calibration(path))
+            thresholds = entry["thresholds"]
+            max_tokens = entry.get("max_tokens") if max_tokens is None else max_tokens
+            refresh_every = entry.get("refresh_every") if refresh_every is None else refresh_every
+            self.info = {k: v for k, v in entry.items() if k != "thresholds"}
+        self.thresholds = {gate_key(k): float(v) for k, v in thresholds.items()}
+        for key, h in [*self.thresholds.items(), ("default", default)]:
+            if h is not None and not float(h) >= 0.0:
+                raise ValueError(f"CalibratedThresholdPolicy: threshold of {key} must be >= 0")
+        self.default = None if default is None else float(default)
+        if isinstance(max_tokens, Mapping):
+            self.max_tokens: int | dict[str, int] | None = {
+                gate_key(k): _check_optional_positive(v, f"max_tokens of {k}")
+                for k, v in max_tokens.items()
+            }
+        else:
+            self.max_tokens = _check_optional_positive(max_tokens, "max_tokens")
+        self.refresh_every = _check_optional_positive(refresh_every, "refresh_every")
+
+    def _entry(self, data: dict[str, Any]) -> dict[str, Any]:
+        policies = data["policies"]
+        budgets = [p.get("budget") for p in policies]
+        if self.budget is None:
+            if len(policies) != 1:
+                raise ValueError(
+                    f"calibration file {self.path} holds policies for budgets {budgets}: "
+                    "choose one with budget"
+                )
+            return policies[0]
+        for entry in policies:
+            if entry.get("budget") is not None and math.isclose(
+                float(entry["budget"]), self.budget, rel_tol=1e-6
+            ):
+                return entry
+        raise ValueError(
+            f"calibration file {self.path} has no policy for budget {self.budget:g} "
+            f"(it has {budgets}); calibrate for it with --budget_gflops {self.budget:g}"
+        )
+
+    def cap(self, key: str) -> int | None:
+        """The token cap of gate ``key`` (None: no cap)."""
+        if isinstance(self.max_tokens, dict):
+            return self.max_tokens.get(key)
+        return self.max_tokens
+
+    def for_gate(self, name: str) -> ThresholdPolicy:
+        """The :class:`ThresholdPolicy` of gate ``name`` (its threshold, cap and refresh)."""
+        key = gate_key(name)
+        h = self.thresholds.get(key, self.default)
+        if h is None:
+            raise ValueError(
+                f"CalibratedThresholdPolicy has no threshold for gate {key!r} (it knows "
+                f"{len(self.thresholds)} gates, e.g. {sorted(self.thresholds)[:3]}): the "
+                "calibration was made for another model; calibrate this one, or set default"
+            )
+        return ThresholdPolicy(h, max_tokens=self.cap(key), refresh_every=self.refresh_every)
+
+    def to_dict(self) -> dict[str, Any]:
+        """This policy as one entry of a calibration file."""
+        return {
+            **self.info,
+            "budget": self.budget,
+            "thresholds": dict(self.thresholds),
+            "max_tokens": self.max_tokens,
+            "refresh_every": self.refresh_every,
+        }
+
+    def __repr__(self) -> str:
+        where = f"path={self.path!r}, budget={self.budget}" if self.path else ""
+        return (
+            f"CalibratedThresholdPolicy({len(self.thresholds)} gates{', ' if where else ''}{where})"
+        )
+
+
+def write_calibration(
+    path: str | Path,
+    policies: list[CalibratedThresholdPolicy],
+    unit: str,
+    **fields: Any,
+) -> Path:
+    """Writes ``policies`` (one per budget) to the calibration file ``path``
+    (JSON), with ``unit`` (what the budgets count, e.g. ``"GFlops per frame"``)
+    and any other ``fields`` (model, clips, ...). Returns the path."""
+    path = Path(path)
+    data = {
+        "format": CALIBRATION_FORMAT,
+        "version": CALIBRATION_VERSION,
+        "unit": unit,
+        **fields,
+        "policies": [p.to_dict() for p in policies],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(path)
+    return path
 
 
 POLICIES: dict[str, type[TokenPolicy]] = {
@@ -140,6 +425,9 @@ POLICIES: dict[str, type[TokenPolicy]] = {
     "threshold": ThresholdPolicy,
     "top_fraction": TopFractionPolicy,
 }
+
+#: Policies that hold one policy per gate (not built by name).
+PER_GATE_POLICIES: tuple[type[TokenPolicy], ...] = (PerGatePolicy, CalibratedThresholdPolicy)
 
 
 def build_policy(name: str, value: float) -> TokenPolicy:
