@@ -18,12 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor
 
 from eventful_pl.counting import OP_KINDS
+from eventful_pl.lightning.annotated_video import AnnotatedVideoWriter, annotate_frames
 from eventful_pl.lightning.token_maps import render_maps
 
 
@@ -181,18 +183,50 @@ def prediction_items(prediction: Any) -> list[dict[str, Any]]:
 
 
 class PredictionWriter(BasePredictionWriter):
-    """Writes ``predict`` results as JSON lines, one line per video (ViViT) or
-    segment (ViTDet), to ``output`` (``<stem>.rank<k><suffix>`` for rank k > 0
-    under DDP).
+    """Writes ``predict`` results as JSON lines to ``output`` (``<stem>.rank<k><suffix>``
+    for rank k > 0 under DDP): one line per video (ViViT), segment (ViTDet on
+    ImageNet VID) or frame (ViTDet on a
+    :class:`~datamodules.video_folder.VideoFolderDataModule`).
+
+    With ``annotate``, ViTDet predictions on a ``VideoFolderDataModule`` are
+    also drawn on the frames: boxes with class names and scores, and the
+    tokens the backbone recomputed as a translucent red tint, written to
+    ``<annotate_dir>/<video stem>.annotated.mp4`` (see
+    :mod:`eventful_pl.lightning.annotated_video`). The video has the frames
+    the model saw, at the loader's size (the file's, unless the data module
+    resizes). Two videos with the same stem get ``-2``, ``-3``, ... suffixes;
+    :attr:`annotated` maps each video to its file.
 
     Args:
         output: The JSON-lines file to write (its folder is created).
+        annotate: Write annotated videos of ViTDet predictions.
+        annotate_dir: Their folder (default: ``output``'s).
+        min_score: Annotated videos show boxes scoring at least this.
+        codec: Encoder of the annotated videos (default: libx264, else mpeg4).
     """
 
-    def __init__(self, output: str = "predictions.jsonl") -> None:
+    #: Prediction keys kept out of the JSON lines (drawn on annotated videos).
+    NOT_WRITTEN = ("token_map", "token_extent")
+
+    def __init__(
+        self,
+        output: str = "predictions.jsonl",
+        annotate: bool = False,
+        annotate_dir: str | None = None,
+        min_score: float = 0.5,
+        codec: str | None = None,
+    ) -> None:
         super().__init__(write_interval="batch")
         self.output = Path(output)
+        self.annotate = annotate
+        self.annotate_dir = Path(annotate_dir) if annotate_dir else self.output.parent
+        self.min_score = min_score
+        self.codec = codec
+        #: Annotated video written for each video (its path as the data module gives it).
+        self.annotated: dict[str, Path] = {}
         self._files: dict[int, Any] = {}
+        self._videos: dict[str, AnnotatedVideoWriter] = {}
+        self._warned = False
 
     def _file(self, rank: int):
         if rank not in self._files:
@@ -214,10 +248,67 @@ class PredictionWriter(BasePredictionWriter):
         dataloader_idx: int,
     ) -> None:
         handle = self._file(trainer.global_rank)
-        for item in prediction_items(prediction):
-            handle.write(json.dumps(_jsonable(item)) + "\n")
+        items = prediction_items(prediction)
+        for item in items:
+            kept = {k: v for k, v in item.items() if k not in self.NOT_WRITTEN}
+            handle.write(json.dumps(_jsonable(kept)) + "\n")
+        if self.annotate:
+            self._annotate(batch, items, getattr(trainer.datamodule, "class_names", None))
+
+    def _annotate(self, batch: Any, records: list[dict[str, Any]], names: Any) -> None:
+        """Draws the frame records of a batch of video chunks on its frames."""
+        if not (isinstance(batch, list) and batch and "chunk" in batch[0]):
+            if not self._warned:
+                rank_zero_warn(
+                    "PredictionWriter: annotate draws ViTDet predictions on a "
+                    "VideoFolderDataModule; these predictions are left as JSON only"
+                )
+                self._warned = True
+            return
+        done = 0
+        for chunk in batch:
+            if chunk["frames"] is None:
+                continue
+            frames = chunk["frames"].cpu()
+            mine = records[done : done + len(frames)]
+            done += len(frames)
+            height, width = frames.shape[-2:]
+            size_h, size_w = chunk["size"]
+            scale = torch.tensor([width / size_w, height / size_h] * 2)
+            detections = [
+                {
+                    "boxes": torch.as_tensor(r["boxes"]).reshape(-1, 4) * scale,
+                    "scores": torch.as_tensor(r["scores"]),
+                    "labels": torch.as_tensor(r["labels"]),
+                }
+                for r in mine
+            ]
+            maps = torch.stack([torch.as_tensor(r["token_map"]).float() for r in mine])
+            drawn = annotate_frames(
+                frames, detections, names, maps, mine[0]["token_extent"], self.min_score
+            )
+            self._video(chunk, (height, width)).write(drawn)
+            if chunk["last"]:
+                self._videos.pop(chunk["video"]).close()
+
+    def _video(self, chunk: dict[str, Any], size: tuple[int, int]) -> AnnotatedVideoWriter:
+        """The open annotated video of ``chunk``'s video (opened on its first chunk)."""
+        video = chunk["video"]
+        if video not in self._videos:
+            taken = set(self.annotated.values())
+            stem, number = Path(video).stem, 1
+            path = self.annotate_dir / f"{stem}.annotated.mp4"
+            while path in taken:
+                number += 1
+                path = self.annotate_dir / f"{stem}-{number}.annotated.mp4"
+            self.annotated[video] = path
+            self._videos[video] = AnnotatedVideoWriter(path, chunk["fps"], size, self.codec)
+        return self._videos[video]
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for writer in self._videos.values():
+            writer.close()
+        self._videos.clear()
         for handle in self._files.values():
             handle.close()
         self._files.clear()
