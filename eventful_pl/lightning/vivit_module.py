@@ -302,12 +302,68 @@ class ViViTFineTuning(EventfulEvalModule):
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self.eval_step(batch, "val")
 
+    def setup(self, stage: str) -> None:
+        """The base checks; for ``predict`` on a
+        :class:`~datamodules.video_folder.VideoFolderDataModule`, hands it the model's
+        view settings and checks its class list."""
+        super().setup(stage)
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        hand_over = getattr(datamodule, "use_vivit_clips", None)
+        if stage == "predict" and hand_over is not None:
+            pre = self.model.preprocessing
+            hand_over(
+                frames=pre.frames,
+                temporal_stride=pre.temporal_stride,
+                temporal_views=pre.temporal_views,
+                short_side=max(pre.size),
+                num_classes=self.model.num_classes,
+            )
+
+    @torch.no_grad()
     def predict_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Any]:
-        """Whole videos under the run's top-r -> ``{"id": [B], "logits": (B, classes),
-        "label": (B,) predicted class}``."""
+        """Whole videos under the run's top-r -> per video (lists of B):
+        ``{"id", "logits" (B, classes), "label" (B,) predicted class, "top5": [B
+        lists of {"class", "name", "score" (softmax)}], "gflops" [B]}``;
+        ``"video"`` (the file) too for a batch of
+        :class:`~datamodules.video_folder.VideoFolderDataModule`. ``name`` is
+        None unless the data module has ``class_names``. With ``count_ops``
+        each video's operations are counted on its own (else ``gflops`` is None).
+        """
         self.set_setting(EvalSetting("own"))
-        logits = self.model.classify_features(self.video_features(batch))
-        return {"id": list(batch["id"]), "logits": logits, "label": logits.argmax(dim=-1)}
+        video, lengths = batch["video"], batch.get("length")
+        clips = [
+            video[i] if lengths is None else video[i][: int(lengths[i])] for i in range(len(video))
+        ]
+        logits, gflops = [], []
+        for clip in clips:  # per video: its own operation count and frame size
+            if not self.count_ops:
+                logits.append(self.model.classify_features(self.model.spatial_features(clip[None])))
+                gflops.append(None)
+                continue
+            with count_ops(self.model) as counter:
+                logits.append(self.model.classify_features(self.model.spatial_features(clip[None])))
+            gflops.append(sum(counter.counts.values()) / 1e9)
+        logits = torch.cat(logits) if logits else torch.empty(0, self.model.num_classes)
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        names = getattr(datamodule, "class_names", None)
+        scores, classes = logits.softmax(dim=-1).topk(min(5, logits.shape[-1]), dim=-1)
+        top5 = [
+            [
+                {"class": c, "name": None if names is None else names[c], "score": s}
+                for c, s in zip(row_classes, row_scores)
+            ]
+            for row_classes, row_scores in zip(classes.tolist(), scores.tolist())
+        ]
+        out = {
+            "id": list(batch["id"]),
+            "logits": logits,
+            "label": logits.argmax(dim=-1),
+            "top5": top5,
+            "gflops": gflops,
+        }
+        if "path" in batch:  # a VideoFolderDataModule batch
+            out["video"] = list(batch["path"])
+        return out
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         self.eval_step(batch, "test")
