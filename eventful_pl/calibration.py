@@ -1,0 +1,567 @@
+"""Per-gate thresholds calibrated to a compute budget.
+
+One threshold for every gate treats a gate in the first block like one in the
+last, and an MLP gate (8 D^2 operations per updated token) like a projection
+gate (D^2), although their error norms have different scales and their errors
+reach the output with different weights. :class:`Calibrator` gives each gate
+``g`` its own threshold ``h_g = s * a_g`` and fits the scale ``s`` to a budget
+by running the model on calibration streams:
+
+1. Per-token cost ``c_g`` of each gate: operations an updated token adds to
+   its block, counted on one flush and four incremental frames of random
+   tokens (:func:`gate_token_costs`).
+2. Sensitivity ``w_g`` of the output to an error at each gate: the mean
+   squared norm, per token, of the gradient of a random projection of the
+   backbone's output with respect to the gate's output, on a few frames
+   (:func:`gate_sensitivities`; ``E ||J^T u||^2 = ||J||_F^2``).
+3. Skipping a token of error ``e`` costs about ``w_g |e|^2`` in squared output
+   error and saves ``c_g`` operations, so the Lagrangian optimum updates it
+   when ``w_g |e|^2 > lambda c_g``: ``h_g = sqrt(lambda) * sqrt(c_g / w_g)``.
+   The calibrator tries the shapes ``a_g = (c_g / w_g) ** (gamma / 2)`` for a
+   few ``gamma`` (``gamma = 0`` is the single global threshold, ``1`` the
+   Lagrangian one), fits ``s`` for each to the budget with measured operation
+   counts, and keeps the shape whose outputs are closest to the dense model's.
+   So on the calibration streams the result is never worse than the best
+   single threshold at the same measured cost.
+
+Fitting ``s``: each run records every gate's error norms; the count of tokens
+over a candidate threshold predicts the next run's cost, which is then
+measured (a few runs; the bracket of measured runs keeps it safe).
+
+Units: GFlops per frame of the backbone (a frame of one stream), averaged over
+all frames of the calibration streams, first (flush) frames included; the
+error is the relative L2 error of the backbone's output tokens against the
+dense model's over all frames after the first of each stream.
+
+Streams are lists of token frames (B, N, D) (the backbone's input, e.g. patch
+embeddings); a frame holds B independent streams.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from eventful_pl.counting import OpCounter, attach_counter, count_ops
+from eventful_pl.gates import TokenGate, set_policy
+from eventful_pl.policies import (
+    CalibratedThresholdPolicy,
+    PerGatePolicy,
+    ThresholdPolicy,
+    TokenPolicy,
+    TopRPolicy,
+    gate_key,
+)
+from eventful_pl.state import reset_stream_state
+
+#: A stream: token frames (B, N, D) in order (B independent streams).
+Stream = Sequence[Tensor]
+
+
+def token_gates(model: nn.Module) -> dict[str, TokenGate]:
+    """The token gates of ``model`` by key (:func:`~eventful_pl.policies.gate_key`), in order."""
+    return {gate_key(n): m for n, m in model.named_modules() if isinstance(m, TokenGate)}
+
+
+def _check_streams(streams: Sequence[Stream], what: str = "streams") -> None:
+    if not streams or any(len(s) < 2 for s in streams):
+        raise ValueError(
+            f"{what}: need at least one stream, each of at least 2 frames (a flush and an "
+            "incremental frame); use longer or more clips"
+        )
+
+
+@dataclass
+class RunResult:
+    """Outcome of running the backbone on streams under one policy.
+
+    ``gflops``: backbone GFlops per frame (all frames); ``error``: relative L2
+    error of the outputs against the reference over the frames after the
+    first; ``updated``: mean fraction of tokens each gate updated on
+    incremental frames; ``frames``: frames counted (streams x B x T).
+    """
+
+    gflops: float
+    error: float
+    updated: dict[str, float] = field(default_factory=dict)
+    frames: int = 0
+
+
+class _Recorder(TokenPolicy):
+    """Wraps one gate's policy; records the error norms (B, N) it sees and k."""
+
+    def __init__(self, inner: TokenPolicy) -> None:
+        self.inner = inner
+        self.refresh_every = inner.refresh_every
+        self.norms: list[Tensor] = []
+        self.selected = 0
+        self.offered = 0
+        self._stacked: list[Tensor] | None = None
+
+    def stacked(self) -> list[Tensor]:
+        """The recorded norms as (F, B, N) tensors, one per batch size B."""
+        if self._stacked is None:
+            groups: dict[int, list[Tensor]] = {}
+            for norms in self.norms:
+                groups.setdefault(norms.shape[0], []).append(norms)
+            self._stacked = [torch.stack(g) for g in groups.values()]
+        return self._stacked
+
+    def num_selected(self, num_tokens: int) -> int | None:
+        return self.inner.num_selected(num_tokens)
+
+    def select(self, norms: Tensor) -> Tensor:
+        index = self.inner.select(norms)
+        self.norms.append(norms.detach().float().clone())
+        self.selected += index.numel()
+        self.offered += norms.numel()
+        return index
+
+
+@contextmanager
+def _policy_set(model: nn.Module, policy: TokenPolicy) -> Iterator[dict[str, _Recorder]]:
+    """Sets ``policy`` on ``model``'s gates, each wrapped in a recorder; restores
+    the gates' own policies afterwards."""
+    gates = token_gates(model)
+    saved = {k: g.policy for k, g in gates.items()}
+    set_policy(model, policy)
+    recorders = {}
+    for key, gate in gates.items():
+        recorders[key] = gate.policy = _Recorder(gate.policy)
+    try:
+        yield recorders
+    finally:
+        for key, gate in gates.items():
+            gate.policy = saved[key]
+        reset_stream_state(model)
+
+
+def _frames_of(streams: Sequence[Stream]) -> int:
+    return sum(len(s) * s[0].shape[0] for s in streams)
+
+
+@torch.no_grad()
+def dense_outputs(model: nn.Module, streams: Sequence[Stream]) -> tuple[list[list[Tensor]], float]:
+    """The dense outputs of every frame (each frame run as a flush, which
+    recomputes every token) and the dense cost in GFlops per frame."""
+    _check_streams(streams)
+    outputs = []
+    with count_ops(model) as counter:
+        for stream in streams:
+            outs = []
+            for frame in stream:
+                reset_stream_state(model)
+                outs.append(model(frame).clone())
+            outputs.append(outs)
+    reset_stream_state(model)
+    return outputs, counter.total / 1e9 / _frames_of(streams)
+
+
+@torch.no_grad()
+def run_policy(
+    model: nn.Module,
+    streams: Sequence[Stream],
+    policy: TokenPolicy,
+    reference: Sequence[Sequence[Tensor]],
+    recorders: dict[str, _Recorder] | None = None,
+) -> RunResult:
+    """Runs ``streams`` through ``model`` under ``policy`` (state reset per
+    stream), counting operations and comparing the outputs with ``reference``
+    (e.g. :func:`dense_outputs`). With ``recorders`` (a dict to fill), keeps
+    each gate's recorder (its error norms)."""
+    _check_streams(streams)
+    err2 = torch.zeros((), dtype=torch.float64)
+    ref2 = torch.zeros((), dtype=torch.float64)
+    with _policy_set(model, policy) as recs, count_ops(model) as counter:
+        for stream, refs in zip(streams, reference, strict=True):
+            reset_stream_state(model)
+            for t, (frame, ref) in enumerate(zip(stream, refs, strict=True)):
+                out = model(frame)
+                if t:
+                    err2 += (out.double() - ref.double()).square().sum()
+                    ref2 += ref.double().square().sum()
+        if recorders is not None:
+            recorders.update(recs)
+        updated = {k: r.selected / r.offered if r.offered else 0.0 for k, r in recs.items()}
+    frames = _frames_of(streams)
+    error = float(err2.sqrt() / ref2.sqrt().clamp_min(1e-30))
+    return RunResult(counter.total / 1e9 / frames, error, updated, frames)
+
+
+@torch.no_grad()
+def gate_token_costs(model: nn.Module, example: Tensor, seed: int = 0) -> dict[str, float]:
+    """Operations one more updated token costs at each gate (in its block).
+
+    Counts, per block, one incremental frame with every gate at top-r ``r0``
+    and one with each kind of gate (``qkv_gate``, ``proj_gate``, ...) at
+    ``r1``, on random tokens shaped like ``example`` (B, N, D) with B = 1.
+    """
+    gates = token_gates(model)
+    if not gates:
+        raise ValueError(f"{type(model).__name__} has no token gates: nothing to calibrate")
+    n_tokens = model.num_tokens if hasattr(model, "num_tokens") else example.shape[1]
+    r0 = max(1, n_tokens // 8)
+    r1 = min(n_tokens, max(r0 + 1, n_tokens // 4))
+    blocks: dict[str, list[str]] = {}  # block path (as in the keys) -> its gate keys
+    block_modules: dict[str, nn.Module] = {}
+    modules = dict(model.named_modules())
+    for name, module in modules.items():
+        if isinstance(module, TokenGate):
+            path = gate_key(name).rsplit(".", 1)[0]
+            blocks.setdefault(path, []).append(gate_key(name))
+            block_modules[path] = modules[name.rsplit(".", 1)[0]]
+    kinds = sorted({key.rsplit(".", 1)[1] for key in gates})
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    shape = (1, *example.shape[1:])
+
+    def frame() -> Tensor:
+        return torch.randn(shape, generator=gen).to(example)
+
+    counters = {path: OpCounter() for path in blocks}
+    saved = {k: g.policy for k, g in gates.items()}
+    try:
+        reset_stream_state(model)
+        set_policy(model, TopRPolicy(r0))
+        model(frame())  # flush
+        per_kind = {}
+        for kind in [None, *kinds]:
+            policies = {k: TopRPolicy(r1) for k in gates if k.rsplit(".", 1)[1] == kind}
+            set_policy(model, PerGatePolicy(policies, default=TopRPolicy(r0)))
+            for path, counter in counters.items():
+                counter.reset()
+                attach_counter(block_modules[path], counter)
+            model(frame())
+            per_kind[kind] = {path: c.total for path, c in counters.items()}
+            for path in blocks:
+                attach_counter(block_modules[path], None)
+    finally:
+        for key, gate in gates.items():
+            gate.policy = saved[key]
+        reset_stream_state(model)
+    costs = {}
+    for path, keys in blocks.items():
+        for key in keys:
+            kind = key.rsplit(".", 1)[1]
+            delta = per_kind[kind][path] - per_kind[None][path]
+            costs[key] = max(float(delta) / (r1 - r0), 1.0)
+    return costs
+
+
+def gate_sensitivities(
+    model: nn.Module, frames: Sequence[Tensor], seed: int = 0
+) -> dict[str, float]:
+    """Mean squared gradient norm per token at each gate's output: how strongly
+    an error there reaches the backbone's output.
+
+    Each frame (B, N, D) runs as a flush under autograd; the gradient of
+    ``(output * u).sum()`` (``u`` standard normal) with respect to every gate's
+    output (B, N, D) gives ``mean_t ||grad_t||^2``. Parameters get no gradient.
+    """
+    gates = token_gates(model)
+    captured: dict[str, Tensor] = {}
+    hooks = [
+        gate.register_forward_hook(
+            lambda module, args, out, key=key: captured.__setitem__(key, out[0])
+        )
+        for key, gate in gates.items()
+    ]
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    sums = dict.fromkeys(gates, 0.0)
+    try:
+        with torch.enable_grad():
+            for x in frames:
+                captured.clear()
+                reset_stream_state(model)
+                out = model(x.detach().requires_grad_(True))
+                u = torch.randn(out.shape, generator=gen).to(out)
+                keys = [k for k in gates if k in captured and captured[k].requires_grad]
+                grads = torch.autograd.grad(
+                    (out * u).sum(), [captured[k] for k in keys], allow_unused=True
+                )
+                for key, grad in zip(keys, grads):
+                    if grad is not None:
+                        sums[key] += float(grad.detach().double().square().sum(-1).mean())
+    finally:
+        for hook in hooks:
+            hook.remove()
+        captured.clear()
+        reset_stream_state(model)
+    count = max(len(frames), 1)
+    return {k: max(v / count, 1e-30) for k, v in sums.items()}
+
+
+@dataclass
+class CalibrationResult:
+    """A calibrated policy for one budget and what it achieved on the
+    calibration streams (``gflops`` per frame, ``error`` vs dense), the shape
+    exponent ``gamma`` it uses (0: one global threshold) and its scale."""
+
+    budget: float
+    gflops: float
+    error: float
+    thresholds: dict[str, float]
+    gamma: float
+    scale: float
+    max_tokens: int | None = None
+    refresh_every: int | None = None
+    #: Error and GFlops of every shape tried: {gamma: (gflops, error)}.
+    tried: dict[float, tuple[float, float]] = field(default_factory=dict)
+
+    def policy(self, budget: float | None = None) -> CalibratedThresholdPolicy:
+        """The policy; ``budget``: the value to file it under (default ``self.budget``)."""
+        policy = CalibratedThresholdPolicy(
+            thresholds=self.thresholds,
+            max_tokens=self.max_tokens,
+            refresh_every=self.refresh_every,
+        )
+        policy.budget = self.budget if budget is None else float(budget)
+        policy.info = {
+            "calibration_gflops": self.gflops,
+            "calibration_error": self.error,
+            "gamma": self.gamma,
+        }
+        return policy
+
+
+class BudgetError(ValueError):
+    """A budget the model cannot meet (below its cheapest or above its dense cost)."""
+
+
+class Calibrator:
+    """Fits per-gate thresholds of ``model`` (a backbone with token gates) to
+    compute budgets on calibration ``streams``; see the module docstring.
+
+    Args:
+        model: The eventful backbone (its gates' policies are restored after each run).
+        streams: Calibration streams of token frames (B, N, D).
+        gammas: Shape exponents to try (0: one global threshold).
+        max_tokens: Per-gate token cap of the calibrated policies (None: off).
+        refresh_every: Full refresh every K frames (None: off).
+        tolerance: Relative distance to the budget at which a fit stops.
+        max_runs: Measured runs per fit at most.
+        sensitivity_frames: Frames used for the sensitivities.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        streams: Sequence[Stream],
+        gammas: Sequence[float] = (0.0, 0.5, 1.0),
+        max_tokens: int | None = None,
+        refresh_every: int | None = None,
+        tolerance: float = 0.01,
+        max_runs: int = 8,
+        sensitivity_frames: int = 2,
+    ) -> None:
+        _check_streams(streams, "calibration streams")
+        if not gammas:
+            raise ValueError("gammas: give at least one shape exponent (0: a global threshold)")
+        self.model = model
+        self.streams = list(streams)
+        self.gammas = [float(g) for g in gammas]
+        self.max_tokens = max_tokens
+        self.refresh_every = refresh_every
+        self.tolerance = float(tolerance)
+        self.max_runs = int(max_runs)
+        self.gates = token_gates(model)
+        if not self.gates:
+            raise ValueError(f"{type(model).__name__} has no token gates: nothing to calibrate")
+        self.reference, self.dense_gflops = dense_outputs(model, self.streams)
+        example = self.streams[0][0]
+        self.costs = gate_token_costs(model, example)
+        picks = [s[len(s) // 2] for s in self.streams][: max(1, sensitivity_frames)]
+        self.sensitivities = gate_sensitivities(model, picks)
+        # Cheapest: no token updated after the flush.
+        self.min_gflops = self.run({k: math.inf for k in self.gates}).gflops
+        self._scale_hint: float | None = None
+
+    # ------------------------------------------------------------ building blocks
+
+    def shape(self, gamma: float) -> dict[str, float]:
+        """Per-gate factors ``(c_g / w_g) ** (gamma / 2)``, geometric mean 1."""
+        logs = {
+            k: 0.5 * gamma * math.log(self.costs[k] / self.sensitivities[k]) for k in self.gates
+        }
+        mean = sum(logs.values()) / len(logs)
+        return {k: math.exp(v - mean) for k, v in logs.items()}
+
+    def policy(self, thresholds: dict[str, float]) -> TokenPolicy:
+        """The per-gate threshold policy (with this calibrator's cap and refresh)."""
+        return PerGatePolicy(
+            {
+                k: ThresholdPolicy(
+                    h if math.isfinite(h) else 1e30,
+                    max_tokens=self.max_tokens,
+                    refresh_every=self.refresh_every,
+                )
+                for k, h in thresholds.items()
+            }
+        )
+
+    def run(
+        self,
+        thresholds: dict[str, float] | TokenPolicy,
+        streams: Sequence[Stream] | None = None,
+        reference: Sequence[Sequence[Tensor]] | None = None,
+        recorders: dict[str, _Recorder] | None = None,
+    ) -> RunResult:
+        """Measures a policy (per-gate thresholds or any policy) on the
+        calibration streams, or on other ``streams`` with their ``reference``."""
+        policy = thresholds if isinstance(thresholds, TokenPolicy) else self.policy(thresholds)
+        if streams is None:
+            streams, reference = self.streams, self.reference
+        elif reference is None:
+            reference, _ = dense_outputs(self.model, streams)
+        return run_policy(self.model, streams, policy, reference, recorders)
+
+    def _predict(
+        self,
+        recorders: dict[str, _Recorder],
+        shape: dict[str, float],
+        scale: float,
+    ) -> float:
+        """Incremental-frame operations per frame predicted from recorded norms."""
+        total = 0.0
+        for key, rec in recorders.items():
+            if not rec.norms:
+                continue
+            h = scale * shape[key]
+            k = 0
+            for norms in rec.stacked():  # (F, B, N)
+                counts = norms.gt(h).sum(dim=-1).amax(dim=-1)  # (F,): k of each frame
+                if self.max_tokens is not None:
+                    counts = counts.clamp(max=self.max_tokens)
+                k += int(counts.sum()) * norms.shape[1]
+            total += self.costs[key] * k
+        return total / 1e9 / _frames_of(self.streams)
+
+    # ----------------------------------------------------------------- fitting
+
+    def check_budget(self, budget: float) -> None:
+        """Raises :class:`BudgetError` if ``budget`` (GFlops per frame) is out of reach."""
+        if budget <= self.min_gflops:
+            raise BudgetError(
+                f"budget {budget:.4g} GFlops per frame is below the cheapest setting on these "
+                f"streams ({self.min_gflops:.4g}: first frames dense, no token updated later); "
+                "raise the budget or use longer clips"
+            )
+        if budget >= self.dense_gflops:
+            raise BudgetError(
+                f"budget {budget:.4g} GFlops per frame is not below the dense cost "
+                f"({self.dense_gflops:.4g}); lower the budget"
+            )
+
+    def fit_scale(self, shape: dict[str, float], budget: float) -> tuple[float, RunResult]:
+        """The scale ``s`` of thresholds ``s * shape`` whose measured cost is
+        closest to ``budget`` (within ``tolerance`` when it converges)."""
+        self.check_budget(budget)
+        lo: tuple[float, float] | None = None  # (scale, gflops) with gflops > budget
+        hi: tuple[float, float] | None = None  # (scale, gflops) with gflops <= budget
+        scale = self._scale_hint or self._initial_scale(shape)
+        best: tuple[float, RunResult] | None = None
+        for _ in range(self.max_runs):
+            recorders: dict[str, _Recorder] = {}
+            result = self.run({k: scale * a for k, a in shape.items()}, recorders=recorders)
+            if best is None or abs(result.gflops - budget) < abs(best[1].gflops - budget):
+                best = (scale, result)
+            if abs(result.gflops - budget) <= self.tolerance * budget:
+                break
+            if result.gflops > budget:
+                lo = (scale, result.gflops) if lo is None or scale > lo[0] else lo
+            else:
+                hi = (scale, result.gflops) if hi is None or scale < hi[0] else hi
+            # Predicted cost at other scales from the norms seen in this run.
+            fixed = result.gflops - self._predict(recorders, shape, scale)
+            low, high = (lo[0] if lo else scale * 1e-4), (hi[0] if hi else scale * 1e4)
+            guess = self._solve(recorders, shape, budget - fixed, low, high)
+            if lo and hi and not lo[0] < guess < hi[0]:
+                guess = math.sqrt(lo[0] * hi[0])
+            scale = guess
+        assert best is not None
+        self._scale_hint = best[0]
+        return best
+
+    def _initial_scale(self, shape: dict[str, float]) -> float:
+        recorders: dict[str, _Recorder] = {}
+        self.run(dict.fromkeys(self.gates, 0.0), recorders=recorders)
+        norms = torch.cat(
+            [torch.cat([n.flatten() for n in r.norms]) / shape[k] for k, r in recorders.items()]
+        )
+        return float(norms.median().clamp_min(1e-12))
+
+    def _solve(
+        self,
+        recorders: dict[str, _Recorder],
+        shape: dict[str, float],
+        target: float,
+        low: float,
+        high: float,
+    ) -> float:
+        """The scale in [low, high] whose predicted cost is ``target`` (bisection in log)."""
+        a, b = math.log(low), math.log(high)
+        for _ in range(40):
+            mid = 0.5 * (a + b)
+            if self._predict(recorders, shape, math.exp(mid)) > target:
+                a = mid
+            else:
+                b = mid
+        return math.exp(0.5 * (a + b))
+
+    def calibrate(self, budget: float) -> CalibrationResult:
+        """Per-gate thresholds for ``budget`` (backbone GFlops per frame): each
+        shape fitted to the budget; the one with the smallest error wins (among
+        those within the tolerance, if any)."""
+        self.check_budget(budget)
+        fits = {}
+        for gamma in self.gammas:
+            shape = self.shape(gamma)
+            scale, result = self.fit_scale(shape, budget)
+            fits[gamma] = (shape, scale, result)
+        within = [
+            g for g, (_, _, r) in fits.items() if abs(r.gflops - budget) <= self.tolerance * budget
+        ]
+        pool = within or list(fits)
+        gamma = min(
+            pool, key=lambda g: fits[g][2].error if within else abs(fits[g][2].gflops - budget)
+        )
+        shape, scale, result = fits[gamma]
+        return CalibrationResult(
+            budget=float(budget),
+            gflops=result.gflops,
+            error=result.error,
+            thresholds={k: scale * a for k, a in shape.items()},
+            gamma=gamma,
+            scale=scale,
+            max_tokens=self.max_tokens,
+            refresh_every=self.refresh_every,
+            tried={g: (r.gflops, r.error) for g, (_, _, r) in fits.items()},
+        )
+
+    def top_r_for_budget(self, budget: float) -> tuple[int, RunResult]:
+        """The top-r (same r at every gate) whose measured cost is closest to
+        ``budget`` without exceeding it by more than the tolerance."""
+        self.check_budget(budget)
+        n_tokens = self.reference[0][0].shape[1]
+        results: dict[int, RunResult] = {}
+
+        def cost(r: int) -> float:
+            r = min(max(r, 1), n_tokens)
+            if r not in results:
+                results[r] = self.run(TopRPolicy(r))
+            return results[r].gflops
+
+        # The cost is (nearly) linear in r: two runs give the line, then the
+        # integers around its crossing of the budget are measured.
+        a, b = 1, max(2, n_tokens // 2)
+        slope = (cost(b) - cost(a)) / (b - a)
+        guess = a + (budget - cost(a)) / max(slope, 1e-30)
+        r = max(1, min(n_tokens, math.floor(guess)))
+        for candidate in (r, r + 1):
+            cost(candidate)
+        best = min(results, key=lambda v: abs(results[v].gflops - budget))
+        return best, results[best]
