@@ -98,6 +98,10 @@ class EventfulBlock(QueryKeyEventfulBlock):
         # values once read (by the softmax checks, or by _incremental).
         self._new_range: tuple[Tensor, Tensor] | None = None
         self._new_range_read: list[float] | None = None
+        # Static frames: (B,) bool device flags of the streams whose
+        # incremental update was not exact (see eventful_pl.static_frame).
+        self.static_flags: Tensor | None = None
+        self._static_failed: Tensor | None = None
 
     def reset_state(self) -> None:
         super().reset_state()
@@ -170,7 +174,7 @@ class EventfulBlock(QueryKeyEventfulBlock):
         self.q_scaled_t = q_scaled_t.detach().clone() if torch.is_grad_enabled() else q_scaled_t
         self.keys_t = k.detach().transpose(-1, -2).contiguous()
         logits = self._full_logits(q_scaled_t, k.transpose(-1, -2), counted=True)
-        self.log_norm = torch.logsumexp(logits, dim=-1)
+        self.log_norm = torch.logsumexp(logits.float(), dim=-1)
         if torch.is_grad_enabled():  # logsumexp's backward needs the logits
             probs = (logits - self.log_norm.unsqueeze(-1)).exp().to(dtype)
             self.log_norm = self.log_norm.detach()
@@ -216,9 +220,16 @@ class EventfulBlock(QueryKeyEventfulBlock):
             key_index = pool_token_index(index, self.attention_size, self.pool_size)
         r, m = index.shape[1], key_index.shape[1]
         q_new, k_new, v_new = self._updated_qkv(qkv, index, key_index)
-        # One reduction: a NaN or infinity among the new values makes their
-        # range non-finite (read with the softmax checks' sync if there is one).
-        self._new_range = torch.aminmax(qkv.detach()) if qkv.numel() else None
+        static = self.static_frame
+        if static:
+            # Static frames never read a value on the host: the streams with a
+            # non-finite new value are flagged on the device instead.
+            self._new_range = None
+            self._static_failed = nonfinite_streams(qkv)
+        else:
+            # One reduction: a NaN or infinity among the new values makes their
+            # range non-finite (read with the softmax checks' sync if there is one).
+            self._new_range = torch.aminmax(qkv.detach()) if qkv.numel() else None
         self._new_range_read = None
         if self.rel_pos is not None:
             rel_h_rows, rel_w_rows = self.rel_pos.terms_for_rows(q_new, index)
@@ -275,6 +286,12 @@ class EventfulBlock(QueryKeyEventfulBlock):
             )
         self.count("matmul", 2 * out.numel() * m)
         self.count("accumulator", v_new.numel() + 2 * out.numel())
+        if static:
+            # (B,) bool on the device: streams to recompute before the next
+            # frame (see eventful_pl.static_frame).
+            self.static_flags = self._static_failed
+            self._static_failed = None
+            return self.output
         new_range = self._new_range_read
         if new_range is None and self._new_range is not None:
             new_range = [value.item() for value in self._new_range]
@@ -301,7 +318,7 @@ class EventfulBlock(QueryKeyEventfulBlock):
         logits = self._full_logits(
             self.q_scaled_t.index_select(0, rows), self.keys_t.index_select(0, rows), True, rows
         )
-        log_norm = torch.logsumexp(logits, dim=-1)
+        log_norm = torch.logsumexp(logits.float(), dim=-1)
         v = self.v_gate.p.index_select(0, rows)
         probs = softmax.exp_shifted_(logits, log_norm.unsqueeze(-1)).to(v.dtype)
         output = self.matmul(probs, v)
@@ -335,6 +352,17 @@ class EventfulBlock(QueryKeyEventfulBlock):
             index,
         )
         scratch = self.workspaces
+        if self.static_frame:
+            buffers = (
+                scratch.get("rows", (g, r, nk), q_rows),
+                scratch.get("cols_old", (g, m, n), q_rows),
+                scratch.get("cols_new", (g, m, n), q_rows),
+            )
+            probs, failed = softmax.incremental_softmax_flagged(
+                *args, self.min_kept_mass, self.max_log_shift, buffers
+            )
+            self._static_failed.logical_or_(failed)
+            return probs.view(b, heads, m, n)
         if kernels.fused_kernels_available(q_rows, self.q_scaled_t, self.log_norm):
             probs = scratch.get("cols_new", (g, m, n), q_rows)
             if kernels.incremental_softmax(*args, probs, self.min_kept_mass, self.max_log_shift):
@@ -428,6 +456,12 @@ class EventfulBlock(QueryKeyEventfulBlock):
         rows (B, H, r, Nk), cols_old and cols_new (B, H, m, N); all overwritten.
         """
         log_norm = self.log_norm
+        if self.static_frame:
+            probs, failed = softmax.update_softmax_flagged(
+                rows, cols_old, cols_new, log_norm, index, self.min_kept_mass, self.max_log_shift
+            )
+            self._static_failed.logical_or_(failed)
+            return probs
         fused = kernels.fused_kernels_available(rows, cols_old, cols_new, log_norm)
         if fused and cols_new.is_contiguous():
             if kernels.update_softmax(
@@ -456,7 +490,7 @@ class EventfulBlock(QueryKeyEventfulBlock):
         """The fallback: recomputes the normalisers (B, H, N) from the full
         logits; returns the softmax columns of the keys in ``key_index`` (B, H, m, N)."""
         logits = self._full_logits(self.q_scaled_t, self.keys_t, counted=False)
-        self.log_norm.copy_(torch.logsumexp(logits, dim=-1))
+        self.log_norm.copy_(torch.logsumexp(logits.float(), dim=-1))
         cols = logits.gather(3, expand_col_index(key_index, logits.shape))
         shift = self.log_norm.unsqueeze(-2)
         return softmax.exp_shifted_(cols.transpose(-1, -2), shift).contiguous()

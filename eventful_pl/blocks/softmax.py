@@ -71,11 +71,13 @@ def update_softmax(
     """
     b, heads = log_norm.shape[:2]
     row_index = index.unsqueeze(1).expand(b, heads, -1)
-    row_mass = exp_shifted_(rows, log_norm.gather(2, row_index).unsqueeze(-1)).sum(dim=-1)
-    removed = exp_shifted_(cols_old, log_norm.unsqueeze(-2)).sum(dim=-2)
+    row_mass = exp_shifted_(rows, log_norm.gather(2, row_index).unsqueeze(-1)).sum(
+        dim=-1, dtype=torch.float32
+    )
+    removed = exp_shifted_(cols_old, log_norm.unsqueeze(-2)).sum(dim=-2, dtype=torch.float32)
     probs = exp_shifted_(cols_new, log_norm.unsqueeze(-2))
     kept = torch.rsub(removed, 1.0).scatter_(2, row_index, 1.0)
-    total = probs.sum(dim=-2).add_(kept).scatter_(2, row_index, row_mass)
+    total = probs.sum(dim=-2, dtype=torch.float32).add_(kept).scatter_(2, row_index, row_mass)
     log_total = total.log()
     # One sync for the checks and the caller's values; NaN fails every comparison.
     least_kept, low, high, *values = torch.stack(
@@ -145,3 +147,74 @@ def update_output(
     v_old = v_new - v_delta
     out.baddbmm_(a_new.transpose(1, 2), v_delta)
     return out.baddbmm_(a_delta.transpose(1, 2), v_old)
+
+
+def update_softmax_flagged(
+    rows: Tensor,
+    cols_old: Tensor,
+    cols_new: Tensor,
+    log_norm: Tensor,
+    index: Tensor,
+    min_kept_mass: float,
+    max_log_shift: float,
+) -> tuple[Tensor, Tensor]:
+    """:func:`update_softmax` without a host synchronisation (static frames):
+    the update is always applied, and the precision checks come back as a
+    device flag per stream instead of a branch.
+
+    Shapes as :func:`update_softmax`. Returns (columns (B, H, m, N) written
+    into ``cols_new``, failed (B,) bool): ``failed`` marks the streams where a
+    row keeps less than ``min_kept_mass``, a normaliser moves by
+    ``max_log_shift`` or more, or a value is NaN. Their normalisers and
+    columns are then not exact and the caller must recompute those streams
+    (:meth:`eventful_pl.blocks.EventfulBlock._recompute_items`).
+    """
+    b, heads = log_norm.shape[:2]
+    row_index = index.unsqueeze(1).expand(b, heads, -1)
+    row_mass = exp_shifted_(rows, log_norm.gather(2, row_index).unsqueeze(-1)).sum(
+        dim=-1, dtype=torch.float32
+    )
+    removed = exp_shifted_(cols_old, log_norm.unsqueeze(-2)).sum(dim=-2, dtype=torch.float32)
+    probs = exp_shifted_(cols_new, log_norm.unsqueeze(-2))
+    kept = torch.rsub(removed, 1.0).scatter_(2, row_index, 1.0)
+    total = probs.sum(dim=-2, dtype=torch.float32).add_(kept).scatter_(2, row_index, row_mass)
+    log_total = total.log()
+    # NaN fails every comparison, so it counts as a failure.
+    good = kept.ge(min_kept_mass) & log_total.gt(-max_log_shift) & log_total.lt(max_log_shift)
+    failed = good.flatten(1).all(dim=1).logical_not_()
+    log_norm.add_(log_total)
+    return probs.mul_(total.reciprocal_().unsqueeze(-2)), failed
+
+
+def incremental_softmax_flagged(
+    q_rows: Tensor,
+    keys_t: Tensor,
+    k_new: Tensor,
+    k_old: Tensor,
+    q_t: Tensor,
+    log_norm: Tensor,
+    index: Tensor,
+    min_kept_mass: float,
+    max_log_shift: float,
+    buffers: tuple[Tensor | None, Tensor | None, Tensor | None] = (None, None, None),
+) -> tuple[Tensor, Tensor]:
+    """:func:`incremental_softmax` through :func:`update_softmax_flagged`
+    (no host synchronisation). Returns (columns (G, m, N), failed (B,) bool)."""
+    g, r, _ = q_rows.shape
+    m, n, nk = k_new.shape[1], q_t.shape[-1], keys_t.shape[-1]
+    b = index.shape[0]
+    rows_out, cols_old_out, cols_new_out = buffers
+    rows = torch.bmm(q_rows, keys_t, out=rows_out)
+    cols_new = torch.bmm(k_new, q_t, out=cols_new_out)
+    cols_old = torch.bmm(k_old, q_t, out=cols_old_out)
+    heads = g // b
+    probs, failed = update_softmax_flagged(
+        rows.view(b, heads, r, nk),
+        cols_old.view(b, heads, m, n),
+        cols_new.view(b, heads, m, n),
+        log_norm.view(b, heads, n),
+        index,
+        min_kept_mass,
+        max_log_shift,
+    )
+    return probs.view(g, m, n), failed
