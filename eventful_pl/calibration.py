@@ -309,8 +309,11 @@ class CalibrationResult:
     scale: float
     max_tokens: int | None = None
     refresh_every: int | None = None
-    #: Error and GFlops of every shape tried: {gamma: (gflops, error)}.
+    #: GFlops and error of every shape tried: {gamma: (gflops, error)}.
     tried: dict[float, tuple[float, float]] = field(default_factory=dict)
+    #: The thresholds fitted for every shape tried (``candidates[0.0]``: the
+    #: single global threshold, if tried).
+    candidates: dict[float, dict[str, float]] = field(default_factory=dict)
 
     def policy(self, budget: float | None = None) -> CalibratedThresholdPolicy:
         """The policy; ``budget``: the value to file it under (default ``self.budget``)."""
@@ -540,6 +543,7 @@ class Calibrator:
             max_tokens=self.max_tokens,
             refresh_every=self.refresh_every,
             tried={g: (r.gflops, r.error) for g, (_, _, r) in fits.items()},
+            candidates={g: {k: sc * a for k, a in sh.items()} for g, (sh, sc, _) in fits.items()},
         )
 
     def top_r_for_budget(self, budget: float) -> tuple[int, RunResult]:
