@@ -14,6 +14,25 @@ from eventful_pl.policies import TokenPolicy
 from eventful_pl.position import PositionEncoding
 from eventful_pl.state import reset_stream_state
 
+#: Precisions a model can be built in (the ``dtype`` option).
+COMPUTE_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, option: str = "dtype") -> torch.dtype:
+    """The torch dtype of a ``dtype`` option: None (float32), a name of
+    :data:`COMPUTE_DTYPES` or one of its torch dtypes."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype) and dtype in COMPUTE_DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in COMPUTE_DTYPES:
+        return COMPUTE_DTYPES[dtype.removeprefix("torch.")]
+    raise ValueError(f"{option}={dtype!r} is not supported; choose one of {list(COMPUTE_DTYPES)}")
+
 
 class ViTBackbone(Counted, nn.Module):
     """Learned absolute position encoding, optional class token, a stack of blocks.
@@ -48,6 +67,10 @@ class ViTBackbone(Counted, nn.Module):
         policy: Token selection policy for every gate.
         drop_path_rate: Stochastic depth, increasing linearly to this rate.
         final_norm: Apply a final LayerNorm.
+        dtype: Precision of the weights and activations (``"float32"``,
+            ``"bfloat16"``, ``"float16"``; inference): inputs are cast to it
+            and outputs come in it. Matrix products accumulate in float32, and
+            the full block keeps its softmax normalisers in float32.
 
     Shapes: patch tokens (B, h * w, D) -> (B, [1 +] h * w, D).
     """
@@ -74,8 +97,10 @@ class ViTBackbone(Counted, nn.Module):
         policy: TokenPolicy | None = None,
         drop_path_rate: float = 0.0,
         final_norm: bool = False,
+        dtype: str | torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        compute_dtype = resolve_dtype(dtype)
         self.dim = dim
         self.input_size = to_pair(input_size)
         self.num_prefix_tokens = int(class_token)
@@ -148,11 +173,20 @@ class ViTBackbone(Counted, nn.Module):
             blocks.append(build_block(variant, dim, heads, **kwargs))
         self.blocks = nn.ModuleList(blocks)
         self.norm = nn.LayerNorm(dim, eps=LN_EPS) if final_norm else None
+        if compute_dtype != torch.float32:
+            self.to(compute_dtype)
 
     @property
     def variants(self) -> list[str]:
         """The variant of each block."""
         return [block.variant for block in self.blocks]
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the blocks compute in: that of their weights (inputs are cast to it)."""
+        for param in self.blocks.parameters():
+            return param.dtype
+        return torch.float32
 
     def reset(self) -> None:
         """Resets all stream state: the next frame is a flush."""
@@ -171,6 +205,9 @@ class ViTBackbone(Counted, nn.Module):
                 f"ViTBackbone expects patch tokens (B, {expected}, {self.dim}) for "
                 f"input_size={self.input_size}, got {tuple(x.shape)}"
             )
+        dtype = self.compute_dtype
+        if x.dtype != dtype and x.is_floating_point():
+            x = x.to(dtype)
         if self.class_token is not None:
             x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)
         x = self.position_encoding(x)  # a new tensor, which the blocks update in place

@@ -6,8 +6,10 @@ reaches well under half of its large-batch rate on CPU. When gradients are
 off, the input is a float32 CPU tensor and PyTorch has oneDNN, :func:`linear`
 packs the weight once into oneDNN's blocked layout (a cached copy, refreshed
 when the weight changes in place) and calls oneDNN's linear primitive, with
-GELU fused into it if asked. Everything else (training, CUDA, half precision,
-inference-mode weights) uses ``F.linear``. Dense and eventful blocks both go
+GELU fused into it if asked. bfloat16 takes the same path where oneDNN runs
+bfloat16 natively (AVX512-BF16 or AMX: :func:`bf16_prepacked_supported`),
+accumulating in float32. Everything else (training, CUDA, float16, bfloat16
+on other CPUs, inference-mode weights) uses ``F.linear``. Dense and eventful blocks both go
 through here for their plain ``nn.Linear`` layers, so speed comparisons stay
 like for like; a replaced or hooked layer is called as a module instead
 (:meth:`eventful_pl.blocks.Block.linear`).
@@ -27,6 +29,7 @@ _MKLDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(
     torch.ops.mkldnn, "_linear_pointwise"
 )
 _enabled = True
+_bf16_supported: bool | None = None
 # weight -> (weight._version when packed, packed weight)
 _packed: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
@@ -39,18 +42,32 @@ def set_prepacked_linear(enabled: bool) -> None:
         _packed.clear()
 
 
+def bf16_prepacked_supported() -> bool:
+    """Whether oneDNN packs and runs bfloat16 linears natively on this CPU
+    (AVX512-BF16 or AMX; checked once)."""
+    global _bf16_supported
+    if _bf16_supported is None:
+        check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+        try:
+            _bf16_supported = bool(_MKLDNN_LINEAR and check is not None and check())
+        except RuntimeError:
+            _bf16_supported = False
+    return _bf16_supported
+
+
 def prepacked_linear_available(x: Tensor, weight: Tensor) -> bool:
     """Whether :func:`linear` would take the pre-packed path for these tensors."""
-    return (
+    if not (
         _enabled
         and _MKLDNN_LINEAR
         and not torch.is_grad_enabled()
         and x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and weight.dtype == torch.float32
+        and x.dtype == weight.dtype
         and not weight.is_inference()
         and x.numel() > 0
-    )
+    ):
+        return False
+    return x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and bf16_prepacked_supported())
 
 
 def _packed_weight(weight: Tensor) -> Tensor:
@@ -65,7 +82,8 @@ def _packed_weight(weight: Tensor) -> Tensor:
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool = False) -> Tensor:
     """``F.linear(x, weight, bias)``, then exact (erf) GELU if ``gelu``.
 
-    Shapes: x (..., in), weight (out, in), bias (out,) -> (..., out).
+    float32 or bfloat16 (float32 accumulation). Shapes: x (..., in),
+    weight (out, in), bias (out,) -> (..., out).
     """
     if prepacked_linear_available(x, weight):
         packed = _packed_weight(weight)

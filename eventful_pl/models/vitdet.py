@@ -264,6 +264,9 @@ class ViTDet(nn.Module):
         drop_path_rate: Backbone stochastic depth.
         mean: Pixel mean (0..255).
         std: Pixel std (0..255).
+        dtype: Precision of the patch embedding and the backbone
+            (``"float32"``, ``"bfloat16"``, ``"float16"``; inference); the
+            feature pyramid and the detection head stay float32.
 
     Shapes: images (B, 3, H, W) or [(3, H_i, W_i)], uint8 or float 0..1 ->
     eval: [{"boxes" (n, 4) xyxy input pixels, "scores" (n,), "labels" (n,) in 0..K-1}];
@@ -299,6 +302,7 @@ class ViTDet(nn.Module):
         drop_path_rate: float = 0.0,
         mean: Sequence[float] = (123.675, 116.28, 103.53),
         std: Sequence[float] = (58.395, 57.12, 57.375),
+        dtype: str | torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if variant not in VITDET_VARIANTS:
@@ -331,8 +335,10 @@ class ViTDet(nn.Module):
             gate_before_ln=gate_before_ln,
             policy=policy,
             drop_path_rate=drop_path_rate,
+            dtype=dtype,
             **VITDET_VARIANTS[variant],
         )
+        self.embedding.to(self.backbone.compute_dtype)
         self.pyramid = SimpleFeaturePyramid(dim, pyramid_channels, patch_stride=patch_size)
         self.head = FasterRCNNHead(
             num_classes,
@@ -354,12 +360,13 @@ class ViTDet(nn.Module):
         self.backbone.set_policy(policy)
 
     def backbone_forward(self, pixels: Tensor) -> Tensor:
-        """Normalised, padded pixels (B, 3, S, S) -> backbone tokens (B, h * w, D)."""
-        return self.backbone(self.embedding(pixels))
+        """Normalised, padded pixels (B, 3, S, S) -> backbone tokens (B, h * w, D)
+        in the backbone's dtype."""
+        return self.backbone(self.embedding(pixels.to(self.backbone.compute_dtype)))
 
     def features(self, images: ImageList) -> dict[str, Tensor]:
         """Preprocessed images -> feature pyramid {"p2".."p6": (B, C, H_l, W_l)}."""
-        tokens = self.backbone_forward(images.tensors)
+        tokens = self.backbone_forward(images.tensors).float()
         x = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, *self.grid)
         return self.pyramid(x)
 

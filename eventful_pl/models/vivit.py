@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from eventful_pl.backbone import ViTBackbone
+from eventful_pl.backbone import ViTBackbone, resolve_dtype
 from eventful_pl.blocks import to_pair
 from eventful_pl.counting import Counted
 from eventful_pl.policies import TokenPolicy
@@ -46,7 +46,7 @@ class TubeletEmbedding(nn.Module):
         self.conv = nn.Conv3d(in_channels, dim, kernel_size=self.tubelet, stride=self.tubelet)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.conv(x.transpose(1, 2))  # (B, D, T', h, w)
+        x = self.conv(x.transpose(1, 2).to(self.conv.weight.dtype))  # (B, D, T', h, w)
         return x.flatten(3).permute(0, 2, 3, 1)
 
 
@@ -181,6 +181,10 @@ class FactorizedViViT(Counted, nn.Module):
         spatial_kwargs: More :class:`ViTBackbone` options for the spatial ViT
             (e.g. ``gate_before_ln``, ``stgt``, ``pool_size``).
         drop_path_rate: Stochastic depth of the temporal ViT.
+        dtype: Precision of the embedding, both ViTs and the classifier
+            (``"float32"``, ``"bfloat16"``, ``"float16"``; inference):
+            preprocessing stays float32, spatial features come in ``dtype``,
+            logits in float32.
 
     Shapes: video (B, T_video, C, H, W) -> logits (B, num_classes).
     """
@@ -208,10 +212,12 @@ class FactorizedViViT(Counted, nn.Module):
         policy: TokenPolicy | None = None,
         spatial_kwargs: dict | None = None,
         drop_path_rate: float = 0.0,
+        dtype: str | torch.dtype | None = None,
     ) -> None:
         super().__init__()
         #: The constructor arguments (to build a twin, e.g. a dense one for counting).
         self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        compute_dtype = resolve_dtype(dtype)
         image_size = to_pair(image_size)
         tubelet = tuple(int(s) for s in tubelet)
         if len(tubelet) != 3:
@@ -256,6 +262,9 @@ class FactorizedViViT(Counted, nn.Module):
         )
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(dim, num_classes)
+        if compute_dtype != torch.float32:
+            for module in (self.embedding, self.spatial, self.temporal, self.classifier):
+                module.to(compute_dtype)
 
     @property
     def num_views(self) -> int:
@@ -292,7 +301,7 @@ class FactorizedViViT(Counted, nn.Module):
         x = self.dropout(x)
         self.count("linear", x.numel() * self.num_classes)
         self.count("bias", x.shape[0] * self.num_classes)
-        return self.classifier(x)
+        return self.classifier(x).float()
 
     def classify_features(self, features: Tensor) -> Tensor:
         """Spatial outputs (B, V, T', D) -> logits averaged over views (B, classes)."""
