@@ -574,30 +574,34 @@ class VideoFolderDataModule(L.LightningDataModule):
 
     def predict_dataset(self) -> Dataset:
         """This rank's dataset: :class:`ViewClipDataset` or :class:`FrameChunkDataset`."""
+        if self.kind is None:
+            raise ValueError(
+                "VideoFolderDataModule: kind is not set; predict with a ViViTFineTuning or "
+                "ViTDetModule (they set it), or set kind: vivit / vitdet"
+            )
         if not self.videos:
             self.setup("predict")
         common = {"name": "video folder", "decode_threads": self.decode_threads}
         strides = {"frame_stride": self.frame_stride, "max_frames": self.max_frames}
         if self.kind == "vitdet":
             return FrameChunkDataset(
-                self.videos, self.chunk_frames, self.stream_length, resize=self.resize,
-                **strides, **common,
-            )  # fmt: skip
-        if self.kind == "vivit":
-            clips = self._clips
-            if clips is None:
-                frames, stride, views, side = self.view_options
-                if None in (frames, stride, views):
-                    raise ValueError(
-                        "VideoFolderDataModule: kind 'vivit' without a model needs frames, "
-                        "temporal_stride and temporal_views (or predict with a ViViTFineTuning)"
-                    )
-                clips = ViewClips(frames, stride, views, side or None)
-            return ViewClipDataset(self.videos, clips, **strides, **common)
-        raise ValueError(
-            "VideoFolderDataModule: kind is not set; predict with a ViViTFineTuning or "
-            "ViTDetModule (they set it), or set kind: vivit / vitdet"
-        )
+                self.videos,
+                self.chunk_frames,
+                self.stream_length,
+                resize=self.resize,
+                **strides,
+                **common,
+            )
+        clips = self._clips
+        if clips is None:
+            frames, stride, views, side = self.view_options
+            if None in (frames, stride, views):
+                raise ValueError(
+                    "VideoFolderDataModule: kind 'vivit' without a model needs frames, "
+                    "temporal_stride and temporal_views (or predict with a ViViTFineTuning)"
+                )
+            clips = ViewClips(frames, stride, views, side or None)
+        return ViewClipDataset(self.videos, clips, **strides, **common)
 
     def predict_dataloader(self) -> DataLoader:
         """Batches of this rank's videos (ViViT: :func:`collate_views`)

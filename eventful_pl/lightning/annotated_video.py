@@ -65,7 +65,7 @@ def token_heat(maps: Tensor, extent: tuple[float, float], size: tuple[int, int])
 
 def class_colour(label: int) -> tuple[int, int, int]:
     """A bright colour per class id (the same in every frame and video)."""
-    hue = (label * 0.6180339887) % 1.0
+    hue = (0.3 + label * 0.6180339887) % 1.0  # class 0 green: not the tint's red
     sector, fraction = int(hue * 6), (hue * 6) % 1.0
     rise, fall = int(255 * fraction), int(255 * (1 - fraction))
     return [
@@ -165,6 +165,11 @@ class AnnotatedVideoWriter:
         self._stream.height, self._stream.width = self.size
         odd = self.size[0] % 2 or self.size[1] % 2
         self._stream.pix_fmt = "yuv444p" if odd and self.codec == "libx264" else "yuv420p"
+        if self.codec == "libx264":
+            self._stream.options = {"crf": "18"}  # visually lossless
+        else:
+            pixels_per_second = self.size[0] * self.size[1] * float(rate)
+            self._stream.bit_rate = max(1_000_000, int(0.3 * pixels_per_second))
         #: Frames written so far.
         self.frames = 0
 
