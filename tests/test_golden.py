@@ -1,4 +1,4 @@
-"""Golden vectors from the original authors' code (copied from ../shared/golden/).
+"""Golden vectors computed with the original authors' code (``tests/data/``).
 
 Each case drives one block through T frames of one stream through the
 ``eventful_pl.compat.reference_block`` door; outputs must match within 1e-4
