@@ -163,7 +163,7 @@ def test_errors_name_the_problem(tmp_path):
 def test_cli_entry_point_reproduces_published_vivit_counts():
     """``python cli.py count``: dense ViViT-B is 3.36 TFlops per Kinetics-400 video (paper)."""
     result = subprocess.run(
-        [sys.executable, "cli.py", "count", "--config", "configs/count/vivit_b_kinetics400.yaml",
+        [sys.executable, "cli.py", "count", "--config", "configs/vivit/kinetics400.yaml",
          "--json"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip

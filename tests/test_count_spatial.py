@@ -70,8 +70,9 @@ def row(table, label):
 )  # fmt: skip
 @pytest.mark.slow
 def test_spatial_config_reports_the_pooled_model_beside_the_base(capsys, size, spatial, base):
-    config = str(ROOT / f"configs/vitdet/vid_{size}_spatial.yaml")
-    table, report = run(capsys, ["--config", config])
+    files = ["vid.yaml", *(["vid/672.yaml"] if size == 672 else []), "vid/spatial.yaml"]
+    config = [a for f in files for a in ("--config", str(ROOT / "configs" / "vitdet" / f))]
+    table, report = run(capsys, config)
     dense, own = report["settings"]
     assert (dense["name"], dense["role"]) == ("dense", "base")
     assert (own["name"], own["role"]) == ("spatial", "model")
@@ -86,22 +87,23 @@ def test_spatial_config_reports_the_pooled_model_beside_the_base(capsys, size, s
     assert row(table, "spatial (model)")[2] == f"{own['total']:.3f}"
     assert row(table, "dense (base model)")[3] == f"{dense['total']:.3f}"
     # --no_dense leaves the model's own row.
-    (alone,) = main(["--config", config, "--no_dense"])["settings"]
+    (alone,) = main([*config, "--no_dense"])["settings"]
     assert alone == own
 
 
 @pytest.mark.parametrize(
     "config, base",
     [
-        ("configs/vitdet/vid_672.yaml", 174.5),
-        ("configs/vitdet/vid_1024_tokenwise.yaml", 467.4),
-        ("configs/vitdet/vid_672_spatiotemporal.yaml", 174.5),
-        ("configs/count/vitdet_b_vid_1024.yaml", 467.4),
+        (["vid.yaml", "vid/672.yaml"], 174.5),
+        (["vid.yaml", "vid/tokenwise.yaml"], 467.4),
+        (["vid.yaml", "vid/672.yaml", "vid/spatiotemporal.yaml"], 174.5),
+        (["vid.yaml"], 467.4),
     ],
 )
 @pytest.mark.slow
 def test_other_configs_report_only_the_base_model(capsys, config, base):
-    table, report = run(capsys, ["--config", str(ROOT / config)])
+    files = [a for f in config for a in ("--config", str(ROOT / "configs" / "vitdet" / f))]
+    table, report = run(capsys, files)
     (dense,) = report["settings"]
     assert (dense["name"], dense["role"]) == ("dense", "base")
     assert round(dense["total"], 1) == base

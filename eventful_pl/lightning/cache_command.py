@@ -1,7 +1,7 @@
 """The ``cache-features`` command: writes the spatial-feature caches of a fine-tuning config.
 
     python cli.py cache-features --config configs/demo.yaml
-    python cli.py cache-features --config configs/vivit/kinetics400_r24.yaml --splits train val
+    python cli.py cache-features --config configs/vivit/kinetics400.yaml --splits train val
     python cli.py cache-features --config my.yaml --device cuda:1 --model.init_args.r 48
 
 It reads the same YAML config as ``fit`` (LightningCLI: ``model``, ``data``,

@@ -14,20 +14,71 @@ Three differences from plain :class:`~lightning.pytorch.cli.LightningCLI`:
 - The run's config is saved as ``config.yaml`` in the run's log directory
   (the logger's version folder); an existing file is never replaced: the
   copy goes to the first free ``config.N.yaml`` instead.
+
+:func:`main` is the command line (``python cli.py`` and the ``eventful-pl``
+console script): LightningCLI's ``fit``, ``validate``, ``test`` and
+``predict``, plus ``count`` and ``cache-features``, all reading the same YAML
+configs (``--config`` may be given several times: later files override
+earlier ones). The LightningModules and data modules of the project are
+imported here, so their short names work (``--model ViTDetModule``,
+``--data.videos KineticsDataModule``). Lightning's "Tip" messages advertising
+other products are filtered out of its log.
 """
 
 from __future__ import annotations
 
+import logging
 import pickle
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from jsonargparse import ArgumentParser
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 
+# Imported for their short names on the command line (jsonargparse resolves a
+# class name among the imported subclasses of the expected type).
+from datamodules.epic_kitchens import EpicKitchensDataModule  # noqa: F401
+from datamodules.features import FeatureDataModule  # noqa: F401
+from datamodules.finetune import ViViTFineTuneDataModule  # noqa: F401
+from datamodules.imagenet_vid import ImageNetVIDDataModule  # noqa: F401
+from datamodules.kinetics import KineticsDataModule  # noqa: F401
+from eventful_pl.lightning import callbacks as _callbacks  # noqa: F401
+from eventful_pl.lightning.vitdet_module import ViTDetModule  # noqa: F401
+from eventful_pl.lightning.vivit_module import ViViTFineTuning  # noqa: F401
+
 CONFIG_NAME = "config.yaml"
+
+#: The subcommands :func:`main` runs itself, with their one-line help.
+EXTRA_SUBCOMMANDS = {
+    "count": "Operation counts (GFlops) of a config's model, dense and per r / threshold.",
+    "cache-features": "Write the frozen spatial model's feature caches of a fine-tuning config.",
+}
+
+#: Loggers through which Lightning prints its messages (``rank_zero_info``).
+_LIGHTNING_LOGGERS = (
+    "lightning.pytorch.utilities.rank_zero",
+    "lightning.fabric.utilities.rank_zero",
+)
+
+
+class _NoAdvertisingTips(logging.Filter):
+    """Drops Lightning's "💡 Tip: ... try installing ..." product suggestions."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).lstrip().startswith("💡 Tip:")
+
+
+def hide_lightning_tips() -> None:
+    """Filters Lightning's advertising tips out of its log (once; other messages stay)."""
+    for name in _LIGHTNING_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoAdvertisingTips) for f in logger.filters):
+            logger.addFilter(_NoAdvertisingTips())
 
 
 class CheckpointConflictError(ValueError):
@@ -92,7 +143,19 @@ class EventfulCLI(LightningCLI):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_callback", RunConfigSaver)
+        hide_lightning_tips()
         super().__init__(*args, **kwargs)
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        """LightningCLI's subcommands, and :data:`EXTRA_SUBCOMMANDS` for ``--help``
+        (:func:`main` runs those before LightningCLI parses anything)."""
+        super()._add_subcommands(parser, **kwargs)
+        action = parser._subcommands_action
+        if action is None:
+            return
+        for name, description in EXTRA_SUBCOMMANDS.items():
+            sub = ArgumentParser(description=f"{description} Run '{name} --help' for options.")
+            action.add_subcommand(name, sub, help=description)
 
     def _parse_ckpt_path(self) -> None:
         subcommand = self.config.get("subcommand")
@@ -140,3 +203,29 @@ class EventfulCLI(LightningCLI):
             if kwargs.get("weights_only") is None:
                 kwargs["weights_only"] = True
         return kwargs
+
+
+def main(args: Sequence[str] | None = None) -> EventfulCLI | dict | list:
+    """Runs the command line on ``args`` (default: the process's own arguments).
+
+    ``count`` and ``cache-features`` go to their commands
+    (:mod:`eventful_pl.lightning.count_command`,
+    :mod:`eventful_pl.lightning.cache_command`); everything else to
+    :class:`EventfulCLI`. Returns the CLI object, the count report or the
+    cache reports.
+    """
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] == "count":
+        from eventful_pl.lightning.count_command import main as count_main
+
+        return count_main(argv[1:])
+    if argv and argv[0] == "cache-features":
+        from eventful_pl.lightning.cache_command import main as cache_main
+
+        return cache_main(argv[1:])
+    # args=None lets LightningCLI read sys.argv itself (no "args parameter" warning).
+    return EventfulCLI(
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=None if args is None else argv,
+    )

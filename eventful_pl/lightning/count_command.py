@@ -1,11 +1,14 @@
 """The ``count`` command: GFlops of a configuration, by kind, dense and per r / threshold.
 
-    python cli.py count --config configs/count/vitdet_b_vid_672.yaml --r 128 256 512
-    python cli.py count --config my_fit_config.yaml --thresholds 0.2 1.0 --video clip.mp4 --json
+    python cli.py count --config configs/vitdet/vid.yaml --config configs/vitdet/vid/672.yaml \
+        --r 128 256 512
+    python cli.py count --config configs/vivit/kinetics400.yaml --r 24 48 96 --json
+    python cli.py count --config my_fit_config.yaml --thresholds 0.2 1.0 --video clip.mp4
 
-The config's ``model`` section (the same as in a ``fit`` config) names the
+It reads the ``fit`` configs themselves (several ``--config``: later files
+override earlier ones, as for ``fit``). The ``model`` section names the
 network (``FactorizedViViT``, ``ViTDet``) or a LightningModule holding it as
-``.model``; its other sections (``trainer``, ``data``, ...) are ignored.
+``.model``; the other sections (``trainer``, ``data``, ...) are ignored.
 ViViT is counted per video (all views, spatial + temporal + classifier),
 ViTDet per frame (backbone only; first frame, later frames and their average
 over ``--video_length`` frames). Thresholds depend on content and need
@@ -40,12 +43,17 @@ from eventful_pl.models.vivit import FactorizedViViT
 _IGNORED_SECTIONS = ("trainer", "data", "optimizer", "lr_scheduler", "ckpt_path", "seed_everything")
 
 
-def build_parser() -> ArgumentParser:
+def build_parser(prog: str = "cli.py count") -> ArgumentParser:
+    """The ``count`` options; ``--config`` may be given several times."""
     parser = ArgumentParser(
-        prog="cli.py count",
+        prog=prog,
         description="Operation counts (GFlops) of a model configuration, by kind.",
     )
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML config with a model")
+    parser.add_argument(
+        "--config",
+        action=ActionConfigFile,
+        help="YAML config with a model (a fit config); repeat to add overlays",
+    )
     parser.add_subclass_arguments(nn.Module, "model", required=True, instantiate=True)
     parser.add_argument(
         "--r", type=PositiveInt, nargs="+", default=[], help="top-r values to count (> 0)"

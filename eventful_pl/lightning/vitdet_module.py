@@ -1,9 +1,9 @@
 """ViTDet on ImageNet VID (+ DET) as a LightningModule: training on independent
 images, streaming evaluation of video segments with a test-time r sweep and mAP50.
 
-    python cli.py fit --config configs/vitdet/vid_672.yaml
-    python cli.py validate --config configs/vitdet/vid_672.yaml --ckpt_path last.ckpt
-    python cli.py count --config configs/vitdet/vid_672.yaml --r 256 512
+    python cli.py fit --config configs/vitdet/vid.yaml --config configs/vitdet/vid/672.yaml
+    python cli.py validate --config configs/vitdet/vid.yaml --ckpt_path last.ckpt
+    python cli.py count --config configs/vitdet/vid.yaml --r 512 1024
 
 Training (DESIGN section 6) trains the dense computation: every training image
 is its own stream (the model is reset before each forward), so every gate
@@ -19,7 +19,7 @@ and counts the backbone's operations per frame. Logged:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -39,6 +39,11 @@ from eventful_pl.policies import ThresholdPolicy, TokenPolicy, TopRPolicy
 from eventful_pl.weights import resolve_weights
 
 Detections = dict[str, Tensor]
+
+#: The keys of :data:`~eventful_pl.models.vitdet.VITDET_PRESETS` (the command line lists them).
+ViTDetPreset = Literal["vitdet_b_vid", "vitdet_b_vid_672", "vitdet_b_coco", "vitdet_tiny"]
+#: The keys of :data:`~eventful_pl.models.vitdet.VITDET_VARIANTS`.
+ViTDetVariant = Literal["dense", "eventful", "tokenwise", "stgt", "spatial", "spatiotemporal"]
 
 #: Linear warm-up starts at this fraction of the learning rate (detectron2's default).
 WARMUP_START_FACTOR = 0.001
@@ -168,9 +173,11 @@ class ViTDetModule(EventfulEvalModule):
             ``gate_before_ln``, ``num_classes``); not ``variant``/``policy``.
         pretrained: Checkpoint file (detectron2 ``.pkl``/``.pth``, original
             eventful code, or ours); a COCO (80-class) checkpoint loads all but
-            the box predictor. Read at the start of fit/validate/test/predict
-            (not when a Lightning checkpoint is restored) or by
-            :meth:`load_pretrained`, not at construction.
+            the box predictor. A local path or an ``https://`` URL (downloaded
+            once, optional ``#sha256=...``: :mod:`eventful_pl.weights`). Read
+            at the start of fit/validate/test/predict (not when a Lightning
+            checkpoint is restored) or by :meth:`load_pretrained`, not at
+            construction.
         trust_pretrained: Read ``pretrained`` with plain pickle, which runs any
             code the file names. Off by default: only tensors, numpy arrays and
             plain containers are read, and a file that needs more is refused.
@@ -197,8 +204,8 @@ class ViTDetModule(EventfulEvalModule):
 
     def __init__(
         self,
-        preset: str = "vitdet_b_vid",
-        variant: str = "eventful",
+        preset: ViTDetPreset = "vitdet_b_vid",
+        variant: ViTDetVariant = "eventful",
         model_kwargs: dict[str, Any] | None = None,
         pretrained: str | None = None,
         trust_pretrained: bool = False,

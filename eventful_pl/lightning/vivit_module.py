@@ -11,14 +11,14 @@ run whole videos through the model under every setting of the sweep
 (``eval_r`` / ``eval_thresholds``) and report top-1 / top-5 accuracy and
 GFlops per video for each::
 
-    python cli.py fit --config configs/vivit/epic_kitchens_r50.yaml
-    python cli.py test --config configs/vivit/epic_kitchens_r50.yaml --ckpt_path last.ckpt
+    python cli.py fit --config configs/vivit/epic_kitchens.yaml
+    python cli.py test --config configs/vivit/epic_kitchens.yaml --ckpt_path last.ckpt
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,7 @@ from torch import Tensor
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from eventful_pl.blocks import BlockVariant
 from eventful_pl.counting import count_ops
 from eventful_pl.gates import TokenGate
 from eventful_pl.lightning.evaluation import EventfulEvalModule
@@ -39,6 +40,9 @@ from eventful_pl.models.vivit_convert import load_vivit_checkpoint
 from eventful_pl.policies import TopRPolicy
 
 Batch = Mapping[str, Any] | Sequence[Tensor]
+
+#: The keys of :data:`~eventful_pl.models.vivit.VIVIT_PRESETS` (the command line lists them).
+ViViTPreset = Literal["vivit_b_kinetics400", "vivit_b_epic_kitchens", "vivit_tiny"]
 
 
 def batch_ids(batch: Batch) -> list[Any] | None:
@@ -56,6 +60,8 @@ class ViViTFineTuning(EventfulEvalModule):
         model_kwargs: Overrides of the preset (e.g. ``num_classes``, ``frames``).
         pretrained: Checkpoint to start from (TAdaConv ViViT Fact. Enc., the
             original eventful-transformer layout, or ours); None: random weights.
+            A local path or an ``https://`` URL (downloaded once, optional
+            ``#sha256=...``: :mod:`eventful_pl.weights`).
             Read at the start of fit/validate/test/predict (not when a Lightning
             checkpoint is restored) or by :meth:`load_pretrained`, not here.
         trust_pretrained: Read ``pretrained`` with plain pickle, which runs any
@@ -84,12 +90,12 @@ class ViViTFineTuning(EventfulEvalModule):
 
     def __init__(
         self,
-        preset: str = "vivit_b_kinetics400",
+        preset: ViViTPreset = "vivit_b_kinetics400",
         model_kwargs: dict[str, Any] | None = None,
         pretrained: str | None = None,
         trust_pretrained: bool = False,
         r: int | None = 24,
-        spatial_variant: str = "full",
+        spatial_variant: BlockVariant = "full",
         eval_r: list[int] | None = None,
         eval_thresholds: list[float] | None = None,
         eval_dense: bool = False,
