@@ -472,3 +472,21 @@ def test_vivit_folder_overlay_through_the_cli(tmp_path, argv):
         p.name for p in SAMPLES.glob("*.mp4")
     )
     assert all(len(line["top5"]) == 4 and line["top5"][0]["name"] in "abcd" for line in lines)
+
+
+@needs_samples
+def test_vitdet_boxes_are_in_the_video_pixels_when_the_loader_resizes(tmp_path):
+    lit = detecting_vitdet()
+    dm = VideoFolderDataModule(str(CARPHONE), max_frames=3, resize_short_edge=72)
+    batches = trainer(tmp_path).predict(lit, datamodule=dm)
+    records = [record for batch in batches for record in batch]
+    small = dm.predict_dataset()[0]["frames"]  # (3, 3, 72, 88): what the model saw
+    model = lit.model.eval()
+    with torch.no_grad():
+        model.reset()
+        want = [model([frame])[0] for frame in small]
+    assert sum(len(d["boxes"]) for d in want) > 0
+    scale = torch.tensor([176 / 88, 144 / 72] * 2)
+    for record, expected in zip(records, want, strict=True):
+        torch.testing.assert_close(record["boxes"], expected["boxes"] * scale)
+        assert record["names"] is None  # no class list
