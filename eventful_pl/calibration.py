@@ -26,7 +26,8 @@ by running the model on calibration streams:
 
 Fitting ``s``: each run records every gate's error norms; the count of tokens
 over a candidate threshold predicts the next run's cost, which is then
-measured (a few runs; the bracket of measured runs keeps it safe).
+measured. Once measured runs bracket the budget, the scale is interpolated
+between them (in log scale) until the cost is within the tolerance.
 
 Units: GFlops per frame of the backbone (a frame of one stream), averaged over
 all frames of the calibration streams, first (flush) frames included; the
@@ -478,12 +479,20 @@ class Calibrator:
                 lo = (scale, result.gflops) if lo is None or scale > lo[0] else lo
             else:
                 hi = (scale, result.gflops) if hi is None or scale < hi[0] else hi
-            # Predicted cost at other scales from the norms seen in this run.
+            if lo and hi:
+                # Bracketed: interpolate the measured costs in log scale
+                # (kept inside the bracket's middle 80%).
+                t = (lo[1] - budget) / (lo[1] - hi[1])
+                t = min(max(t, 0.1), 0.9)
+                scale = math.exp(math.log(lo[0]) + t * (math.log(hi[0]) - math.log(lo[0])))
+                continue
+            # Not bracketed yet: the cost at other scales predicted from the
+            # error norms seen in this run.
             fixed = result.gflops - self._predict(recorders, shape, scale)
             low, high = (lo[0] if lo else scale * 1e-4), (hi[0] if hi else scale * 1e4)
             guess = self._solve(recorders, shape, budget - fixed, low, high)
-            if lo and hi and not lo[0] < guess < hi[0]:
-                guess = math.sqrt(lo[0] * hi[0])
+            if abs(math.log(guess / scale)) < 0.01:  # no progress: step on
+                guess = scale * (1.5 if result.gflops > budget else 1 / 1.5)
             scale = guess
         assert best is not None
         self._scale_hint = best[0]

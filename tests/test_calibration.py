@@ -1,0 +1,297 @@
+"""Per-gate thresholds calibrated to a compute budget: policies, files, calibrator."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from datamodules.synthetic_video import moving_square
+from eventful_pl.backbone import ViTBackbone
+from eventful_pl.calibration import BudgetError, Calibrator, dense_outputs, token_gates
+from eventful_pl.gates import TokenGate, set_policy
+from eventful_pl.lightning.calibrate_command import clip_stream, target_of
+from eventful_pl.models.vitdet import create_vitdet
+from eventful_pl.models.vivit import create_vivit
+from eventful_pl.policies import (
+    CalibratedThresholdPolicy,
+    PerGatePolicy,
+    ThresholdPolicy,
+    TopRPolicy,
+    gate_key,
+    read_calibration,
+    write_calibration,
+)
+from tests.helpers import video_stream
+
+
+def tiny_backbone(seed: int = 0) -> ViTBackbone:
+    torch.manual_seed(seed)
+    return ViTBackbone(dim=32, depth=2, heads=4, input_size=(6, 6), block_variant="full").eval()
+
+
+def gate_ks(model, frames):
+    """Runs ``frames`` as one stream; returns {gate key: [k per incremental frame]}."""
+    ks = {}
+    hooks = [
+        gate.register_forward_hook(
+            lambda m, a, out, key=key: ks.setdefault(key, []).append(
+                None if out[1] is None else out[1].shape[1]
+            )
+        )
+        for key, gate in token_gates(model).items()
+    ]
+    model.reset()
+    with torch.no_grad():
+        outs = [model(f) for f in frames]
+    for hook in hooks:
+        hook.remove()
+    return {k: v[1:] for k, v in ks.items()}, outs
+
+
+# ------------------------------------------------------------------------ policies
+
+
+def test_gate_key_strips_the_model_path():
+    assert gate_key("spatial.blocks.3.qkv_gate") == "blocks.3.qkv_gate"
+    assert gate_key("blocks.11.mlp_gate") == "blocks.11.mlp_gate"
+    assert gate_key("model.backbone.blocks.0.proj_gate") == "blocks.0.proj_gate"
+
+
+def test_calibration_file_round_trip(tmp_path):
+    model = tiny_backbone()
+    keys = list(token_gates(model))
+    first = CalibratedThresholdPolicy({k: 0.1 * i for i, k in enumerate(keys)}, max_tokens=5)
+    first.budget = 60.0
+    second = CalibratedThresholdPolicy({k: 1.0 + i for i, k in enumerate(keys)}, refresh_every=4)
+    second.budget = 90.0
+    path = write_calibration(tmp_path / "c.json", [first, second], unit="GFlops per frame")
+    data = json.loads(path.read_text())
+    assert data["unit"] == "GFlops per frame" and len(data["policies"]) == 2
+    loaded = CalibratedThresholdPolicy(path=str(path), budget=90)
+    assert loaded.thresholds == second.thresholds
+    assert loaded.refresh_every == 4 and loaded.max_tokens is None
+    loaded = CalibratedThresholdPolicy(path=str(path), budget=60)
+    assert loaded.thresholds == first.thresholds and loaded.max_tokens == 5
+    # Written again, the file reads back the same.
+    again = write_calibration(tmp_path / "d.json", [loaded], unit="GFlops per frame")
+    assert CalibratedThresholdPolicy(path=str(again)).thresholds == first.thresholds
+
+
+def test_calibration_file_errors_name_the_remedy(tmp_path):
+    policy = CalibratedThresholdPolicy({"blocks.0.qkv_gate": 1.0})
+    policy.budget = 60.0
+    path = write_calibration(tmp_path / "c.json", [policy, policy], unit="GFlops per frame")
+    with pytest.raises(ValueError, match="choose one with budget"):
+        CalibratedThresholdPolicy(path=str(path))
+    with pytest.raises(ValueError, match="--budget_gflops 75"):
+        CalibratedThresholdPolicy(path=str(path), budget=75)
+    with pytest.raises(ValueError, match="cli.py calibrate"):
+        CalibratedThresholdPolicy(path=str(tmp_path / "missing.json"))
+    (tmp_path / "other.json").write_text(json.dumps({"a": 1}))
+    with pytest.raises(ValueError, match="not a calibration file"):
+        read_calibration(tmp_path / "other.json")
+    with pytest.raises(ValueError, match="one of them"):
+        CalibratedThresholdPolicy()
+
+
+def test_per_gate_policy_must_be_bound_and_must_know_every_gate():
+    model = tiny_backbone()
+    policy = CalibratedThresholdPolicy({"blocks.0.qkv_gate": 1.0})
+    with pytest.raises(RuntimeError, match="set_policy"):
+        policy.select(torch.rand(1, 4))
+    with pytest.raises(ValueError, match="calibrate this one"):
+        set_policy(model, policy)
+    set_policy(model, CalibratedThresholdPolicy({"blocks.0.qkv_gate": 1.0}, default=2.0))
+    assert model.blocks[0].qkv_gate.policy.threshold == 1.0
+    assert model.blocks[1].mlp_gate.policy.threshold == 2.0
+
+
+def test_each_gate_uses_its_own_threshold():
+    """Gates given a huge threshold update nothing, gates given 0 every changed
+    token, and a middle threshold exactly the tokens whose error exceeds it."""
+    model = tiny_backbone()
+    keys = list(token_gates(model))
+    closed = {"blocks.0.mlp_gate", "blocks.1.proj_gate"}
+    thresholds = {k: (1e9 if k in closed else 0.0) for k in keys}
+    set_policy(model, CalibratedThresholdPolicy(thresholds))
+    for key, gate in token_gates(model).items():
+        assert isinstance(gate.policy, ThresholdPolicy)
+        assert gate.policy.threshold == thresholds[key]
+    ks, _ = gate_ks(model, video_stream(4, 1, 36, 32, seed=1))
+    for key in keys:
+        assert ks[key] == ([0, 0, 0] if key in closed else [36, 36, 36]), key
+    # A middle threshold at one gate: its index is exactly the over-threshold set.
+    gate = model.blocks[1].mlp_gate
+    seen = []
+    gate.register_forward_hook(
+        lambda m, args, kwargs, out: seen.append((args[0].clone(), kwargs.get("norm"), out[1])),
+        with_kwargs=True,
+    )
+    set_policy(model, CalibratedThresholdPolicy({}, default=0.0))
+    gate.policy = ThresholdPolicy(0.5)
+    frames = video_stream(3, 1, 36, 32, seed=2, change=0.3)
+    model.reset()
+    with torch.no_grad():
+        model(frames[0])
+        reference = gate.p.clone()
+        model(frames[1])
+        x, norm, index = seen[1]
+        c = norm(x) if norm is not None else x
+    errors = (c - reference).norm(dim=-1)[0]
+    expected = errors.gt(0.5).nonzero()[:, 0]
+    assert 0 < len(expected) < 36
+    assert sorted(index[0].tolist()) == sorted(expected.tolist())
+
+
+def test_token_cap_bounds_a_scene_cut():
+    norms = torch.tensor([[5.0, 0.1, 4.0, 3.0, 0.2, 6.0]])
+    index = ThresholdPolicy(1.0, max_tokens=2).select(norms)
+    assert sorted(index[0].tolist()) == [0, 5]  # the two largest errors
+    assert ThresholdPolicy(1.0, max_tokens=10).select(norms).shape == (1, 4)
+    # A scene cut changes every token: with the cap no gate updates more.
+    model = tiny_backbone()
+    set_policy(model, CalibratedThresholdPolicy({}, default=0.0, max_tokens=7))
+    cut = [torch.randn(1, 36, 32), torch.randn(1, 36, 32) * 3]
+    ks, _ = gate_ks(model, cut)
+    assert all(v == [7] for v in ks.values())
+    with pytest.raises(ValueError, match="max_tokens"):
+        ThresholdPolicy(1.0, max_tokens=0)
+
+
+def test_periodic_refresh_updates_every_token():
+    model = tiny_backbone()
+    set_policy(model, CalibratedThresholdPolicy({}, default=1e9, refresh_every=2))
+    frames = video_stream(6, 2, 36, 32, seed=3)
+    ks, outs = gate_ks(model, frames)
+    assert all(v == [0, 36, 0, 36, 0] for v in ks.values())
+    # A refresh frame's output is the dense model's.
+    reference, _ = dense_outputs(model, [frames])
+    torch.testing.assert_close(outs[2], reference[0][2], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(outs[1], reference[0][1], atol=1e-3)
+    # Refresh counts from the flush: a reset starts over.
+    ks, _ = gate_ks(model, frames[:3])
+    assert all(v == [0, 36] for v in ks.values())
+
+
+def test_per_gate_top_r():
+    model = tiny_backbone()
+    set_policy(model, PerGatePolicy({"blocks.1.mlp_gate": TopRPolicy(3)}, default=TopRPolicy(9)))
+    ks, _ = gate_ks(model, video_stream(3, 2, 36, 32))
+    assert ks["blocks.1.mlp_gate"] == [3, 3]
+    assert ks["blocks.0.qkv_gate"] == [9, 9]
+
+
+# ---------------------------------------------------------------------- calibrator
+
+
+def square_clips(count: int, frames: int, size: int, seed: int) -> list[torch.Tensor]:
+    """Synthetic clips (T, 3, H, W) uint8: a square moving over static noise."""
+    rng = np.random.default_rng(seed)
+    return [
+        torch.from_numpy(moving_square(i % 4, frames, size, rng, speed=3)).permute(0, 3, 1, 2)
+        for i in range(count)
+    ]
+
+
+@pytest.fixture(scope="module")
+def vitdet_case():
+    """Tiny eventful ViTDet, 8 calibration and 8 held-out synthetic clips, and
+    a calibration at 45% of the way from the cheapest to the dense cost.
+    (Single clips differ in cost by about 10%: the budget holds on average.)"""
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    network = create_vitdet("vitdet_tiny", variant="eventful").eval()
+    clips = square_clips(16, 8, 128, seed=0)
+    streams = [clip_stream(network, c) for c in clips]
+    calibrator = Calibrator(target_of(network).backbone, streams[:8])
+    budget = calibrator.min_gflops + 0.45 * (calibrator.dense_gflops - calibrator.min_gflops)
+    result = calibrator.calibrate(budget)
+    yield calibrator, result, streams[8:]
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_calibrated_policy_beats_a_global_threshold_at_equal_gflops(vitdet_case):
+    calibrator, result, held = vitdet_case
+    global_gflops, global_error = result.tried[0.0]
+    tolerance = calibrator.tolerance * result.budget
+    assert abs(result.gflops - result.budget) <= tolerance
+    assert abs(global_gflops - result.budget) <= tolerance
+    assert result.gamma > 0
+    assert result.error < 0.9 * global_error
+    # Held out: still lower error than the global threshold, at near-equal cost.
+    ours = calibrator.run(result.thresholds, held)
+    theirs = calibrator.run(result.candidates[0.0], held)
+    assert ours.error < theirs.error
+    assert ours.gflops <= theirs.gflops * 1.05
+
+
+@pytest.mark.slow
+def test_budget_met_on_held_out_clips(vitdet_case):
+    calibrator, result, held = vitdet_case
+    measured = calibrator.run(result.policy(), held)
+    assert abs(measured.gflops - result.budget) <= 0.05 * result.budget
+    assert 0 < measured.error < 1
+
+
+@pytest.mark.slow
+def test_calibrated_policy_from_file_runs_the_model(vitdet_case, tmp_path):
+    calibrator, result, held = vitdet_case
+    path = write_calibration(tmp_path / "c.json", [result.policy(7.5)], unit="GFlops per frame")
+    policy = CalibratedThresholdPolicy(path=str(path), budget=7.5)
+    direct = calibrator.run(result.thresholds, held[:1])
+    loaded = calibrator.run(policy, held[:1])
+    assert loaded.gflops == direct.gflops and loaded.error == direct.error
+
+
+@pytest.mark.slow
+def test_budget_out_of_reach_is_refused(vitdet_case):
+    calibrator, _, _ = vitdet_case
+    with pytest.raises(BudgetError, match="raise the budget"):
+        calibrator.calibrate(calibrator.min_gflops * 0.9)
+    with pytest.raises(BudgetError, match="lower the budget"):
+        calibrator.calibrate(calibrator.dense_gflops * 1.1)
+
+
+def test_calibration_with_batched_streams():
+    """ViViT runs a video's views as one batch (B > 1): the calibration meets
+    its budget there, and the policy selects per item."""
+    torch.manual_seed(0)
+    network = create_vivit("vivit_tiny", spatial_variant="full").eval()
+    target = target_of(network)
+    clips = square_clips(4, 8, 64, seed=1)
+    streams = [clip_stream(network, c) for c in clips]
+    assert streams[0][0].shape[0] == network.num_views == 2
+    calibrator = Calibrator(target.backbone, streams[:3], gammas=(0.0, 1.0))
+    budget = calibrator.min_gflops + 0.5 * (calibrator.dense_gflops - calibrator.min_gflops)
+    result = calibrator.calibrate(budget)
+    assert abs(result.gflops - budget) <= calibrator.tolerance * budget
+    assert result.error <= result.tried[0.0][1]
+    # The per-video unit: spatial frames of every view plus the temporal model.
+    video = clips[3][None]
+    set_policy(target.backbone, result.policy())
+    from eventful_pl.counting import count_ops
+
+    with torch.no_grad(), count_ops(network) as counter:
+        network(video)
+    frames = network.num_views * network.steps
+    measured = calibrator.run(result.thresholds, streams[3:])
+    assert measured.frames == frames
+    assert counter.total / 1e9 == pytest.approx(target.to_unit(measured.gflops), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_gate_costs_follow_the_layer_sizes(vitdet_case):
+    calibrator, _, _ = vitdet_case
+    costs = calibrator.costs
+    dim = 64
+    # An updated token costs its MLP 8 D^2 multiply-adds (+ biases), its
+    # projection D^2: the measured per-token costs show it.
+    assert costs["blocks.0.mlp_gate"] == pytest.approx(8 * dim * dim, rel=0.05)
+    assert costs["blocks.0.proj_gate"] == pytest.approx(dim * dim, rel=0.1)
+    assert costs["blocks.1.qkv_gate"] > 3 * dim * dim  # qkv plus attention rows/columns
+    assert all(v > 0 for v in calibrator.sensitivities.values())
+    assert set(costs) == set(token_gates(calibrator.model))
+    assert all(isinstance(g, TokenGate) for g in token_gates(calibrator.model).values())
