@@ -128,3 +128,43 @@ def test_spread_formats_median_and_range():
     spread = block_speed.Spread([3.0, 1.0, 2.0])
     assert spread.format(1, " ms") == "2.0 ms (1.0-3.0)"
     assert block_speed.Spread([2.0]).format(2, "x") == "2.00x"
+
+
+@pytest.mark.parametrize(
+    ("preset", "kind", "r"), [("vivit_tiny", "vivit", 4), ("vitdet_tiny", "vitdet", 16)]
+)
+def test_model_speed_rows_on_tiny_presets(preset, kind, r):
+    """model_speed.py's build and timing steps on the tiny presets: shared
+    weights, one value per round, eventful counts below dense."""
+    import model_speed
+
+    args = model_speed.parse_args(
+        ["--rounds", "2", "--views", "2", "--frames", "8", "--detector-frames", "2"]
+    )
+    spec = model_speed.ModelSpec("tiny", preset, kind, (r,))
+    dense, eventful = model_speed.build_pair(spec, torch.float32, args, torch.device("cpu"))
+    for a, b in zip(dense.state_dict().values(), eventful.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    if kind == "vivit":
+        video = model_speed.synthetic_video(16, 64, 85, 0)[None]
+    else:
+        video = model_speed.synthetic_video(5, 80, 128, 0)
+    assert video.dtype == torch.uint8
+    rows = [model_speed.Row(spec, "float32", r, "tiny")]
+    run = model_speed.run_vivit if kind == "vivit" else model_speed.run_vitdet
+    with torch.inference_mode():
+        run(rows, dense, eventful, video, args, torch.device("cpu"))
+    row = rows[0]
+    assert len(row.eventful_ms.values) == 2
+    assert row.dense_ops > row.eventful_ops > 0
+    assert "| tiny | tiny | float32 |" in model_speed.format_table(rows, args)
+
+
+def test_model_speed_r_option_is_checked():
+    import model_speed
+
+    assert model_speed.parse_r(["vitdet_672=128,256"]) == {"vitdet_672": (128, 256)}
+    with pytest.raises(SystemExit):
+        model_speed.parse_args(["--r", "vitdet_999=1"])
+    with pytest.raises(SystemExit):
+        model_speed.parse_args(["--frames", "7"])
