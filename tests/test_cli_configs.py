@@ -131,20 +131,23 @@ def test_vitdet_rows_parse_build_and_count(files, argv, monkeypatch):
         f"outputs/vitdet/{size or 1024}",
         variant or "eventful",
     )
+    # The sweep as (r, threshold, dense) per setting.
+    dense = [(None, None, True)]
     if variant == "spatial":
-        sweep, own = ["default"], (None, None)
+        sweep, own = [(None, None, False)], (None, None)
     elif variant == "threshold":
-        sweep, own = ["threshold=0.2", "threshold=1.0", "threshold=5.0", "dense"], (None, 1.0)
+        sweep, own = [(None, h, False) for h in (0.2, 1.0, 5.0)] + dense, (None, 1.0)
     else:
-        sweep = [f"r={x}" for x in (2 * r, 3 * r // 2, r, 3 * r // 4, r // 2)] + ["dense"]
-        own = (r, None)
+        rs = (2 * r, 3 * r // 2, r, 3 * r // 4, r // 2)
+        sweep, own = [(x, None, False) for x in rs] + dense, (r, None)
     assert (args["r"], args["threshold"]) == own
     # Shapes only (meta device); the metrics need real tensors.
     monkeypatch.setattr(ViTDetModule, "make_metrics", lambda self: torch.nn.Identity())
     with torch.device("meta"):
         lit = ViTDetModule(**args)
     assert lit.model.variant == own_variant
-    assert lit.model.grid == grid and [s.name for s in lit.sweep] == sweep
+    assert lit.model.grid == grid
+    assert [(s.r, s.threshold, s.dense) for s in lit.sweep] == sweep
     # count reads the same files (the dense base model's GFlops per frame).
     with contextlib.redirect_stdout(io.StringIO()):
         report = count_main([a for f in files for a in ("--config", str(ROOT / f))])
@@ -175,7 +178,8 @@ def test_vivit_rows_parse_build_and_count(files, argv):
     assert data["videos"]["init_args"]["root"].startswith("data/")
     with torch.device("meta"):
         lit = ViViTFineTuning(**args)
-    assert [s.name for s in lit.sweep] == [f"r={x}" for x in args["eval_r"]] + ["dense"]
+    sweep = [(s.r, s.threshold, s.dense) for s in lit.sweep]
+    assert sweep == [(x, None, False) for x in args["eval_r"]] + [(None, None, True)]
     assert lit.model.num_classes == (400 if kinetics else 97)
     with contextlib.redirect_stdout(io.StringIO()):
         report = count_main(
@@ -318,6 +322,6 @@ def test_quiet_validate_run(tmp_path, monkeypatch):
             cli = main()
     finally:
         lightning_logger.removeHandler(records)
-    assert "r=16" in cli.model.eval_results
+    assert [s.r for s in cli.model.sweep] == [16] and len(cli.model.eval_results) == 1
     assert not [w for w in caught if "args" in str(w.message)], [str(w.message) for w in caught]
     assert not [m for m in records.messages if "Tip" in m], records.messages
