@@ -30,6 +30,8 @@ Usage::
     python benchmarks/block_speed.py
     python benchmarks/block_speed.py --cases a50 b256 --rounds 3 --frames 10 --markdown
     python benchmarks/block_speed.py --cases a50 --dtype float32 bfloat16 --streams 1 2 4 8 16
+    python benchmarks/block_speed.py --cases a50 a100 b256 --dtype float32 bfloat16 \
+        --streams 1 2 4 8 16 --streams-cases a50 --markdown
     python benchmarks/block_speed.py --device cuda --dtype float16
     python benchmarks/block_speed.py --cases a50 b256 --rounds 1 --frames 3 --profile 15
 
@@ -163,6 +165,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[1],
         metavar="B",
         help="independent streams per forward (one row per B)",
+    )
+    parser.add_argument(
+        "--streams-cases",
+        nargs="+",
+        choices=sorted(CASES),
+        default=None,
+        metavar="CASE",
+        help="cases that get the --streams rows (default: all; the others run B = 1 only)",
     )
     parser.add_argument("--rounds", type=int, default=3, help="rounds per row (median, spread)")
     parser.add_argument("--frames", type=int, default=10, help="timed frames per round")
@@ -384,10 +394,12 @@ def benchmark(args: argparse.Namespace, device: torch.device) -> list[Row]:
             # Built outside inference mode: eventful_pl caches position tables
             # only for ordinary (non-inference) parameters.
             dense, eventful = build_models(case, dtype, device)
-            case_rows = [Row(case, dtype_name, b) for b in args.streams]
+            counts = args.streams
+            if args.streams_cases is not None and name not in args.streams_cases:
+                counts = [1]
+            case_rows = [Row(case, dtype_name, b) for b in counts]
             streams = [
-                FrameStream(case.grid, b, args.changed, args.seed, dtype, device)
-                for b in args.streams
+                FrameStream(case.grid, b, args.changed, args.seed, dtype, device) for b in counts
             ]
             start = time.perf_counter()
             with torch.inference_mode():
