@@ -57,7 +57,7 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sysinfo import describe, format_info
+from sysinfo import describe, format_info, memory_read_bandwidth
 
 from eventful_pl import kernels, linear
 from eventful_pl.backbone import ViTBackbone
@@ -133,6 +133,7 @@ class Row:
     speedup: Spread = field(default_factory=Spread)
     dense_ops: int = 0
     eventful_ops: int = 0
+    weight_bytes: int = 0
 
     @property
     def op_ratio(self) -> float:
@@ -397,7 +398,12 @@ def benchmark(args: argparse.Namespace, device: torch.device) -> list[Row]:
             counts = args.streams
             if args.streams_cases is not None and name not in args.streams_cases:
                 counts = [1]
-            case_rows = [Row(case, dtype_name, b) for b in counts]
+            weights = sum(
+                m.weight.numel() * m.weight.element_size()
+                for m in eventful.modules()
+                if isinstance(m, torch.nn.Linear)
+            )
+            case_rows = [Row(case, dtype_name, b, weight_bytes=weights) for b in counts]
             streams = [
                 FrameStream(case.grid, b, args.changed, args.seed, dtype, device) for b in counts
             ]
@@ -455,14 +461,18 @@ def method_line(args: argparse.Namespace) -> str:
     )
 
 
-def format_table(rows: list[Row], args: argparse.Namespace) -> str:
-    """A markdown table of the rows."""
+def format_table(rows: list[Row], args: argparse.Namespace, read_gbs: float) -> str:
+    """A markdown table of the rows; ``read_gbs``: the memory read rate (GB/s)
+    that gives the weight-streaming bound (every linear weight read once per step)."""
     lines = [
         method_line(args),
+        f"weight bound: linear weights / memory read rate ({read_gbs:.1f} GB/s, measured "
+        "before the run): the least time a step that reads every weight from memory takes",
         "",
         "| case | dtype | streams | tokens | r | dense ms/step | eventful ms/step | speedup "
-        "| op ratio | speedup / ops | target | eventful frames/s per stream | total |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| op ratio | speedup / ops | target | eventful frames/s per stream | total "
+        "| weights MB | weight bound ms |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         case = row.case
@@ -472,7 +482,8 @@ def format_table(rows: list[Row], args: argparse.Namespace) -> str:
             f"| {case.name} | {row.dtype} | {row.streams} | {case.num_tokens} | {case.r} "
             f"| {row.dense_ms.format()} | {row.eventful_ms.format()} "
             f"| {row.speedup.format(2, 'x')} | {row.op_ratio:.2f}x | {row.efficiency:.2f} "
-            f"| {case.target:.2f} {met} | {per_stream:.2f} | {row.streams * per_stream:.2f} |"
+            f"| {case.target:.2f} {met} | {per_stream:.2f} | {row.streams * per_stream:.2f} "
+            f"| {row.weight_bytes / 1e6:.0f} | {row.weight_bytes / 1e6 / read_gbs:.1f} |"
         )
     return "\n".join(lines)
 
@@ -482,9 +493,10 @@ def main(argv: list[str] | None = None) -> None:
     device = setup(args)
     print(format_info(describe(device), args.markdown), flush=True)
     print(flush=True)
+    read_gbs = memory_read_bandwidth()
     rows = benchmark(args, device)
     print()
-    print(format_table(rows, args))
+    print(format_table(rows, args, read_gbs))
 
 
 if __name__ == "__main__":

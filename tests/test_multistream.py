@@ -108,7 +108,7 @@ def test_benchmark_round_measures_streams_and_counts_ops():
     assert len(row.dense_ms.values) == len(row.speedup.values) == 2
     assert row.dense_ops > row.eventful_ops > 0
     assert row.op_ratio == pytest.approx(row.dense_ops / row.eventful_ops)
-    table = block_speed.format_table([row], args)
+    table = block_speed.format_table([row], args, 10.0)
     assert "| tiny | float32 | 3 | 36 | 6 |" in table
     assert "rounds=2" in table
 
