@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from eventful_pl.blocks import BLOCK_VARIANTS, LN_EPS, Block, build_block, to_pair
+from eventful_pl.blocks import BLOCK_VARIANTS, LN_EPS, Block, BlockVariant, build_block, to_pair
 from eventful_pl.counting import Counted
 from eventful_pl.gates import set_policy
 from eventful_pl.policies import TokenPolicy
@@ -85,8 +85,8 @@ class ViTBackbone(Counted, nn.Module):
         position_encoding_size: int | tuple[int, int] | None = None,
         class_token: bool = False,
         qkv_bias: bool = True,
-        block_variant: str | Sequence[str] = "dense",
-        window_block_variant: str | None = None,
+        block_variant: BlockVariant | Sequence[BlockVariant] = "dense",
+        window_block_variant: BlockVariant | None = None,
         window_size: int | tuple[int, int] | None = None,
         window_block_indices: Sequence[int] = (),
         relative_embedding_size: int | tuple[int, int] | None = None,

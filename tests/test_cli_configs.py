@@ -224,6 +224,12 @@ def test_literal_options_list_their_choices(argv):
     assert set(get_args(ViTDetPreset)) == set(VITDET_PRESETS)
     assert set(get_args(ViTDetVariant)) == set(VITDET_VARIANTS)
     assert set(get_args(BlockVariant)) == set(BLOCK_VARIANTS)
+    # The networks' own options (count configs name them directly).
+    from eventful_pl.models import vitdet, vivit
+
+    assert get_args(vivit.ViViTPreset) == get_args(ViViTPreset)
+    assert get_args(vitdet.ViTDetPreset) == get_args(ViTDetPreset)
+    assert get_args(vitdet.ViTDetVariant) == get_args(ViTDetVariant)
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
         cli_main(["fit", "--model.help", "ViTDetModule"])

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from eventful_pl.backbone import ViTBackbone
-from eventful_pl.blocks import LN_EPS
+from eventful_pl.blocks import LN_EPS, BlockVariant
 from eventful_pl.checkpoints import RenameRule, load_converted, read_checkpoint, rename_keys
 from eventful_pl.policies import TokenPolicy
 
@@ -82,7 +82,7 @@ class EventfulViT(nn.Module):
         qkv_bias: bool = True,
         class_token: bool = True,
         global_pool: str = "token",
-        block_variant: str = "dense",
+        block_variant: BlockVariant = "dense",
         policy: TokenPolicy | None = None,
         matmul_2_cast: str | None = None,
     ) -> None:
@@ -238,7 +238,7 @@ def load_timm_vit(
 
 def from_timm(
     net: nn.Module,
-    block_variant: str = "dense",
+    block_variant: BlockVariant = "dense",
     policy: TokenPolicy | None = None,
     matmul_2_cast: str | None = None,
 ) -> EventfulViT:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,11 @@ from eventful_pl.blocks import LN_EPS, to_pair
 from eventful_pl.models.detection_head import FasterRCNNHead, LayerNorm2d
 from eventful_pl.models.vit import PatchEmbedding
 from eventful_pl.policies import TokenPolicy
+
+#: The keys of :data:`VITDET_VARIANTS` (the command line lists them as choices).
+ViTDetVariant = Literal["dense", "eventful", "tokenwise", "stgt", "spatial", "spatiotemporal"]
+#: The keys of :data:`VITDET_PRESETS`.
+ViTDetPreset = Literal["vitdet_b_vid", "vitdet_b_vid_672", "vitdet_b_coco", "vitdet_tiny"]
 
 #: Backbone settings of each variant of the paper (DESIGN section 4; ViTBackbone kwargs).
 VITDET_VARIANTS: dict[str, dict[str, Any]] = {
@@ -295,7 +300,7 @@ class ViTDet(nn.Module):
         rpn_pre_nms_top_n: Sequence[int] = (2000, 1000),
         rpn_post_nms_top_n: Sequence[int] = (1000, 300),
         resize: str = "original",
-        variant: str = "dense",
+        variant: ViTDetVariant = "dense",
         policy: TokenPolicy | None = None,
         matmul_2_cast: str | None = None,
         gate_before_ln: bool = False,

@@ -18,13 +18,14 @@ Shapes: video (B, T, C, H, W), uint8 0..255 or float 0..1 -> logits (B, classes)
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from eventful_pl.backbone import ViTBackbone, resolve_dtype
-from eventful_pl.blocks import to_pair
+from eventful_pl.blocks import BlockVariant, to_pair
 from eventful_pl.counting import Counted
 from eventful_pl.policies import TokenPolicy
 
@@ -208,7 +209,7 @@ class FactorizedViViT(Counted, nn.Module):
         mean: float | Sequence[float] = 0.45,
         std: float | Sequence[float] = 0.225,
         dropout: float = 0.0,
-        spatial_variant: str = "dense",
+        spatial_variant: BlockVariant = "dense",
         policy: TokenPolicy | None = None,
         spatial_kwargs: dict | None = None,
         drop_path_rate: float = 0.0,
@@ -319,6 +320,9 @@ class FactorizedViViT(Counted, nn.Module):
 
 #: ViViT-B, 32 frames per view in 16 tubelet steps (the TAdaConv checkpoints).
 _VIVIT_B = dict(frames=32, temporal_position_size=16)
+
+#: The keys of :data:`VIVIT_PRESETS` (the command line lists them as choices).
+ViViTPreset = Literal["vivit_b_kinetics400", "vivit_b_epic_kitchens", "vivit_tiny"]
 
 #: Named presets (keyword arguments of :class:`FactorizedViViT`).
 VIVIT_PRESETS: dict[str, dict] = {
