@@ -5,20 +5,14 @@
     python cli.py count --config configs/vitdet/vid.yaml --r 512 1024
     python cli.py cache-features --config configs/demo.yaml --splits train
 
-See :func:`eventful_pl.lightning.cli.main` (docs/configs.md for the configs).
+See :func:`eventful_pl.lightning.cli.cli_main` (docs/configs.md for the configs).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from eventful_pl.lightning.cli import cli_main, main
 
-from eventful_pl.lightning.cli import EventfulCLI, main
-
-
-def cli_main(args: Sequence[str] | None = None) -> EventfulCLI | dict | list:
-    """Runs the command line on ``args`` (default: ``sys.argv[1:]``)."""
-    return main(args)
-
+__all__ = ["cli_main", "main"]
 
 if __name__ == "__main__":
     main()

@@ -22,6 +22,7 @@ import torch
 from cli import cli_main
 from eventful_pl.blocks import BLOCK_VARIANTS, BlockVariant
 from eventful_pl.lightning.cli import EventfulCLI, main
+from eventful_pl.lightning.cli import cli_main as package_cli_main
 from eventful_pl.lightning.count_command import main as count_main
 from eventful_pl.lightning.vitdet_module import ViTDetModule, ViTDetPreset, ViTDetVariant
 from eventful_pl.lightning.vivit_module import ViViTFineTuning, ViViTPreset
@@ -254,12 +255,26 @@ def test_help_lists_count_and_cache_features(argv):
     assert {"fit", "validate", "test", "predict", "count", "cache-features"} <= set(listed)
 
 
-def test_console_script_is_the_cli_main():
+def test_console_script_is_the_cli_main(tmp_path, monkeypatch, capsys):
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     module, _, name = scripts["eventful-pl"].partition(":")
     imported = __import__(module, fromlist=[name])
     assert getattr(imported, name) is main
-    assert sys.modules["cli"].main is main  # cli.py runs the same function
+    assert sys.modules["cli"].main is main and cli_main is package_cli_main  # cli.py: the same
+    # The script's function reads sys.argv and returns None (a console script
+    # exits with its return value: anything else would be a failure status).
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        "model:\n  class_path: ViTDet\n  init_args:\n    {preset_args}\n".format(
+            preset_args="num_classes: 3\n    image_size: 64\n    dim: 32\n    depth: 2\n"
+            "    heads: 2\n    window_block_indices: []\n    position_encoding_size: 4\n"
+            "    pyramid_channels: 16\n    box_conv_dims: [16]\n    box_fc_dims: [32]"
+        )
+    )
+    monkeypatch.setattr(sys, "argv", ["eventful-pl", "count", "--config", str(config), "--json"])
+    assert main() is None
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["per"] == "frame" and report["settings"][0]["name"] == "dense"
 
 
 class Records(logging.Handler):
@@ -325,7 +340,7 @@ def test_quiet_validate_run(tmp_path, monkeypatch):
             contextlib.redirect_stdout(io.StringIO()),
         ):
             warnings.simplefilter("always")
-            cli = main()
+            cli = cli_main()  # args=None: sys.argv, as typed
     finally:
         lightning_logger.removeHandler(records)
     assert [s.r for s in cli.model.sweep] == [16] and len(cli.model.eval_results) == 1

@@ -15,9 +15,10 @@ Three differences from plain :class:`~lightning.pytorch.cli.LightningCLI`:
   (the logger's version folder); an existing file is never replaced: the
   copy goes to the first free ``config.N.yaml`` instead.
 
-:func:`main` is the command line (``python cli.py`` and the ``eventful-pl``
-console script): LightningCLI's ``fit``, ``validate``, ``test`` and
-``predict``, plus ``count`` and ``cache-features``, all reading the same YAML
+:func:`cli_main` is the command line (``python cli.py`` and, through
+:func:`main`, the ``eventful-pl`` console script): LightningCLI's ``fit``,
+``validate``, ``test`` and ``predict``, plus ``count`` and
+``cache-features``, all reading the same YAML
 configs (``--config`` may be given several times: later files override
 earlier ones). The LightningModules and data modules of the project are
 imported here, so their short names work (``--model ViTDetModule``,
@@ -53,7 +54,7 @@ from eventful_pl.lightning.vivit_module import ViViTFineTuning  # noqa: F401
 
 CONFIG_NAME = "config.yaml"
 
-#: The subcommands :func:`main` runs itself, with their one-line help.
+#: The subcommands :func:`cli_main` runs itself, with their one-line help.
 EXTRA_SUBCOMMANDS = {
     "count": "Operation counts (GFlops) of a config's model, dense and per r / threshold.",
     "cache-features": "Write the frozen spatial model's feature caches of a fine-tuning config.",
@@ -148,7 +149,7 @@ class EventfulCLI(LightningCLI):
 
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
         """LightningCLI's subcommands, and :data:`EXTRA_SUBCOMMANDS` for ``--help``
-        (:func:`main` runs those before LightningCLI parses anything)."""
+        (:func:`cli_main` runs those before LightningCLI parses anything)."""
         super()._add_subcommands(parser, **kwargs)
         action = parser._subcommands_action
         if action is None:
@@ -205,7 +206,7 @@ class EventfulCLI(LightningCLI):
         return kwargs
 
 
-def main(args: Sequence[str] | None = None) -> EventfulCLI | dict | list:
+def cli_main(args: Sequence[str] | None = None) -> EventfulCLI | dict | list:
     """Runs the command line on ``args`` (default: the process's own arguments).
 
     ``count`` and ``cache-features`` go to their commands
@@ -229,3 +230,9 @@ def main(args: Sequence[str] | None = None) -> EventfulCLI | dict | list:
         subclass_mode_data=True,
         args=None if args is None else argv,
     )
+
+
+def main() -> None:
+    """The ``eventful-pl`` console script: :func:`cli_main` on the process's
+    arguments. Returns nothing, so the exit status is 0 on success."""
+    cli_main()
