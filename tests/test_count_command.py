@@ -89,7 +89,7 @@ def test_vitdet_json_equals_the_api(tmp_path, capsys):
     expected = count_vitdet(
         ViTDet(**VITDET_ARGS, policy=TopRPolicy(32)).eval(), [16, 48], video_length=10
     )
-    assert [s["name"] for s in printed["settings"]] == ["dense", "r=16", "r=48"]
+    assert [s["name"] for s in printed["settings"]] == ["dense", "r16", "r48"]
     assert [s["role"] for s in printed["settings"]] == ["base", None, None]
     for got, want in zip(printed["settings"], expected["settings"]):
         for key in ("total", "first_frame", "later_frame"):
@@ -103,7 +103,7 @@ def test_vivit_table_and_json(tmp_path, capsys):
     table = capsys.readouterr().out
     assert table.startswith("GFlops per video")
     assert table.splitlines()[2].split()[:3] == ["dense", "(base", "model)"]
-    assert "r=8" in table.splitlines()[3]
+    assert "r8" in table.splitlines()[3]
     printed = run_json(capsys, ["--config", config, "--r", "8", "--no_dense"])
     model = FactorizedViViT(
         num_classes=4, frames=8, image_size=64, dim=64, spatial_depth=2, temporal_depth=1,

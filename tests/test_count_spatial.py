@@ -172,7 +172,7 @@ def test_count_command_flags_how_pooled_top_r_was_counted(tmp_path, capsys):
     table, report = run(capsys, ["--config", config, "--r", "8", "--video", clip])
     dense, r8 = report["settings"]
     assert r8["measured_on"] == "video" and report["video_frames"] == 5
-    assert "note: r=8: measured on the video (average over its 5 frames)" in table
+    assert "note: r8: measured on the video (average over its 5 frames)" in table
     table, report = run(capsys, ["--config", config, "--r", "8"])
     assert report["settings"][1]["measured_on"] == "random tokens"
-    assert "note: r=8: pooled eventful attention" in table and "--video" in table
+    assert "note: r8: pooled eventful attention" in table and "--video" in table

@@ -219,7 +219,7 @@ def test_count_vitdet_static_and_threshold():
     assert report["unit"] == "GFlops" and report["per"] == "frame"
     dense, r16, r64, h0, hbig = report["settings"]
     assert [s["name"] for s in report["settings"]] == [
-        "dense", "r=16", "r=64", "threshold=0.0", "threshold=1000000000.0"
+        "dense", "r16", "r64", "h0.0", "h1000000000.0"
     ]  # fmt: skip
     assert dense["first_frame"] == dense["later_frame"] == pytest.approx(dense["total"])
     assert r16["later_frame"] < r64["later_frame"] and r16["first_frame"] == r64["first_frame"]

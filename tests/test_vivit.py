@@ -247,7 +247,7 @@ def test_count_vivit_matches_a_full_counted_forward():
     report = count_vivit(model, r_values=[3, 9], thresholds=[0.5], video=video)
     assert report["unit"] == "GFlops" and report["per"] == "video"
     names = [s["name"] for s in report["settings"]]
-    assert names == ["dense", "r=3", "r=9", "threshold=0.5"]
+    assert names == ["dense", "r3", "r9", "h0.5"]
     dense = tiny()
     for setting, policy in zip(report["settings"], [None, TopRPolicy(3), TopRPolicy(9)]):
         reference = dense if policy is None else model

@@ -135,10 +135,10 @@ def count_vivit(
             )
         for r in r_values:
             model.set_policy(TopRPolicy(int(r)))
-            settings.append(_report(f"r={r}", int(r), None, static_video_counts(model)))
+            settings.append(_report(f"r{int(r)}", int(r), None, static_video_counts(model)))
         for h in thresholds:
             model.set_policy(ThresholdPolicy(float(h)))
-            settings.append(_report(f"threshold={h}", None, float(h), _video_counts(model, video)))
+            settings.append(_report(f"h{float(h)!r}", None, float(h), _video_counts(model, video)))
     finally:
         if eventful:
             model.set_policy(saved)
@@ -285,15 +285,15 @@ def count_vitdet(
         for r in r_values:
             model.set_policy(TopRPolicy(int(r)))
             if pooled_top_r and video is not None:
-                settings.append(_video_frame_report(f"r={r}", int(r), None, model, video))
+                settings.append(_video_frame_report(f"r{int(r)}", int(r), None, model, video))
                 continue
-            report = _static_frame_report(f"r={r}", int(r), model, video_length)
+            report = _static_frame_report(f"r{int(r)}", int(r), model, video_length)
             if pooled_top_r:
                 report["measured_on"] = "random tokens"
             settings.append(report)
         for h in thresholds:
             model.set_policy(ThresholdPolicy(float(h)))
-            settings.append(_video_frame_report(f"threshold={h}", None, float(h), model, video))
+            settings.append(_video_frame_report(f"h{float(h)!r}", None, float(h), model, video))
     finally:
         if eventful:
             model.set_policy(saved)
