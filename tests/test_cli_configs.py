@@ -253,6 +253,7 @@ def test_help_lists_count_and_cache_features(argv):
     assert done.value.code == 0
     listed = re.findall(r"^\s{4}(\S+)\s", out.getvalue(), re.M)
     assert {"fit", "validate", "test", "predict", "count", "cache-features"} <= set(listed)
+    assert "calibrate" in listed
 
 
 def test_console_script_is_the_cli_main(tmp_path, monkeypatch, capsys):

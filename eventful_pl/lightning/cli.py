@@ -28,6 +28,7 @@ other products are filtered out of its log.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import pickle
 import sys
@@ -54,10 +55,21 @@ from eventful_pl.lightning.vivit_module import ViViTFineTuning  # noqa: F401
 
 CONFIG_NAME = "config.yaml"
 
-#: The subcommands :func:`cli_main` runs itself, with their one-line help.
+#: The subcommands :func:`cli_main` runs itself: name -> (module with a
+#: ``main(argv)``, one-line help).
 EXTRA_SUBCOMMANDS = {
-    "count": "Operation counts (GFlops) of a config's model, dense and per r / threshold.",
-    "cache-features": "Write the frozen spatial model's feature caches of a fine-tuning config.",
+    "count": (
+        "eventful_pl.lightning.count_command",
+        "Operation counts (GFlops) of a config's model, dense and per r / threshold.",
+    ),
+    "cache-features": (
+        "eventful_pl.lightning.cache_command",
+        "Write the frozen spatial model's feature caches of a fine-tuning config.",
+    ),
+    "calibrate": (
+        "eventful_pl.lightning.calibrate_command",
+        "Per-gate thresholds that meet a compute budget (a calibration file).",
+    ),
 }
 
 #: Loggers through which Lightning prints its messages (``rank_zero_info``).
@@ -154,7 +166,7 @@ class EventfulCLI(LightningCLI):
         action = parser._subcommands_action
         if action is None:
             return
-        for name, description in EXTRA_SUBCOMMANDS.items():
+        for name, (_, description) in EXTRA_SUBCOMMANDS.items():
             sub = ArgumentParser(description=f"{description} Run '{name} --help' for options.")
             action.add_subcommand(name, sub, help=description)
 
@@ -209,21 +221,14 @@ class EventfulCLI(LightningCLI):
 def cli_main(args: Sequence[str] | None = None) -> EventfulCLI | dict | list:
     """Runs the command line on ``args`` (default: the process's own arguments).
 
-    ``count`` and ``cache-features`` go to their commands
-    (:mod:`eventful_pl.lightning.count_command`,
-    :mod:`eventful_pl.lightning.cache_command`); everything else to
-    :class:`EventfulCLI`. Returns the CLI object, the count report or the
-    cache reports.
+    ``count``, ``cache-features`` and ``calibrate`` go to their commands
+    (:data:`EXTRA_SUBCOMMANDS`); everything else to :class:`EventfulCLI`.
+    Returns the CLI object, or the command's report.
     """
     argv = list(sys.argv[1:] if args is None else args)
-    if argv and argv[0] == "count":
-        from eventful_pl.lightning.count_command import main as count_main
-
-        return count_main(argv[1:])
-    if argv and argv[0] == "cache-features":
-        from eventful_pl.lightning.cache_command import main as cache_main
-
-        return cache_main(argv[1:])
+    if argv and argv[0] in EXTRA_SUBCOMMANDS:
+        module = importlib.import_module(EXTRA_SUBCOMMANDS[argv[0]][0])
+        return module.main(argv[1:])
     # args=None lets LightningCLI read sys.argv itself (no "args parameter" warning).
     return EventfulCLI(
         subclass_mode_model=True,
