@@ -225,3 +225,20 @@ def test_pretrained_url_loads_into_the_lightning_modules(server, tmp_path, monke
     lit.load_pretrained()
     for name, value in vivit.model.state_dict().items():
         torch.testing.assert_close(lit.model.state_dict()[name], value, msg=name)
+
+
+def test_timm_loader_takes_a_url(tmp_path, monkeypatch):
+    """``load_timm_vit`` resolves a ``file://`` URL through the cache too."""
+    import timm
+
+    from eventful_pl.models.vit import EventfulViT, load_timm_vit
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    net = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2)
+    torch.save(net.state_dict(), tmp_path / "vit.pth")
+    model = EventfulViT(image_size=32, dim=192, depth=2, heads=3)
+    digest = sha((tmp_path / "vit.pth").read_bytes())
+    load_timm_vit(model, f"{(tmp_path / 'vit.pth').as_uri()}#sha256={digest}")
+    assert [p.name for p in (tmp_path / "cache").iterdir()][0].endswith("-vit.pth")
+    torch.testing.assert_close(model.state_dict()["head.weight"], net.state_dict()["head.weight"])

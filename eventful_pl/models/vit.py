@@ -30,6 +30,7 @@ from eventful_pl.backbone import ViTBackbone
 from eventful_pl.blocks import LN_EPS, BlockVariant
 from eventful_pl.checkpoints import RenameRule, load_converted, read_checkpoint, rename_keys
 from eventful_pl.policies import TokenPolicy
+from eventful_pl.weights import resolve_weights
 
 
 class PatchEmbedding(nn.Module):
@@ -223,13 +224,13 @@ def load_timm_vit(
     source: str | os.PathLike | Mapping[str, Tensor],
     trusted: bool = False,
 ) -> None:
-    """Loads a timm ViT state dict (file or mapping) into ``model``.
+    """Loads a timm ViT state dict (file, URL or mapping) into ``model``.
 
     ``trusted``: see :func:`~eventful_pl.checkpoints.read_checkpoint`.
     """
     name = "(state dict)"
     if not isinstance(source, Mapping):
-        name, source = str(source), read_checkpoint(source, trusted)
+        name, source = str(source), read_checkpoint(resolve_weights(source), trusted)
     renamed, unmatched = convert_timm_state_dict(
         source, class_token=model.backbone.class_token is not None
     )
