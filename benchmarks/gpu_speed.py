@@ -27,7 +27,8 @@ the operation-count ratio dense / eventful (``count_ops``), and the goal
 float32 weights under bf16 autocast (``dense-autocast``); eventful runs use
 bf16 weights, eagerly (``eventful-eager``) and with incremental frames
 replayed as CUDA graphs (``eventful-static``,
-:class:`eventful_pl.static_frame.StaticFrameRunner`). Weights are random
+:class:`eventful_pl.static_frame.StaticFrameRunner`, with the Triton kernels
+of :mod:`eventful_pl.triton_kernels`; ``static-no-triton`` without them). Weights are random
 (speed does not depend on them); video frames drift slowly with a fraction
 of strongly changed patches.
 
@@ -53,6 +54,7 @@ from torchvision.models.detection.image_list import ImageList
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from eventful_pl import triton_kernels
 from eventful_pl.backbone import ViTBackbone
 from eventful_pl.counting import count_ops
 from eventful_pl.policies import TopRPolicy
@@ -230,6 +232,12 @@ def bench_stack(case: str, frames: int, rounds: int) -> list[dict]:
         eager_ms, eager_spread = stream_ms(eventful, eventful.reset, stream, rounds)
         runner = StaticFrameRunner(eventful, mode=static_mode())
         static_ms, static_spread = stream_ms(runner, runner.reset, stream, rounds)
+        triton_kernels.set_triton_kernels(False)  # the same static frames in PyTorch ops
+        try:
+            plain = StaticFrameRunner(eventful, mode=static_mode())
+            plain_ms, plain_spread = stream_ms(plain, plain.reset, stream, rounds)
+        finally:
+            triton_kernels.set_triton_kernels(True)
         if PROFILE:
             profile_frames(case, eventful, stream)
         eventful.reset()
@@ -246,6 +254,9 @@ def bench_stack(case: str, frames: int, rounds: int) -> list[dict]:
         result(
             case, "eventful-static", static_ms, static_spread, "ms/frame", dense_ms, ratio, extra
         )
+    )
+    rows.append(
+        result(case, "static-no-triton", plain_ms, plain_spread, "ms/frame", dense_ms, ratio, extra)
     )
     return rows
 
@@ -292,6 +303,12 @@ def bench_vivit(rounds: int, r: int = 50) -> list[dict]:
             lambda: eventful_video(eventful.spatial, eventful.spatial.reset), rounds, 1
         )
         es, ss2 = cuda_ms(lambda: eventful_video(runner, runner.reset), rounds, 1)
+        triton_kernels.set_triton_kernels(False)
+        try:
+            plain = StaticFrameRunner(eventful.spatial, mode=static_mode())
+            ep, sp = cuda_ms(lambda: eventful_video(plain, plain.reset), rounds, 1)
+        finally:
+            triton_kernels.set_triton_kernels(True)
         ratio = op_ratio(
             dense_batched,
             lambda: eventful_video(eventful.spatial, eventful.spatial.reset),
@@ -304,6 +321,7 @@ def bench_vivit(rounds: int, r: int = 50) -> list[dict]:
     rows.append(result("vivit", "eventful-eager", ee, se, unit, dense_ms, ratio, extra))
     extra = {**extra, "recovered": runner.stats["recovered"]}
     rows.append(result("vivit", "eventful-static", es, ss2, unit, dense_ms, ratio, extra))
+    rows.append(result("vivit", "static-no-triton", ep, sp, unit, dense_ms, ratio, extra))
     return rows
 
 

@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from eventful_pl import kernels
+from eventful_pl import kernels, triton_kernels
 from eventful_pl.counting import Counted
 from eventful_pl.indexing import (
     expand_col_index,
@@ -99,6 +99,8 @@ class TokenGate(Counted, StreamState, nn.Module):
         kernels apply, else computed in a reused workspace."""
         if kernels.fused_kernels_available(c, self.p):
             return kernels.error_norms(c.detach(), self.p)
+        if self.static_frame and triton_kernels.available(c, self.p):
+            return triton_kernels.error_norms(c.detach(), self.p)
         if self._error is None or self._error.shape != self.p.shape or self._error.dtype != c.dtype:
             self._error = torch.empty_like(self.p)
         # Selection only: no gradient flows through the error norms.

@@ -19,8 +19,14 @@ Usage::
 
 Modes: ``"cuda_graph"`` (CUDA tensors; capture with ``torch.cuda.graph``),
 ``"compile"`` (the static frame through ``torch.compile``, options in
-``compile_options``, default ``mode="reduce-overhead"``) and ``"eager"`` (the
+``compile_options``, default ``backend="aot_eager"``: inductor does not yet
+compile the gates' ``out=`` writes into strided views) and ``"eager"`` (the
 static path without capture; any device, e.g. to check it on CPU).
+
+On CUDA the static path uses the fused Triton kernels of
+:mod:`eventful_pl.triton_kernels` (softmax-normaliser update, gate error
+norms) unless they are switched off; their float32 arithmetic can differ from
+the eager path's in the last bits (and so flip a top-r choice at a near-tie).
 
 Recovery. The eager full block checks, with a host synchronisation per frame,
 whether its incremental softmax update kept precision and whether a non-finite
@@ -105,7 +111,7 @@ class StaticFrameRunner:
                 )
         self._full_blocks = [m for m in modules if isinstance(m, EventfulBlock)]
         self._counted = [m for m in modules if isinstance(m, Counted)]
-        self._compile_options = {"mode": "reduce-overhead", **(compile_options or {})}
+        self._compile_options = {"backend": "aot_eager", **(compile_options or {})}
         self._compiled: Callable[[Tensor], tuple[Tensor, Tensor | None]] | None = None
         self._key: tuple | None = None
         self._graph: torch.cuda.CUDAGraph | None = None
@@ -156,6 +162,9 @@ class StaticFrameRunner:
                 lambda x: self._static_forward(x, self._compiled), self._static_input
             )
         self._add_frame_counts()
+        for gate in self._gates:  # what the gates' Python code counts per frame
+            if hasattr(gate, "frames"):
+                gate.frames += 1
         self._post_flags(flags)
         return out.clone() if self.clone_output else out
 
@@ -178,9 +187,12 @@ class StaticFrameRunner:
         return out, flags
 
     def _static_policy(self) -> bool:
-        """Whether every gate's policy selects a fixed number of tokens."""
+        """Whether every gate's policy selects a fixed number of tokens (and
+        has no periodic refresh, whose frames update every token)."""
         return all(
-            gate.policy is not None and gate.policy.num_selected(gate.p.shape[1]) is not None
+            gate.policy is not None
+            and gate.policy.num_selected(gate.p.shape[1]) is not None
+            and not getattr(gate.policy, "refresh_every", None)
             for gate in self._gates
         )
 

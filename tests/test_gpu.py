@@ -33,7 +33,17 @@ def test_cuda_half_precision_av(cast):
             torch.testing.assert_close(eventful(frame), dense(frame), rtol=2e-2, atol=2e-2)
 
 
-# Static frames (CUDA graphs) against the eager path.
+# Static frames (CUDA graphs) against the eager path: with the Triton kernels
+# off both run the same PyTorch ops; with them on, to float32 rounding.
+@pytest.fixture
+def no_triton():
+    from eventful_pl import triton_kernels
+
+    triton_kernels.set_triton_kernels(False)
+    yield
+    triton_kernels.set_triton_kernels(True)
+
+
 def _static_pair(variant, policy, window=False, **kwargs):
     import copy
 
@@ -70,7 +80,7 @@ def _run_pair(eager, static_model, runner, frames, resets=(), tol=1e-5, per_fram
 
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("variant", ["tokenwise", "query_key", "full"])
-def test_cuda_graph_frames_equal_eager(variant, batch):
+def test_cuda_graph_frames_equal_eager(variant, batch, no_triton):
     from eventful_pl.static_frame import StaticFrameRunner
 
     eager, static_model = _static_pair(variant, TopRPolicy(10), input_size=6)
@@ -82,7 +92,7 @@ def test_cuda_graph_frames_equal_eager(variant, batch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_graph_relpos_windows(dtype):
+def test_cuda_graph_relpos_windows(dtype, no_triton):
     from eventful_pl.static_frame import StaticFrameRunner
 
     eager, static_model = _static_pair(
@@ -111,7 +121,7 @@ def test_cuda_graph_r_equals_n_matches_dense():
     assert runner.stats["static"] == 4
 
 
-def test_cuda_graph_nonfinite_recovery():
+def test_cuda_graph_nonfinite_recovery(no_triton):
     from eventful_pl.static_frame import StaticFrameRunner
 
     eager, static_model = _static_pair("full", TopRPolicy(12), input_size=6)
@@ -122,3 +132,34 @@ def test_cuda_graph_nonfinite_recovery():
     with torch.no_grad():
         _run_pair(eager, static_model, runner, frames, tol=1e-4, per_frame=False)
     assert runner.stats["recovered"] >= 1 and runner.stats["static"] >= 2
+
+
+@pytest.mark.parametrize("variant", ["tokenwise", "full"])
+def test_cuda_graph_with_triton_kernels_close_to_eager(variant):
+    from eventful_pl import triton_kernels
+    from eventful_pl.static_frame import StaticFrameRunner
+
+    eager, static_model = _static_pair(
+        variant, TopRPolicy(9), window=True, input_size=(7, 5), relative_embedding_size=3
+    )
+    runner = StaticFrameRunner(static_model, mode="cuda_graph")
+    with torch.no_grad():
+        assert triton_kernels.available(torch.zeros(1, device="cuda"))
+        _run_pair(eager, static_model, runner, video_stream(6, 2, 35, DIM), resets=(3,), tol=1e-4)
+    assert runner.stats["static"] == 4
+
+
+def test_cuda_graph_with_triton_r_equals_n_matches_dense():
+    from eventful_pl.static_frame import StaticFrameRunner
+
+    dense, eventful = make_backbones(
+        "full", dim=DIM, depth=2, heads=4, input_size=6, relative_embedding_size=4
+    )
+    dense, eventful = dense.cuda(), eventful.cuda()
+    eventful.set_policy(TopRPolicy(36))
+    runner = StaticFrameRunner(eventful, mode="cuda_graph")
+    with torch.no_grad():
+        for frame in video_stream(5, 2, 36, DIM):
+            frame = frame.cuda()
+            torch.testing.assert_close(runner(frame), dense(frame), rtol=1e-3, atol=1e-3)
+    assert runner.stats["static"] == 4

@@ -10,7 +10,7 @@ import math
 import torch
 from torch import Tensor
 
-from eventful_pl import kernels
+from eventful_pl import kernels, triton_kernels
 from eventful_pl.attention import merge_heads, pool_token_index
 from eventful_pl.blocks import softmax
 from eventful_pl.blocks.dense import BlockVariant
@@ -358,8 +358,13 @@ class EventfulBlock(QueryKeyEventfulBlock):
                 scratch.get("cols_old", (g, m, n), q_rows),
                 scratch.get("cols_new", (g, m, n), q_rows),
             )
+            fused = triton_kernels.available(q_rows) and all(t is not None for t in buffers)
             probs, failed = softmax.incremental_softmax_flagged(
-                *args, self.min_kept_mass, self.max_log_shift, buffers
+                *args,
+                self.min_kept_mass,
+                self.max_log_shift,
+                buffers,
+                triton_kernels.update_softmax if fused else None,
             )
             self._static_failed.logical_or_(failed)
             return probs.view(b, heads, m, n)
@@ -457,7 +462,9 @@ class EventfulBlock(QueryKeyEventfulBlock):
         """
         log_norm = self.log_norm
         if self.static_frame:
-            probs, failed = softmax.update_softmax_flagged(
+            fused = triton_kernels.available(rows) and cols_new.is_contiguous()
+            update = triton_kernels.update_softmax if fused else softmax.update_softmax_flagged
+            probs, failed = update(
                 rows, cols_old, cols_new, log_norm, index, self.min_kept_mass, self.max_log_shift
             )
             self._static_failed.logical_or_(failed)

@@ -19,7 +19,7 @@ rows, m updated key columns, d head size.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -197,9 +197,12 @@ def incremental_softmax_flagged(
     min_kept_mass: float,
     max_log_shift: float,
     buffers: tuple[Tensor | None, Tensor | None, Tensor | None] = (None, None, None),
+    update: Callable[..., tuple[Tensor, Tensor]] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """:func:`incremental_softmax` through :func:`update_softmax_flagged`
-    (no host synchronisation). Returns (columns (G, m, N), failed (B,) bool)."""
+    (no host synchronisation), or through ``update`` (the same signature, e.g.
+    the fused :func:`eventful_pl.triton_kernels.update_softmax`). Returns
+    (columns (G, m, N), failed (B,) bool or int)."""
     g, r, _ = q_rows.shape
     m, n, nk = k_new.shape[1], q_t.shape[-1], keys_t.shape[-1]
     b = index.shape[0]
@@ -208,7 +211,7 @@ def incremental_softmax_flagged(
     cols_new = torch.bmm(k_new, q_t, out=cols_new_out)
     cols_old = torch.bmm(k_old, q_t, out=cols_old_out)
     heads = g // b
-    probs, failed = update_softmax_flagged(
+    probs, failed = (update or update_softmax_flagged)(
         rows.view(b, heads, r, nk),
         cols_old.view(b, heads, m, n),
         cols_new.view(b, heads, m, n),
