@@ -31,10 +31,15 @@ from typing import Any
 import decord
 import numpy as np
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor
+from tqdm import tqdm
 
 from datamodules.common import write_json_atomic
 from datamodules.transforms import resize, short_side_size
+
+#: :func:`probe_videos` shows a progress bar when it opens at least this many videos.
+PROGRESS_MIN = 8
 
 
 class VideoReadError(RuntimeError):
@@ -189,7 +194,9 @@ def probe_videos(
     """Opens every video (in ``workers`` threads): its info, or the error it gave.
 
     With ``cache_file`` (JSON), results are kept by path, size and modification
-    time, so a second run only opens new or changed files.
+    time, so a second run only opens new or changed files. Global rank 0 shows
+    a progress bar (tqdm, on stderr) when it opens :data:`PROGRESS_MIN` videos
+    or more.
     """
     paths = list(dict.fromkeys(paths))
     cache = _load_probe_cache(cache_file)
@@ -214,9 +221,19 @@ def probe_videos(
         else:
             todo.append(path)
     if todo:
-        with ThreadPoolExecutor(max(1, workers)) as pool:
+        with (
+            ThreadPoolExecutor(max(1, workers)) as pool,
+            tqdm(
+                total=len(todo),
+                desc=f"probing {len(todo)} videos",
+                unit="video",
+                disable=rank_zero_only.rank != 0 or len(todo) < PROGRESS_MIN,
+                dynamic_ncols=True,
+            ) as progress,
+        ):
             for path, result in zip(todo, pool.map(_probe_one, todo)):
                 results[path] = result
+                progress.update()
         if cache_file is not None:
             for path in todo:
                 result = results[path]

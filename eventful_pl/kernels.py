@@ -44,13 +44,17 @@ kernels off.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib
 import importlib.machinery
 import importlib.util
 import logging
 import os
 import sys
+import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -117,9 +121,7 @@ def build_directory(name: str | None = None) -> Path:
     ``$TORCH_EXTENSIONS_DIR/<name>``, by default under ``~/.cache/torch_extensions``."""
     root = os.environ.get("TORCH_EXTENSIONS_DIR")
     if not root:
-        from torch.utils.cpp_extension import get_default_build_root
-
-        root = get_default_build_root()
+        root = _cpp_extension().get_default_build_root()
     return Path(root) / (name or extension_name())
 
 
@@ -171,6 +173,7 @@ def _load(build: bool) -> ModuleType:
     if not build:
         raise _NotBuilt(name)
     _announce(f"eventful_pl: building the fused CPU kernels (once, ~30 s) in {directory} ...")
+    started = time.perf_counter()
     directory.mkdir(parents=True, exist_ok=True)
     # Compiled from a copy in the build folder: the same command line for
     # every checkout, so the build system never sees a change.
@@ -180,13 +183,8 @@ def _load(build: bool) -> ModuleType:
         partial.write_bytes(text)
         os.replace(partial, source)
     cflags, ldflags = compile_flags(capability)
-    cpp_logger = logging.getLogger("torch.utils.cpp_extension")
-    level = cpp_logger.level
-    cpp_logger.setLevel(logging.ERROR)  # "no CUDA runtime" notices: CPU-only build
-    try:
-        from torch.utils.cpp_extension import load
-
-        return load(
+    with _quiet_cpp_extension():
+        extension = _cpp_extension().load(
             name=name,
             sources=[str(source)],
             extra_cflags=cflags,
@@ -194,8 +192,26 @@ def _load(build: bool) -> ModuleType:
             build_directory=str(directory),
             verbose=False,
         )
+    _announce(f"eventful_pl: fused CPU kernels built in {time.perf_counter() - started:.0f} s")
+    return extension
+
+
+@contextlib.contextmanager
+def _quiet_cpp_extension() -> Iterator[None]:
+    """Silences torch's "no CUDA runtime" notices (the kernels are CPU-only)."""
+    cpp_logger = logging.getLogger("torch.utils.cpp_extension")
+    level = cpp_logger.level
+    cpp_logger.setLevel(logging.ERROR)
+    try:
+        yield
     finally:
         cpp_logger.setLevel(level)
+
+
+def _cpp_extension() -> ModuleType:
+    """``torch.utils.cpp_extension``, imported without its import-time CUDA notice."""
+    with _quiet_cpp_extension():
+        return importlib.import_module("torch.utils.cpp_extension")
 
 
 def _import_library(name: str, library: Path) -> ModuleType:

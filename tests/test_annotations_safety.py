@@ -237,8 +237,8 @@ def test_evaluation_without_ground_truth_objects_warns(tmp_path):
         warnings.simplefilter("always")
         trainer.validate(lit, dm, verbose=False)
     (message,) = [str(w.message) for w in caught if "ground-truth" in str(w.message)]
-    assert "ViTDetModule val (split 'val')" in message and "['r=8']" in message
-    assert lit.eval_results["r=8"]["map_50"] == -1
+    assert "ViTDetModule val (split 'val')" in message and "['r16', 'r8']" in message
+    assert lit.eval_results["r8"]["map_50"] == -1
 
 
 # --------------------------------------------------------------------------- options

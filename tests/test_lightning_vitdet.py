@@ -112,7 +112,7 @@ def cli_config(tmp_path: Path, data: SyntheticVID, layout: str, **trainer_args) 
                 "preset": "vitdet_tiny",
                 "variant": "eventful",
                 "model_kwargs": {"num_classes": 30},
-                "r": 32,
+                "r": 16,
                 "eval_r": [TOKENS, 16],
                 "warmup_steps": 2,
                 "decay_epochs": [1],
@@ -163,33 +163,36 @@ def test_fit_validate_test_through_the_cli(tmp_path, data, layout, argv):
         assert torch.isfinite(metrics[f"train/{name}"])
     losses = ["loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg"]
     torch.testing.assert_close(metrics["train/loss"], sum(metrics[f"train/{n}"] for n in losses))
-    # The sweep: one mAP50 per r, the first also as val/map_50 (for monitoring).
+    # The sweep: one mAP50 per r; the run's own r (16, not the first setting)
+    # also as val/map_50 and hp_metric (for monitoring).
     for r in (TOKENS, 16):
-        assert 0.0 <= float(metrics[f"val/r={r}/map_50"]) <= 1.0
-    assert float(metrics["val/map_50"]) == float(metrics[f"val/r={TOKENS}/map_50"])
+        assert 0.0 <= float(metrics[f"val/r{r}/map_50"]) <= 1.0
+    assert float(metrics["val/map_50"]) == float(metrics["val/r16/map_50"])
+    assert float(metrics["hp_metric"]) == float(metrics["val/r16/map_50"])
+    assert not any("=" in key for key in metrics)
     # GFlops per frame: every segment has SEGMENT frames, so the average over all
     # evaluated frames is count_vitdet's average over a SEGMENT-frame video.
     model = cli.model
-    assert list(model.eval_gflops) == [f"r={TOKENS}", "r=16"]
+    assert list(model.eval_gflops) == [f"r{TOKENS}", "r16"]
     for r in (TOKENS, 16):
-        got = model.eval_gflops[f"r={r}"]
+        got = model.eval_gflops[f"r{r}"]
         want = expected_gflops(model.model, r, SEGMENT)
         assert set(got) == {"total", *OP_KINDS}
         assert got == pytest.approx(want, rel=1e-12)
-    assert model.eval_gflops["r=16"]["total"] < model.eval_gflops[f"r={TOKENS}"]["total"]
+    assert model.eval_gflops["r16"]["total"] < model.eval_gflops[f"r{TOKENS}"]["total"]
     # The model's own policy is back after the sweep.
     assert all(g.policy is model.policy for g in gates(model.model))
-    assert model.policy.r == 32
+    assert model.policy.r == 16
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         validated = cli_main(["validate", "--config", config])
         tested = cli_main(["test", "--config", config])
-    assert set(validated.trainer.callback_metrics) >= {"val/r=64/map_50", "val/r=16/mar_100"}
+    assert set(validated.trainer.callback_metrics) >= {"val/r64/map_50", "val/r16/mar_100"}
     test_metrics = tested.trainer.callback_metrics
-    assert set(test_metrics) >= {"test/r=64/map_50", "test/r=16/map_50", "test/map_50"}
+    assert set(test_metrics) >= {"test/r64/map_50", "test/r16/map_50", "test/map_50"}
     assert tested.model.eval_stage == "test"
-    assert tested.model.eval_gflops["r=16"] == pytest.approx(
+    assert tested.model.eval_gflops["r16"] == pytest.approx(
         expected_gflops(tested.model.model, 16, SEGMENT), rel=1e-12
     )
     if HAVE_CALLBACKS:
@@ -198,7 +201,7 @@ def test_fit_validate_test_through_the_cli(tmp_path, data, layout, argv):
 
 
 def test_logged_map50_equals_a_direct_evaluation(tmp_path, data):
-    """The sweep's val/r=16/map_50 is mAP50 of streaming each segment with r=16."""
+    """The sweep's val/r16/map_50 is mAP50 of streaming each segment with r = 16."""
     lit = module(variant="eventful", eval_r=[16, TOKENS])
     make_detecting(lit.model)
     trainer(tmp_path).validate(lit, datamodule(data), verbose=False)
@@ -215,25 +218,25 @@ def test_logged_map50_equals_a_direct_evaluation(tmp_path, data):
                 targets = [{"boxes": t["boxes"], "labels": t["labels"]} for t in segment["targets"]]
                 metric.update(preds, targets)
         want = metric.compute()
-        assert logged[f"r={r}"]["map_50"] == pytest.approx(float(want["map_50"]), abs=1e-6)
-        assert logged[f"r={r}"]["mar_100"] == pytest.approx(float(want["mar_100"]), abs=1e-6)
-    assert logged[f"r={TOKENS}"]["map_50"] > 0  # the check is not vacuous
+        assert logged[f"r{r}"]["map_50"] == pytest.approx(float(want["map_50"]), abs=1e-6)
+        assert logged[f"r{r}"]["mar_100"] == pytest.approx(float(want["mar_100"]), abs=1e-6)
+    assert logged[f"r{TOKENS}"]["map_50"] > 0  # the check is not vacuous
 
 
 def test_threshold_sweep_and_counting_off(tmp_path, data):
     lit = module(variant="eventful", threshold=0.5, eval_thresholds=[0.0, 1e6])
     trainer(tmp_path, limit_val_batches=2).validate(lit, datamodule(data), verbose=False)
-    names = ["threshold=0.0", "threshold=1000000.0"]
+    names = ["h0.5", "h0.0", "h1000000.0"]  # the own threshold first: not in the sweep
     assert list(lit.eval_results) == names and list(lit.eval_gflops) == names
     # Threshold 0 updates every token that changed (at most r = N: the padding
     # never changes); a huge threshold none after the flush frame.
-    low, high = (lit.eval_gflops[n]["total"] for n in names)
+    low, high = (lit.eval_gflops[n]["total"] for n in names[1:])
     assert high < low <= expected_gflops(lit.model, TOKENS, SEGMENT)["total"]
     assert all(g.policy.threshold == 0.5 for g in gates(lit.model))
     quiet = module(variant="eventful", r=16, count_ops=False)
     trainer(tmp_path, limit_val_batches=1).validate(quiet, datamodule(data), verbose=False)
-    assert quiet.eval_gflops == {} and list(quiet.eval_results) == ["default"]
-    assert 0.0 <= quiet.eval_results["default"]["map_50"] <= 1.0
+    assert quiet.eval_gflops == {} and list(quiet.eval_results) == ["r16"]
+    assert 0.0 <= quiet.eval_results["r16"]["map_50"] <= 1.0
 
 
 # --------------------------------------------------------------------------- streaming
@@ -461,7 +464,7 @@ def main(devices: int, out: str) -> None:
         out + "/data", seed=0, train_snippets=2, val_snippets=3, frames=(4, 4), det_images=3
     )
     L.seed_everything(0)
-    lit = module(variant="eventful", r=32, eval_r=[64, 16], warmup_steps=2)
+    lit = module(variant="eventful", r=16, eval_r=[64, 16], warmup_steps=2)
     make_detecting(lit.model)
     trainer = L.Trainer(
         **{{**quiet_trainer_options(out), "devices": devices}},
@@ -472,7 +475,7 @@ def main(devices: int, out: str) -> None:
     )
     dm = datamodule(data)
     trainer.fit(lit, dm)  # runs under DDP (proposal sampling is random: not compared)
-    validated = module(variant="eventful", r=32, eval_r=[64, 16])
+    validated = module(variant="eventful", r=16, eval_r=[64, 16])
     make_detecting(validated.model)
     results = trainer.validate(validated, dm, verbose=False)[0]
     with open(out + "/results.json", "w") as handle:
@@ -501,8 +504,8 @@ def test_ddp_two_processes_validate_like_one(tmp_path):
         run_script(str(script), str(devices), str(out))
         results[devices] = json.loads((out / "results.json").read_text())
     one, two = results[1], results[2]
-    assert {"val/r=64/map_50", "val/r=16/map_50", "val/map_50"} <= set(one)
-    assert one["val/r=64/map_50"] > 0  # the comparison is not vacuous
+    assert {"val/r64/map_50", "val/r16/map_50", "val/map_50"} <= set(one)
+    assert one["val/r64/map_50"] > 0  # the comparison is not vacuous
     assert set(one) == set(two)
     for key in one:
         assert two[key] == pytest.approx(one[key], abs=1e-6), key
@@ -519,7 +522,7 @@ def test_predict_streams_each_segment_under_the_own_policy(tmp_path, data, argv)
         (s["video_id"], s["segment_index"]) for s in expected
     ]
     model = cli.model.model.eval()
-    model.set_policy(TopRPolicy(32))  # the config's own r
+    model.set_policy(TopRPolicy(16))  # the config's own r
     with torch.no_grad():
         model.reset()
         want = [model([frame])[0] for frame in expected[0]["frames"]]
@@ -542,14 +545,14 @@ def test_class_count_mismatch_is_a_clear_error(tmp_path, data):
 @pytest.mark.slow
 def test_dense_setting(tmp_path, data):
     """eval_dense: the dense model's mAP (= every token) and backbone GFlops, last."""
-    lit = module(variant="eventful", r=32, eval_r=[TOKENS], eval_dense=True)
+    lit = module(variant="eventful", r=TOKENS, eval_r=[TOKENS], eval_dense=True)
     make_detecting(lit.model)
     trainer(tmp_path, limit_val_batches=2).validate(lit, datamodule(data), verbose=False)
-    assert list(lit.eval_results) == [f"r={TOKENS}", "dense"]
-    assert lit.eval_results["dense"] == lit.eval_results[f"r={TOKENS}"]
+    assert list(lit.eval_results) == [f"r{TOKENS}", "dense"]
+    assert lit.eval_results["dense"] == lit.eval_results[f"r{TOKENS}"]
     (dense,) = count_vitdet(lit.model, video_length=SEGMENT)["settings"]
     assert lit.eval_gflops["dense"]["total"] == pytest.approx(dense["total"], rel=1e-12)
-    assert lit.eval_gflops["dense"]["total"] < lit.eval_gflops[f"r={TOKENS}"]["total"]
+    assert lit.eval_gflops["dense"]["total"] < lit.eval_gflops[f"r{TOKENS}"]["total"]
     with pytest.raises(ValueError, match="eval_dense"):
         module(variant="dense", eval_dense=True)
 

@@ -194,8 +194,8 @@ def test_command_line_wins_over_the_checkpoint(fitted, argv):
         "[12]",
     )
     assert cli.model.r == 4
-    assert [s.name for s in cli.model.sweep] == ["r=12"]
-    assert "val/r=12/top1" in cli.trainer.callback_metrics
+    assert [s.name for s in cli.model.sweep] == ["r12"]
+    assert "val/r12/top1" in cli.trainer.callback_metrics
     # The weights are the checkpoint's.
     saved = torch.load(ckpt, weights_only=True)["state_dict"]
     assert torch.equal(cli.model.model.classifier.weight, saved["model.classifier.weight"])

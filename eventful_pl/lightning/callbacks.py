@@ -26,7 +26,8 @@ from torch import Tensor
 
 from eventful_pl.counting import OP_KINDS
 from eventful_pl.lightning.annotated_video import AnnotatedVideoWriter, annotate_frames
-from eventful_pl.lightning.token_maps import render_maps
+from eventful_pl.lightning.sweep import sweep_figure
+from eventful_pl.lightning.token_maps import labelled_maps
 
 
 def format_results_table(
@@ -44,26 +45,37 @@ def format_results_table(
 
 
 class GFlopsCallback(L.Callback):
-    """Logs each evaluation setting's GFlops (total and by kind) and prints a results table.
+    """Logs each evaluation setting's GFlops by kind, prints a results table and
+    plots accuracy against GFlops.
 
-    After every validation and test run (not the sanity check), logs
-    ``{stage}/{setting}/gflops`` and ``{stage}/{setting}/gflops_{kind}`` to every
-    logger of the trainer, and keeps one table row per setting (metric values
-    and GFlops per video or frame) in :attr:`tables`. The table is printed after
+    The module logs ``{stage}/{setting}/gflops`` itself (``self.log``: in
+    Lightning's results table and ``trainer.validate()``'s return value).
+    After every validation and test run (not the sanity check) this callback
+    logs ``{stage}/{setting}/gflops_{kind}`` to every logger of the trainer,
+    keeps one table row per setting (metric values and GFlops per video or
+    frame) in :attr:`tables`, and draws the accuracy-vs-GFlops figure
+    (:func:`~eventful_pl.lightning.sweep.sweep_figure`): logged to TensorBoard
+    as ``{stage}/accuracy_vs_gflops`` and saved, with the table, as
+    ``{stage}_accuracy_vs_gflops.png`` / ``.md`` in the logger's ``log_dir``
+    (global rank 0; not without a logger). The table is printed after
     ``validate`` and ``test``, and after ``fit`` (its last validation).
 
     Args:
         by_kind: Also log the GFlops of each operation kind.
         print_table: Print the table (global rank 0 only).
+        figure: Draw, log and save the accuracy-vs-GFlops figure.
     """
 
-    def __init__(self, by_kind: bool = True, print_table: bool = True) -> None:
+    def __init__(self, by_kind: bool = True, print_table: bool = True, figure: bool = True) -> None:
         self.by_kind = by_kind
         self.print_table = print_table
+        self.figure = figure
         #: ``{stage: table}`` of the latest evaluation of each stage.
         self.tables: dict[str, str] = {}
         #: ``{stage: {setting: {"gflops": ..., metric: ...}}}`` of the latest evaluation.
         self.results: dict[str, dict[str, dict[str, float]]] = {}
+        #: ``{stage: folder}`` where the latest table and figure of each stage were saved.
+        self.saved: dict[str, Path] = {}
 
     def _collect(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         stage = getattr(module, "eval_stage", None)
@@ -71,25 +83,58 @@ class GFlopsCallback(L.Callback):
         results: dict[str, dict[str, float]] = getattr(module, "eval_results", {})
         if stage is None or trainer.sanity_checking:
             return
-        metrics: dict[str, float] = {}
-        for name, values in gflops.items():
-            metrics[f"{stage}/{name}/gflops"] = values["total"]
-            if self.by_kind:
-                for kind in OP_KINDS:
-                    metrics[f"{stage}/{name}/gflops_{kind}"] = values.get(kind, 0.0)
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+        if self.by_kind:
+            metrics = {
+                f"{stage}/{name}/gflops_{kind}": values.get(kind, 0.0)
+                for name, values in gflops.items()
+                for kind in OP_KINDS
+            }
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
         unit = getattr(getattr(module, "ops_meter", None), "unit", "video")
         self.tables[stage] = format_results_table(results, gflops, unit)
         self.results[stage] = {
             name: {**values, "gflops": gflops.get(name, {}).get("total", float("nan"))}
             for name, values in results.items()
         }
+        if self.figure and trainer.is_global_zero:
+            self._figure(trainer, module, stage, unit)
+
+    def _figure(self, trainer: L.Trainer, module: L.LightningModule, stage: str, unit: str) -> None:
+        """Draws the sweep's figure, logs it to TensorBoard, saves it and the table."""
+        figure = sweep_figure(
+            getattr(module, "sweep", []),
+            module.eval_results,
+            module.eval_gflops,
+            getattr(module, "main_metric", ""),
+            unit,
+            own=getattr(module, "own_setting", None),
+            title=f"{stage}: {getattr(module, 'main_metric', '')} vs GFlops"
+            f" (epoch {trainer.current_epoch})",
+        )
+        if figure is None:
+            return
+        log_dir = trainer.log_dir if trainer.loggers else None
+        if log_dir is not None:
+            folder = Path(log_dir)
+            folder.mkdir(parents=True, exist_ok=True)
+            figure.savefig(folder / f"{stage}_accuracy_vs_gflops.png")
+            (folder / f"{stage}_accuracy_vs_gflops.md").write_text(self.tables[stage] + "\n")
+            self.saved[stage] = folder
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_figure(
+                    f"{stage}/accuracy_vs_gflops", figure, global_step=trainer.global_step
+                )
 
     @rank_zero_only
     def _print(self, stage: str, title: str) -> None:
         if self.print_table and stage in self.tables:
-            print(f"\n{title}\n{self.tables[stage]}\n", flush=True)
+            where = ""
+            if stage in self.saved:
+                where = f"(table and figure: {self.saved[stage] / f'{stage}_accuracy_vs_gflops'}"
+                where += ".md/.png)\n"
+            print(f"\n{title}\n{self.tables[stage]}\n{where}", flush=True)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._collect(trainer, pl_module)
@@ -105,16 +150,19 @@ class GFlopsCallback(L.Callback):
 
 
 class TokenUpdateMapCallback(L.Callback):
-    """Logs images of which tokens each gate updated on each frame (TensorBoard).
+    """Logs labelled images of which tokens each gate updated on each frame (TensorBoard).
 
     On the first ``num_batches`` validation batches of every ``every_n_epochs``-th
     epoch (global rank 0, not the sanity check), asks the module for
     ``token_update_maps(batch) -> {gate: (frames, H, W)}`` (its first stream)
-    and logs one image per batch as ``token_updates/batch_{i}``: one column per
-    frame; a first row with each frame under a heat map of the share of gates
-    that updated each token (when the module has ``token_map_frames(batch) ->
-    (frames, 3, H, W)``), then one row per gate, updated tokens bright. Loggers
-    other than TensorBoard are left alone.
+    and logs one image per batch as ``token_updates/batch_{i}``
+    (:func:`~eventful_pl.lightning.token_maps.labelled_maps`): one column per
+    frame, headed by its frame number (``token_map_frame_numbers(batch)`` of
+    the module, if it has one; else 0, 1, ...); a first row with each frame
+    under a heat map of the share of gates that updated each token (when the
+    module has ``token_map_frames(batch) -> (frames, 3, H, W)``), then one row
+    per gate, named on the left, updated tokens bright; a colour legend below.
+    Loggers other than TensorBoard are left alone.
 
     Args:
         num_batches: Validation batches to draw maps for.
@@ -133,6 +181,8 @@ class TokenUpdateMapCallback(L.Callback):
         self.cell = cell
         #: Maps drawn in the latest epoch, ``{batch index: {gate: (frames, H, W)}}``.
         self.maps: dict[int, dict[str, Any]] = {}
+        #: The latest image logged, ``{batch index: (3, H, W) float in [0, 1]}``.
+        self.images: dict[int, Tensor] = {}
 
     def on_validation_batch_end(
         self,
@@ -153,7 +203,16 @@ class TokenUpdateMapCallback(L.Callback):
         self.maps[batch_idx] = maps
         frames_of = getattr(pl_module, "token_map_frames", None)
         frames = frames_of(batch) if frames_of is not None else None
-        image = render_maps(maps, cell=self.cell, frames=frames)
+        numbers_of = getattr(pl_module, "token_map_frame_numbers", None)
+        numbers = numbers_of(batch) if numbers_of is not None else None
+        image = labelled_maps(
+            maps,
+            cell=self.cell,
+            frames=frames,
+            frame_numbers=numbers,
+            title=f"tokens updated per gate, epoch {trainer.current_epoch}",
+        )
+        self.images[batch_idx] = image
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image(

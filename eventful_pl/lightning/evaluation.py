@@ -6,8 +6,17 @@ A subclass evaluates every batch under each setting of :attr:`EventfulEvalModule
 adds the operations it counted to :attr:`EventfulEvalModule.ops_meter`. At the
 end of a validation/test epoch this class computes every setting's metrics
 (torchmetrics syncs them over DDP ranks), sums the operation counts over ranks
-and logs ``{stage}/{setting}/{metric}`` (plus ``{stage}/{metric}`` of the first
-setting, for checkpoint monitoring).
+and logs with ``self.log`` (so the values are in Lightning's results table, in
+what ``trainer.validate()``/``trainer.test()`` return, and can be monitored):
+
+- ``{stage}/{setting}/{metric}`` and ``{stage}/{setting}/gflops`` for every
+  setting (names like ``r16``, ``h0.1``, ``dense``: no ``=``);
+- ``{stage}/{metric}`` and ``hp_metric``: the main metric of the run's own
+  setting (:attr:`EventfulEvalModule.own_setting`, e.g. the r it trains
+  with), which ``ModelCheckpoint(monitor="val/top1")`` then tracks.
+
+Each evaluation also says in one line how many batches and settings it runs
+(rank 0, Lightning's ``rank_zero_info``), next to Lightning's progress bar.
 
 What callbacks read afterwards (e.g. :class:`eventful_pl.lightning.callbacks.GFlopsCallback`,
 in ``on_validation_end``/``on_test_end``):
@@ -16,7 +25,12 @@ in ``on_validation_end``/``on_test_end``):
 - ``eval_results``: ``{setting: {metric: value}}``, synced over ranks;
 - ``eval_gflops``: ``{setting: {"total": ..., kind: ...}}``, GFlops per
   ``ops_meter.unit`` (video or frame), synced over ranks;
-- ``sweep``: the settings, in order; ``model``: the network.
+- ``sweep``: the settings, in order; ``own_setting``: the name of the run's
+  own one; ``main_metric``; ``model``: the network.
+
+Frozen parts of the network (:meth:`EventfulEvalModule.frozen_modules`) stay in
+eval mode: ``module.train()`` leaves them in eval, Lightning's model summary
+shows them as eval, and they are put back in eval when training starts.
 
 Pretrained weights (a subclass's ``pretrained`` option) are read by
 :meth:`EventfulEvalModule.load_pretrained`, which the Trainer calls at the
@@ -30,17 +44,19 @@ its weights win and ``pretrained`` is not read at all. In plain Python, call
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import Metric, MetricCollection
 
 from eventful_pl.kernels import prepare_fused_kernels
 from eventful_pl.lightning.rng_state import CHECKPOINT_KEY, capture_rng_states, restore_rng_states
-from eventful_pl.lightning.sweep import EvalSetting, OpsMeter, build_sweep
+from eventful_pl.lightning.sweep import EvalSetting, OpsMeter, build_sweep, own_setting
 
 STAGES = ("val", "test")
 
@@ -50,7 +66,7 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def metric_key(name: str) -> str:
-    """A ModuleDict-safe key for setting ``name`` (``threshold=0.2`` -> ``threshold=0_2``)."""
+    """A ModuleDict-safe key for setting ``name`` (``h0.2`` -> ``h0_2``)."""
     return name.replace(".", "_")
 
 
@@ -61,9 +77,17 @@ class EventfulEvalModule(L.LightningModule):
         eval_r: Test-time top-r values to sweep in validation and test.
         eval_thresholds: Test-time thresholds to sweep.
         unit: What the GFlops are counted per (``"video"`` or ``"frame"``).
-        default_setting: Name of the single setting when nothing is swept.
+        default_setting: Name of the single setting when nothing is swept and
+            the run has no own policy.
         eval_dense: Also evaluate the dense model (setting ``dense``, last):
             every token recomputed, GFlops of the dense model.
+        own_r: The run's own top-r (the r it trains with), if any.
+        own_threshold: The run's own threshold instead, if any.
+
+    The run's own setting (``own_r`` or ``own_threshold``) is evaluated even
+    when the sweep does not list it (it is then added first); its main metric
+    is logged as ``{stage}/{main_metric}`` and ``hp_metric``. Without an own
+    policy, the first setting of the sweep stands in for it.
     """
 
     #: Name of the metric monitored by default (logged as ``{stage}/{main_metric}``).
@@ -76,6 +100,8 @@ class EventfulEvalModule(L.LightningModule):
         unit: str = "video",
         default_setting: str = "default",
         eval_dense: bool = False,
+        own_r: int | None = None,
+        own_threshold: float | None = None,
     ) -> None:
         super().__init__()
         for r in eval_r or ():
@@ -84,14 +110,18 @@ class EventfulEvalModule(L.LightningModule):
         for h in eval_thresholds or ():
             if float(h) < 0:
                 raise ValueError(f"eval_thresholds: must be >= 0, got {list(eval_thresholds)}")
+        own = own_setting(own_r, own_threshold)
         self.sweep: list[EvalSetting] = build_sweep(
-            eval_r or (), eval_thresholds or (), default_setting, eval_dense
+            eval_r or (), eval_thresholds or (), default_setting, eval_dense, own
         )
+        #: The name of the run's own setting (the first setting without an own policy).
+        self.own_setting: str = own.name if own is not None else self.sweep[0].name
         self.ops_meter = OpsMeter(unit)
         self.eval_stage: str | None = None
         self.eval_results: dict[str, dict[str, float]] = {}
         self.eval_gflops: dict[str, dict[str, float]] = {}
         self.eval_metrics = nn.ModuleDict()
+        self._eval_started = 0.0
         #: Whether the pretrained weights were loaded (or a restored checkpoint's replaced them).
         self.pretrained_done = False
 
@@ -103,6 +133,17 @@ class EventfulEvalModule(L.LightningModule):
             self.eval_metrics[stage] = nn.ModuleDict(
                 {metric_key(s.name): self.make_metrics() for s in self.sweep}
             )
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """Parts of the network that never train (kept in eval mode); none by default."""
+        return []
+
+    def train(self, mode: bool = True) -> EventfulEvalModule:
+        """Sets training mode, except for :meth:`frozen_modules`, which stay in eval."""
+        super().train(mode)
+        for module in self.frozen_modules():
+            module.eval()
+        return self
 
     def make_metrics(self) -> Metric | MetricCollection:
         """A fresh metric (or collection) for one setting of one stage."""
@@ -138,7 +179,19 @@ class EventfulEvalModule(L.LightningModule):
     # ----------------------------------------------------------------- hooks
 
     def on_fit_start(self) -> None:
+        """Loads ``pretrained``. Lightning's model summary (a callback's
+        ``on_fit_start``, before this hook) has shown the frozen parts in eval
+        mode; the fit loop then warns about every module in eval mode when
+        training starts, so until :meth:`on_train_start` they follow the
+        module's own mode (the sanity check runs in eval mode anyway)."""
         self.ensure_pretrained()
+        for module in self.frozen_modules():
+            module.train(self.training)
+
+    def on_train_start(self) -> None:
+        """Puts the frozen parts back in eval mode for training."""
+        for module in self.frozen_modules():
+            module.eval()
 
     def on_validation_start(self) -> None:
         self.ensure_pretrained()
@@ -211,6 +264,16 @@ class EventfulEvalModule(L.LightningModule):
         self.ops_meter.reset()
         for metric in self.eval_metrics[stage].values():
             metric.reset()
+        self._eval_started = time.perf_counter()
+        trainer = self._trainer
+        if trainer is not None and not trainer.sanity_checking:
+            batches = trainer.num_test_batches if stage == "test" else trainer.num_val_batches
+            total = sum(int(n) for n in batches if n != float("inf")) if batches else None
+            names = ", ".join(s.name for s in self.sweep)
+            rank_zero_info(
+                f"{stage}: {total if total is not None else 'all'} batches on this rank, each "
+                f"under {len(self.sweep)} setting{'s' if len(self.sweep) > 1 else ''} ({names})"
+            )
 
     def _end_eval(self, stage: str) -> None:
         results: dict[str, dict[str, float]] = {}
@@ -226,14 +289,23 @@ class EventfulEvalModule(L.LightningModule):
                 # Already synced by torchmetrics: every rank has the same value, so
                 # sync_dist (a mean over ranks) keeps it and quiets Lightning's warning.
                 self.log(f"{stage}/{setting.name}/{key}", value, sync_dist=True)
-        first = results[self.sweep[0].name]
-        if self.main_metric in first:
-            self.log(f"{stage}/{self.main_metric}", first[self.main_metric], sync_dist=True)
+        own = results.get(self.own_setting, {})
+        if self.main_metric in own:
+            self.log(f"{stage}/{self.main_metric}", own[self.main_metric], sync_dist=True)
+            self.log("hp_metric", own[self.main_metric], sync_dist=True)
         names = [s.name for s in self.sweep]
         synced = self.ops_meter.synced(names, self.device)
         self.eval_results = results
         self.eval_gflops = {n: synced.gflops(n) for n in names if synced.units.get(n)}
+        for name, gflops in self.eval_gflops.items():  # summed over ranks already
+            self.log(f"{stage}/{name}/gflops", gflops["total"], sync_dist=True)
+        units = max(synced.units.values(), default=0)  # (synced may be ops_meter itself)
         self.ops_meter.reset()
+        trainer = self._trainer
+        if trainer is not None and not trainer.sanity_checking:
+            what = f", {units} {self.ops_meter.unit}s each" if units else ""
+            seconds = time.perf_counter() - self._eval_started
+            rank_zero_info(f"{stage}: {len(self.sweep)} settings evaluated{what} ({seconds:.1f} s)")
 
     def on_validation_epoch_start(self) -> None:
         self._begin_eval("val")

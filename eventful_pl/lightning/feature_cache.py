@@ -51,6 +51,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from datamodules.common import SkipLog, rank_and_world_size, shard, write_atomic
 from datamodules.feature_entries import CHECKED as CHECKED
@@ -194,6 +195,8 @@ def write_feature_cache(
         num_workers: DataLoader workers decoding the videos.
         probe_workers: Threads opening videos (and checking entries) before decoding.
 
+    Rank 0 shows a progress bar (tqdm, on stderr) over the videos it computes
+    and every rank ends with a one-line summary (:meth:`CacheReport.summary`).
     Entries already written are checked (:func:`check_entry`) and kept; bad
     ones are removed (warned, with their paths, in ``report.bad``) and computed
     again. Videos recorded as skipped are not tried again unless their file
@@ -296,9 +299,17 @@ def write_feature_cache(
     if r is not None:
         model.set_policy(TopRPolicy(r))
     nonfinite = 0  # videos of this run with non-finite features, before any finite
+    progress = tqdm(
+        loader,
+        desc=f"caching {name} (rank {rank})" if world_size > 1 else f"caching {name}",
+        total=len(readable),
+        unit="video",
+        disable=rank != 0,  # one bar: rank 0's shard
+        dynamic_ncols=True,
+    )
     try:
         with torch.inference_mode():
-            for sample in loader:
+            for sample in progress:
                 item = by_id[sample["id"]]
                 if sample["video"] is None:
                     record_skip(item, "unreadable", f"{item.path}: cannot decode")
@@ -327,6 +338,7 @@ def write_feature_cache(
                 report.written += 1
                 report.rewritten += item.id in bad_entries
     finally:
+        progress.close()
         model.train(was_training)
     rank_zero_info(report.summary())
     return report

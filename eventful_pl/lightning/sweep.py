@@ -2,24 +2,31 @@
 
 A sweep is a list of settings (dense, top-r values, thresholds); evaluation
 runs every batch under each setting, and each setting's metrics and GFlops
-are logged under its own name (``val/r=50/top1``, ``val/r=50/gflops``).
+are logged under its own name: ``r50`` for top-r 50, ``h0.1`` for threshold
+0.1, ``dense`` for the dense model (``val/r50/top1``, ``val/h0.1/gflops``,
+``val/dense/top1``). Names never hold ``=``, so they work as metric names,
+checkpoint file names and ``ModelCheckpoint(monitor=...)`` keys.
 
 :class:`OpsMeter` adds up the operations counted during evaluation, per
 setting, and the number of units (videos for ViViT, frames for ViTDet) they
 cover; :meth:`OpsMeter.gflops` gives GFlops per unit, by kind, summed over all
-ranks under DDP.
+ranks under DDP. :func:`sweep_figure` plots a sweep's accuracy against its GFlops.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from eventful_pl.counting import OP_KINDS
 from eventful_pl.policies import ThresholdPolicy, TokenPolicy, TopRPolicy
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 @dataclass(frozen=True)
@@ -42,21 +49,46 @@ class EvalSetting:
         return None
 
 
+def setting_name(r: int | None = None, threshold: float | None = None) -> str:
+    """The name of a top-r (``r16``) or threshold (``h0.1``) setting."""
+    if (r is None) == (threshold is None):
+        raise ValueError("setting_name: give r or threshold")
+    return f"r{int(r)}" if r is not None else f"h{float(threshold)!r}"
+
+
 def build_sweep(
     r_values: Sequence[int] = (),
     thresholds: Sequence[float] = (),
     default: str = "default",
     dense: bool = False,
+    own: EvalSetting | None = None,
 ) -> list[EvalSetting]:
-    """Settings for each r and threshold (with neither, one setting ``default``:
-    the model as configured), then ``dense`` if asked for."""
-    settings = [EvalSetting(f"r={int(r)}", r=int(r)) for r in r_values]
-    settings += [EvalSetting(f"threshold={float(h)}", threshold=float(h)) for h in thresholds]
+    """The settings of an evaluation sweep, in order.
+
+    One setting per r (``r16``) and threshold (``h0.1``); ``own`` (the run's
+    own top-r or threshold) goes first when the sweep does not already hold
+    it, so the run's own setting is always evaluated. With no r, threshold or
+    ``own``: one setting named ``default`` (the model as configured). Then
+    ``dense`` if asked for.
+    """
+    settings = [EvalSetting(setting_name(r=r), r=int(r)) for r in r_values]
+    settings += [EvalSetting(setting_name(threshold=h), threshold=float(h)) for h in thresholds]
     names = [s.name for s in settings]
     if len(set(names)) != len(names):
-        raise ValueError(f"eval sweep: repeated settings {names}")
+        raise ValueError(f"eval sweep: repeated settings {names}; list each r and threshold once")
+    if own is not None and own.name not in names:
+        settings.insert(0, own)
     settings = settings or [EvalSetting(default)]
     return settings + ([EvalSetting("dense", dense=True)] if dense else [])
+
+
+def own_setting(r: int | None = None, threshold: float | None = None) -> EvalSetting | None:
+    """The setting of a run's own policy (top-r or threshold); None without one."""
+    if r is not None:
+        return EvalSetting(setting_name(r=r), r=int(r))
+    if threshold is not None:
+        return EvalSetting(setting_name(threshold=threshold), threshold=float(threshold))
+    return None
 
 
 class OpsMeter:
@@ -106,3 +138,64 @@ class OpsMeter:
             raise KeyError(f"no operations recorded for setting {name!r}")
         per = {kind: self.counts[name][kind] / units / 1e9 for kind in OP_KINDS}
         return {"total": sum(per.values()), **per}
+
+
+def sweep_figure(
+    sweep: Sequence[EvalSetting],
+    results: Mapping[str, Mapping[str, float]],
+    gflops: Mapping[str, Mapping[str, float]],
+    metric: str,
+    unit: str = "video",
+    own: str | None = None,
+    title: str | None = None,
+) -> Figure | None:
+    """Accuracy vs GFlops of an evaluation sweep, as a matplotlib figure (800 x 500 px).
+
+    One line per family of settings (top-r, thresholds, each ordered by
+    GFlops and labelled with its r or threshold), a point for ``dense`` and
+    for any other setting, and a ring around the run's ``own`` setting.
+    ``results``: ``{setting: {metric: value}}``; ``gflops``: ``{setting:
+    {"total": GFlops per unit}}``. None when no setting has both numbers.
+    """
+    from matplotlib.figure import Figure
+
+    points = {
+        s.name: (gflops[s.name]["total"], results[s.name][metric])
+        for s in sweep
+        if s.name in gflops and metric in results.get(s.name, {})
+    }
+    if not points:
+        return None
+    families = {
+        "top-r": [s for s in sweep if s.r is not None and s.name in points],
+        "threshold": [s for s in sweep if s.threshold is not None and s.name in points],
+    }
+    figure = Figure(figsize=(8, 5), dpi=100)
+    axes = figure.add_subplot()
+    for label, settings in families.items():
+        if not settings:
+            continue
+        settings = sorted(settings, key=lambda s: points[s.name][0])
+        xs, ys = zip(*(points[s.name] for s in settings))
+        axes.plot(xs, ys, marker="o", label=label)
+        for setting, x, y in zip(settings, xs, ys):
+            axes.annotate(setting.name, (x, y), textcoords="offset points", xytext=(4, 4))
+    for setting in sweep:
+        if setting.name in points and setting.r is None and setting.threshold is None:
+            x, y = points[setting.name]
+            marker = "*" if setting.dense else "s"
+            axes.plot([x], [y], marker=marker, markersize=12, linestyle="none", label=setting.name)
+    if own in points:
+        x, y = points[own]
+        axes.plot(
+            [x], [y], marker="o", markersize=16, markerfacecolor="none", markeredgecolor="black",
+            linestyle="none", label=f"own setting ({own})",
+        )  # fmt: skip
+    axes.set_xlabel(f"GFlops per {unit}")
+    axes.set_ylabel(metric)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    if title:
+        axes.set_title(title)
+    figure.tight_layout()
+    return figure

@@ -12,8 +12,11 @@ does, with gradients. Evaluation streams each segment frame by frame (state
 reset per segment) under each setting of the sweep (``eval_r``,
 ``eval_thresholds``, or the model's own policy), updates that setting's mAP50
 and counts the backbone's operations per frame. Logged:
-``train/{loss name}``, ``train/loss``, ``{val,test}/{setting}/map_50``,
-``{val,test}/{setting}/mar_100`` and ``{val,test}/map_50`` (first setting).
+``train/{loss name}``, ``train/loss``; ``{val,test}/{setting}/map_50``,
+``{val,test}/{setting}/mar_100`` and ``{val,test}/{setting}/gflops`` for each
+setting (``r512``, ``h0.1``, ``dense``); ``{val,test}/map_50`` and
+``hp_metric``: mAP50 of the model's own setting (its ``r`` or ``threshold``,
+evaluated even if the sweep leaves it out; without one, the first setting).
 """
 
 from __future__ import annotations
@@ -231,7 +234,13 @@ class ViTDetModule(EventfulEvalModule):
             if not ok:
                 raise ValueError(f"ViTDetModule: invalid {name}: {value!r}")
         super().__init__(
-            eval_r, eval_thresholds, unit="frame", default_setting="default", eval_dense=eval_dense
+            eval_r,
+            eval_thresholds,
+            unit="frame",
+            default_setting="default",
+            eval_dense=eval_dense,
+            own_r=r,
+            own_threshold=threshold,
         )
         self.save_hyperparameters()
         self.policy = _own_policy(r, threshold)
@@ -503,6 +512,14 @@ class ViTDetModule(EventfulEvalModule):
                     }
                 )
         return records
+
+    def token_map_frame_numbers(self, batch: list[dict[str, Any]]) -> list[int] | None:
+        """The video frame numbers of the frames :meth:`token_update_maps`
+        shows (the labels of its columns), if the segment has them."""
+        if not batch or not batch[0]["frames"] or "frame_indices" not in batch[0]:
+            return None
+        count = len(batch[0]["frames"][:MAX_MAP_FRAMES])
+        return [int(i) for i in list(batch[0]["frame_indices"])[:count]]
 
     @torch.no_grad()
     def token_map_frames(self, batch: list[dict[str, Any]]) -> Tensor | None:

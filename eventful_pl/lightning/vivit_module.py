@@ -22,8 +22,8 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch import Tensor
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -81,8 +81,11 @@ class ViViTFineTuning(EventfulEvalModule):
         dropout: Dropout before the classifier.
         count_ops: Count operations during evaluation (GFlops per video).
 
-    Logged: ``train/loss``, ``train/top1``; ``{val,test}/{setting}/{top1,top5}``
-    and ``{val,test}/top1`` (the first setting), GFlops through
+    Logged: ``train/loss``, ``train/top1``; ``{val,test}/{setting}/{top1,top5,gflops}``
+    for each setting (``r16``, ``h0.1``, ``dense``); ``{val,test}/top1`` and
+    ``hp_metric``: top-1 of the run's own setting (``r{r}``, evaluated even if
+    ``eval_r`` leaves it out); GFlops by kind, the results table and the
+    accuracy-vs-GFlops figure through
     :class:`~eventful_pl.lightning.callbacks.GFlopsCallback`.
     """
 
@@ -121,7 +124,8 @@ class ViViTFineTuning(EventfulEvalModule):
             eval_r,
             eval_thresholds,
             unit="video",
-            default_setting=f"r={r}" if eventful else "dense",
+            default_setting="dense",
+            own_r=int(r) if eventful else None,
             eval_dense=eval_dense,
         )
         self.save_hyperparameters()
@@ -149,6 +153,7 @@ class ViViTFineTuning(EventfulEvalModule):
         self._static_cache: dict[str, dict[str, int]] = {}
         self._checked_caches: set = set()
         self.build_eval_metrics()
+        self.train()  # the frozen parts in eval mode from the start (model summary)
 
     def read_pretrained(self) -> None:
         """Loads ``pretrained`` into the network (see :meth:`load_pretrained`)."""
@@ -156,7 +161,7 @@ class ViViTFineTuning(EventfulEvalModule):
             layout = load_vivit_checkpoint(self.model, self.pretrained, self.trust_pretrained)
             rank_zero_info(f"ViViTFineTuning: loaded {self.pretrained} ({layout} layout)")
         else:
-            rank_zero_warn(
+            rank_zero_info(
                 "ViViTFineTuning: pretrained is not set, so the frozen spatial model keeps "
                 "its random initialisation (fine for the demo; set model.pretrained for real runs)"
             )
@@ -192,12 +197,10 @@ class ViViTFineTuning(EventfulEvalModule):
             }
         )
 
-    def train(self, mode: bool = True) -> ViViTFineTuning:
-        """Training mode for the temporal part only: the frozen spatial model stays in eval."""
-        super().train(mode)
-        self.model.embedding.eval()
-        self.model.spatial.eval()
-        return self
+    def frozen_modules(self) -> list[nn.Module]:
+        """The frozen embedding and spatial model: always in eval mode (only the
+        temporal model and classifier train)."""
+        return [self.model.embedding, self.model.spatial]
 
     def video_features(self, batch: Mapping[str, Any]) -> Tensor:
         """Spatial features of whole videos: batch ``video`` (B, T, 3, H, W) -> (B, V, T', D).
@@ -392,6 +395,15 @@ class ViViTFineTuning(EventfulEvalModule):
         view = self._first_view(batch)[0]  # (T, C, h, w), normalised
         step = self.model.embedding.tubelet[0]
         return (view[: step * max_steps : step] * pre.std + pre.mean).clamp(0, 1)
+
+    def token_map_frame_numbers(self, batch: Batch, max_steps: int = 16) -> list[int] | None:
+        """The frame of the first view that starts each tubelet step shown by
+        :meth:`token_update_maps` (the labels of its columns)."""
+        if not isinstance(batch, Mapping) or self.r is None:
+            return None
+        step = self.model.embedding.tubelet[0]
+        frames = self._first_view(batch).shape[1]
+        return list(range(0, min(frames, step * max_steps), step))
 
     @torch.no_grad()
     def token_update_maps(self, batch: Batch, max_steps: int = 16) -> dict[str, Tensor]:
