@@ -14,6 +14,7 @@ import contextlib
 import csv
 import io
 import json
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -525,9 +526,22 @@ def test_demo_config_runs(tmp_path, argv):
         + json.dumps({**synthetic, "task": "colour_order", "seed": 0}),
     ]
     out = io.StringIO()
-    with contextlib.redirect_stdout(out):
+    with contextlib.redirect_stdout(out), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         cli = cli_main(args)
     assert (tmp_path / "data" / "annotations" / "val.csv").is_file()
+    # The happy path warns about nothing the project causes, and shows Lightning's bar.
+    repo = Path(__file__).parents[1]
+    ours = [
+        f"{w.filename}:{w.lineno}: {w.message}"
+        for w in caught
+        if Path(w.filename).resolve().is_relative_to(repo) and ".venv" not in Path(w.filename).parts
+    ]
+    assert ours == []
+    assert not [w for w in caught if "eval mode" in str(w.message)]
+    assert "Epoch 0: 100%" in out.getvalue()
+    (run,) = (tmp_path / "lightning_logs").glob("version_*")
+    assert (run / "val_accuracy_vs_gflops.png").is_file()
     assert list(cli.model.eval_results) == ["r65", "r32", "r16", "r8", "r4", "dense"]
     gflops = [cli.model.eval_gflops[f"r{r}"]["total"] for r in (65, 32, 16, 8, 4)]
     assert gflops == sorted(gflops, reverse=True)  # fewer tokens, fewer operations

@@ -305,7 +305,8 @@ class EventfulEvalModule(L.LightningModule):
         if trainer is not None and not trainer.sanity_checking:
             what = f", {units} {self.ops_meter.unit}s each" if units else ""
             seconds = time.perf_counter() - self._eval_started
-            rank_zero_info(f"{stage}: {len(self.sweep)} settings evaluated{what} ({seconds:.1f} s)")
+            count = f"{len(self.sweep)} setting{'s' if len(self.sweep) > 1 else ''}"
+            rank_zero_info(f"{stage}: {count} evaluated{what} ({seconds:.1f} s)")
 
     def on_validation_epoch_start(self) -> None:
         self._begin_eval("val")
