@@ -295,3 +295,100 @@ def test_gate_costs_follow_the_layer_sizes(vitdet_case):
     assert all(v > 0 for v in calibrator.sensitivities.values())
     assert set(costs) == set(token_gates(calibrator.model))
     assert all(isinstance(g, TokenGate) for g in token_gates(calibrator.model).values())
+
+
+# ------------------------------------------------------------------- evaluation
+
+
+def calibration_file(tmp_path, model, budgets=(5.0,)) -> str:
+    """A calibration file for ``model``'s gates (thresholds from 0.05 up)."""
+    keys = list(token_gates(model))
+    policies = []
+    for budget in budgets:
+        policy = CalibratedThresholdPolicy({k: 0.05 * (1 + i % 3) for i, k in enumerate(keys)})
+        policy.budget = budget
+        policies.append(policy)
+    return str(write_calibration(tmp_path / "c.json", policies, unit="GFlops per frame"))
+
+
+def test_eval_budgets_become_calibrated_settings(tmp_path):
+    from eventful_pl.lightning.sweep import budget_settings, build_sweep
+    from eventful_pl.lightning.vitdet_module import ViTDetModule
+
+    torch.manual_seed(0)
+    network = create_vitdet("vitdet_tiny", variant="eventful")
+    path = calibration_file(tmp_path, network, budgets=(5.0, 7.5))
+    settings = budget_settings([7.5, 5], path)
+    assert [s.name for s in settings] == ["b7.5", "b5"]
+    sweep = build_sweep([16], [], budgets=settings)
+    assert [s.name for s in sweep] == ["r16", "b7.5", "b5"]
+    set_policy(network, sweep[2].policy())
+    assert network.backbone.blocks[1].proj_gate.policy.threshold == pytest.approx(0.1)
+    lit = ViTDetModule(preset="vitdet_tiny", r=16, eval_budgets=[5.0], calibration=path)
+    assert [s.name for s in lit.sweep] == ["r16", "b5"]
+    with pytest.raises(ValueError, match="cli.py calibrate"):
+        budget_settings([5.0], None)
+    with pytest.raises(ValueError, match="--budget_gflops 6"):
+        budget_settings([6.0], path)
+
+
+DDP_SCRIPT = """
+import json
+import sys
+
+import lightning as L
+import torch
+
+sys.path.insert(0, {repo!r})
+from datamodules.synthetic_detection import write_synthetic_vid  # noqa: E402
+from tests.helpers import quiet_trainer_options  # noqa: E402
+from tests.test_lightning_vitdet import datamodule, make_detecting, module  # noqa: E402
+
+
+def main(devices: int, out: str, calibration: str) -> None:
+    data = write_synthetic_vid(
+        out + "/data", seed=0, train_snippets=1, val_snippets=3, frames=(4, 4), det_images=1
+    )
+    L.seed_everything(0)
+    lit = module(variant="eventful", r=16, eval_budgets=[5.0], calibration=calibration)
+    make_detecting(lit.model)
+    trainer = L.Trainer(
+        **{{**quiet_trainer_options(out), "devices": devices}},
+        strategy="ddp_spawn" if devices > 1 else "auto",
+        logger=False,
+    )
+    results = trainer.validate(lit, datamodule(data), verbose=False)[0]
+    with open(out + "/results.json", "w") as handle:
+        json.dump({{k: float(v) for k, v in results.items()}}, handle)
+
+
+if __name__ == "__main__":  # ddp_spawn re-imports this file in its processes
+    main(int(sys.argv[1]), sys.argv[2], sys.argv[3])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+@pytest.mark.timeout(600)
+def test_ddp_evaluation_of_a_budget_matches_one_process(tmp_path):
+    """eval_budgets under DDP (2 gloo processes): the calibrated setting's
+    mAP and GFlops per frame equal the single-process ones."""
+    from pathlib import Path
+
+    from tests.helpers import run_script
+
+    torch.manual_seed(0)
+    path = calibration_file(tmp_path, create_vitdet("vitdet_tiny", variant="eventful"))
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT.format(repo=str(Path(__file__).parents[1])))
+    results = {}
+    for devices in (1, 2):
+        out = tmp_path / f"out{devices}"
+        run_script(str(script), str(devices), str(out), path)
+        results[devices] = json.loads((out / "results.json").read_text())
+    one, two = results[1], results[2]
+    assert {"val/b5/map_50", "val/b5/gflops", "val/r16/gflops"} <= set(one)
+    assert 0 < one["val/b5/gflops"] < one["val/r16/gflops"] * 10
+    assert set(one) == set(two)
+    for key in one:
+        assert two[key] == pytest.approx(one[key], abs=1e-6), key

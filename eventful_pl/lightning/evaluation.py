@@ -56,7 +56,13 @@ from torchmetrics import Metric, MetricCollection
 
 from eventful_pl.kernels import prepare_fused_kernels
 from eventful_pl.lightning.rng_state import CHECKPOINT_KEY, capture_rng_states, restore_rng_states
-from eventful_pl.lightning.sweep import EvalSetting, OpsMeter, build_sweep, own_setting
+from eventful_pl.lightning.sweep import (
+    EvalSetting,
+    OpsMeter,
+    budget_settings,
+    build_sweep,
+    own_setting,
+)
 
 STAGES = ("val", "test")
 
@@ -83,6 +89,10 @@ class EventfulEvalModule(L.LightningModule):
             every token recomputed, GFlops of the dense model.
         own_r: The run's own top-r (the r it trains with), if any.
         own_threshold: The run's own threshold instead, if any.
+        eval_budgets: Compute budgets to sweep (settings ``b<budget>``): each
+            the calibrated per-gate thresholds filed under that budget in
+            ``calibration``.
+        calibration: The calibration file (``cli.py calibrate``) of ``eval_budgets``.
 
     The run's own setting (``own_r`` or ``own_threshold``) is evaluated even
     when the sweep does not list it (it is then added first); its main metric
@@ -102,6 +112,8 @@ class EventfulEvalModule(L.LightningModule):
         eval_dense: bool = False,
         own_r: int | None = None,
         own_threshold: float | None = None,
+        eval_budgets: Sequence[float] | None = None,
+        calibration: str | None = None,
     ) -> None:
         super().__init__()
         for r in eval_r or ():
@@ -112,7 +124,12 @@ class EventfulEvalModule(L.LightningModule):
                 raise ValueError(f"eval_thresholds: must be >= 0, got {list(eval_thresholds)}")
         own = own_setting(own_r, own_threshold)
         self.sweep: list[EvalSetting] = build_sweep(
-            eval_r or (), eval_thresholds or (), default_setting, eval_dense, own
+            eval_r or (),
+            eval_thresholds or (),
+            default_setting,
+            eval_dense,
+            own,
+            budget_settings(eval_budgets or (), calibration),
         )
         #: The name of the run's own setting (the first setting without an own policy).
         self.own_setting: str = own.name if own is not None else self.sweep[0].name

@@ -3,7 +3,9 @@
 A sweep is a list of settings (dense, top-r values, thresholds); evaluation
 runs every batch under each setting, and each setting's metrics and GFlops
 are logged under its own name: ``r50`` for top-r 50, ``h0.1`` for threshold
-0.1, ``dense`` for the dense model (``val/r50/top1``, ``val/h0.1/gflops``,
+0.1, ``b90`` for the calibrated per-gate thresholds of budget 90 (read
+from a calibration file written by ``cli.py calibrate``), ``dense`` for the
+dense model (``val/r50/top1``, ``val/h0.1/gflops``, ``val/b90/top1``,
 ``val/dense/top1``). Names never hold ``=``, so they work as metric names,
 checkpoint file names and ``ModelCheckpoint(monitor=...)`` keys.
 
@@ -23,7 +25,13 @@ import torch
 import torch.distributed as dist
 
 from eventful_pl.counting import OP_KINDS
-from eventful_pl.policies import ThresholdPolicy, TokenPolicy, TopRPolicy
+from eventful_pl.policies import (
+    CalibratedThresholdPolicy,
+    ThresholdPolicy,
+    TokenPolicy,
+    TopRPolicy,
+    read_calibration,
+)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -39,14 +47,59 @@ class EvalSetting:
     r: int | None = None
     threshold: float | None = None
     dense: bool = False
+    #: A compute budget: the calibrated per-gate thresholds filed under it in
+    #: the calibration file ``calibration``.
+    budget: float | None = None
+    calibration: str | None = None
 
     def policy(self) -> TokenPolicy | None:
-        """The top-r or threshold policy; None for the model's own and for dense."""
+        """The top-r, threshold or calibrated policy; None for the model's own and for dense."""
         if self.r is not None:
             return TopRPolicy(self.r)
         if self.threshold is not None:
             return ThresholdPolicy(self.threshold)
+        if self.budget is not None:
+            return _calibrated(str(self.calibration), self.budget)
         return None
+
+
+_CALIBRATED: dict[tuple[str, float, float], CalibratedThresholdPolicy] = {}
+
+
+def _calibrated(path: str, budget: float) -> CalibratedThresholdPolicy:
+    """The calibrated policy of ``budget`` in file ``path`` (read again when the file changes)."""
+    from pathlib import Path
+
+    try:
+        stamp = Path(path).stat().st_mtime
+    except OSError:
+        stamp = -1.0  # missing: the policy's reader names the file and the remedy
+    key = (path, float(budget), stamp)
+    if key not in _CALIBRATED:
+        _CALIBRATED[key] = CalibratedThresholdPolicy(path=path, budget=budget)
+    return _CALIBRATED[key]
+
+
+def budget_settings(budgets: Sequence[float], calibration: str | None) -> list[EvalSetting]:
+    """One setting per budget (``b90``), each the calibrated policy of that
+    budget in the calibration file (checked now: it must hold every budget)."""
+    if not budgets:
+        return []
+    if calibration is None:
+        raise ValueError(
+            "eval_budgets needs calibration: the calibration file written by "
+            "`python cli.py calibrate --config <config> --budget_gflops <budgets>`"
+        )
+    read_calibration(calibration)  # a clear error for a missing or foreign file
+    settings = []
+    for budget in budgets:
+        if float(budget) <= 0:
+            raise ValueError(f"eval_budgets: every budget must be positive, got {list(budgets)}")
+        _calibrated(calibration, float(budget))  # raises naming the budgets the file has
+        settings.append(
+            EvalSetting(f"b{float(budget):g}", budget=float(budget), calibration=calibration)
+        )
+    return settings
 
 
 def setting_name(r: int | None = None, threshold: float | None = None) -> str:
@@ -62,6 +115,7 @@ def build_sweep(
     default: str = "default",
     dense: bool = False,
     own: EvalSetting | None = None,
+    budgets: Sequence[EvalSetting] = (),
 ) -> list[EvalSetting]:
     """The settings of an evaluation sweep, in order.
 
@@ -69,10 +123,12 @@ def build_sweep(
     own top-r or threshold) goes first when the sweep does not already hold
     it, so the run's own setting is always evaluated. With no r, threshold or
     ``own``: one setting named ``default`` (the model as configured). Then
-    ``dense`` if asked for.
+    ``dense`` if asked for. ``budgets``: calibrated settings
+    (:func:`budget_settings`), after the thresholds.
     """
     settings = [EvalSetting(setting_name(r=r), r=int(r)) for r in r_values]
     settings += [EvalSetting(setting_name(threshold=h), threshold=float(h)) for h in thresholds]
+    settings += list(budgets)
     names = [s.name for s in settings]
     if len(set(names)) != len(names):
         raise ValueError(f"eval sweep: repeated settings {names}; list each r and threshold once")
@@ -151,8 +207,8 @@ def sweep_figure(
 ) -> Figure | None:
     """Accuracy vs GFlops of an evaluation sweep, as a matplotlib figure (800 x 500 px).
 
-    One line per family of settings (top-r, thresholds, each ordered by
-    GFlops and labelled with its r or threshold), a point for ``dense`` and
+    One line per family of settings (top-r, thresholds, calibrated budgets,
+    each ordered by GFlops and labelled with its name), a point for ``dense`` and
     for any other setting, and a ring around the run's ``own`` setting.
     ``results``: ``{setting: {metric: value}}``; ``gflops``: ``{setting:
     {"total": GFlops per unit}}``. None when no setting has both numbers.
@@ -169,6 +225,7 @@ def sweep_figure(
     families = {
         "top-r": [s for s in sweep if s.r is not None and s.name in points],
         "threshold": [s for s in sweep if s.threshold is not None and s.name in points],
+        "calibrated": [s for s in sweep if s.budget is not None and s.name in points],
     }
     figure = Figure(figsize=(8, 5), dpi=100)
     axes = figure.add_subplot()
@@ -181,7 +238,9 @@ def sweep_figure(
         for setting, x, y in zip(settings, xs, ys):
             axes.annotate(setting.name, (x, y), textcoords="offset points", xytext=(4, 4))
     for setting in sweep:
-        if setting.name in points and setting.r is None and setting.threshold is None:
+        if setting.name in points and all(
+            v is None for v in (setting.r, setting.threshold, setting.budget)
+        ):
             x, y = points[setting.name]
             marker = "*" if setting.dense else "s"
             axes.plot([x], [y], marker=marker, markersize=12, linestyle="none", label=setting.name)

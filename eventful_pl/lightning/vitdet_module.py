@@ -193,6 +193,11 @@ class ViTDetModule(EventfulEvalModule):
             gates forward every token, which computes exactly the network
             without gates (for ``spatiotemporal``: ``spatial``, keeping the
             pooling), and the GFlops are that backbone's.
+        eval_budgets: Compute budgets to sweep (settings ``b<budget>``, GFlops
+            per frame): the calibrated per-gate thresholds filed under each
+            budget in ``calibration``.
+        calibration: The calibration file of ``eval_budgets``, written by
+            ``python cli.py calibrate``.
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay (not on norms, biases, position encoding).
         warmup_steps: Linear warm-up over this many optimizer steps (from
@@ -217,6 +222,8 @@ class ViTDetModule(EventfulEvalModule):
         eval_r: list[int] | None = None,
         eval_thresholds: list[float] | None = None,
         eval_dense: bool = False,
+        eval_budgets: list[float] | None = None,
+        calibration: str | None = None,
         lr: float = 1e-4,
         weight_decay: float = 0.1,
         warmup_steps: int = 250,
@@ -239,6 +246,8 @@ class ViTDetModule(EventfulEvalModule):
             unit="frame",
             default_setting="default",
             eval_dense=eval_dense,
+            eval_budgets=eval_budgets,
+            calibration=calibration,
             own_r=r,
             own_threshold=threshold,
         )

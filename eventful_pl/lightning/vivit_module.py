@@ -76,6 +76,11 @@ class ViViTFineTuning(EventfulEvalModule):
         eval_dense: Also evaluate the dense model (setting ``dense``, last): the
             spatial gates forward every token, which computes exactly the dense
             model, and the GFlops are the dense model's.
+        eval_budgets: Compute budgets to sweep (settings ``b<budget>``, GFlops
+            per video): the calibrated per-gate thresholds filed under each
+            budget in ``calibration``.
+        calibration: The calibration file of ``eval_budgets``, written by
+            ``python cli.py calibrate``.
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
         dropout: Dropout before the classifier.
@@ -102,6 +107,8 @@ class ViViTFineTuning(EventfulEvalModule):
         eval_r: list[int] | None = None,
         eval_thresholds: list[float] | None = None,
         eval_dense: bool = False,
+        eval_budgets: list[float] | None = None,
+        calibration: str | None = None,
         lr: float = 2e-6,
         weight_decay: float = 0.05,
         dropout: float = 0.5,
@@ -116,9 +123,10 @@ class ViViTFineTuning(EventfulEvalModule):
             raise ValueError(f"r: an eventful spatial model needs r > 0, got {r}")
         if lr <= 0 or weight_decay < 0:
             raise ValueError(f"lr must be > 0 and weight_decay >= 0, got {lr}, {weight_decay}")
-        if (eval_r or eval_thresholds or eval_dense) and not eventful:
+        if (eval_r or eval_thresholds or eval_dense or eval_budgets) and not eventful:
             raise ValueError(
-                "eval_r/eval_thresholds/eval_dense need an eventful spatial_variant, not 'dense'"
+                "eval_r/eval_thresholds/eval_dense/eval_budgets need an eventful "
+                "spatial_variant, not 'dense'"
             )
         super().__init__(
             eval_r,
@@ -127,6 +135,8 @@ class ViViTFineTuning(EventfulEvalModule):
             default_setting="dense",
             own_r=int(r) if eventful else None,
             eval_dense=eval_dense,
+            eval_budgets=eval_budgets,
+            calibration=calibration,
         )
         self.save_hyperparameters()
         self.r = int(r) if eventful else None
@@ -276,10 +286,10 @@ class ViViTFineTuning(EventfulEvalModule):
                         counts = {k: n * len(labels) for k, n in self._dense_counts().items()}
                 else:
                     features, labels = batch[0], batch[1]
-                    if len(self.sweep) > 1 or setting.threshold is not None:
+                    if len(self.sweep) > 1 or setting.threshold is not None or setting.budget:
                         raise ValueError(
-                            "eval_r/eval_thresholds sweeps need video batches (the spatial "
-                            "model runs per setting); cached features hold one r"
+                            "eval_r/eval_thresholds/eval_budgets sweeps need video batches (the "
+                            "spatial model runs per setting); cached features hold one r"
                         )
                     logits = self.model.classify_features(features)
                     counts = {kind: n * len(labels) for kind, n in self._static_counts().items()}
