@@ -110,7 +110,8 @@ def fused_kernel_state() -> str:
         available = kernels.fused_kernels_available(torch.zeros(1))
     if not available:
         return "off (the extension did not build; see the warning above)"
-    return f"on ({kernels.extension_name()})"
+    attention = "on" if kernels.fused_attention_preferred() else "off (AVX-512 builds only)"
+    return f"on ({kernels.extension_name()}); attention kernels {attention}"
 
 
 def memory_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:

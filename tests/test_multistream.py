@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from eventful_pl import kernels
 from eventful_pl.counting import count_ops
 from eventful_pl.policies import TopRPolicy
 from tests.helpers import make_backbones, video_stream
@@ -52,11 +53,39 @@ def _eventful(case: str, dtype: torch.dtype):
     return eventful.to(dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_attention_kernels_follow_the_cpu_unless_forced():
+    auto = kernels.fused_attention_preferred()
+    assert auto == (torch.backends.cpu.get_cpu_capability() == "AVX512")
+    try:
+        kernels.set_fused_attention_kernels(True)
+        assert kernels.fused_attention_preferred()
+        kernels.set_fused_attention_kernels(False)
+        assert not kernels.fused_attention_preferred()
+        with torch.no_grad():
+            assert not kernels.fused_attention_available(torch.zeros(2))
+    finally:
+        kernels.set_fused_attention_kernels(None)
+    assert kernels.fused_attention_preferred() == auto
+
+
+@pytest.mark.parametrize(
+    ("dtype", "kernel_mode"),
+    [(torch.float32, "auto"), (torch.float32, "forced"), (torch.bfloat16, "auto")],
+    ids=["fp32", "fp32-attention-kernels", "bf16"],
+)
 @pytest.mark.parametrize("case", list(CASES))
-def test_batched_streams_equal_each_stream_alone(case, dtype):
+def test_batched_streams_equal_each_stream_alone(case, dtype, kernel_mode):
     """Outputs (to float32 rounding; bfloat16 to a step) and op counts of B
-    streams in one batch are those of each stream run alone."""
+    streams in one batch are those of each stream run alone (float32 also with
+    the fused attention kernels forced on)."""
+    kernels.set_fused_attention_kernels(None if kernel_mode == "auto" else True)
+    try:
+        _check_batched_streams(case, dtype)
+    finally:
+        kernels.set_fused_attention_kernels(None)
+
+
+def _check_batched_streams(case: str, dtype: torch.dtype) -> None:
     batched, alone = _eventful(case, dtype), _eventful(case, dtype)
     h, w = CASES[case]["input_size"]
     streams = [

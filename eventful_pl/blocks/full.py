@@ -59,7 +59,8 @@ class EventfulBlock(QueryKeyEventfulBlock):
     next (a NaN error counts as infinite). The other streams of the batch
     stay incremental. Finding it costs one reduction over the new values.
 
-    With gradients off on CPU in float32, the fused kernels of
+    With gradients off on CPU in float32 (in AVX-512 builds: see
+    :func:`eventful_pl.kernels.fused_attention_preferred`), the fused kernels of
     :mod:`eventful_pl.kernels` take an incremental frame from the updated
     queries and keys to the new softmax columns without storing a logit (no
     relative position), and update the output from the gate references in
@@ -258,7 +259,7 @@ class EventfulBlock(QueryKeyEventfulBlock):
         a_new = a_new.to(dtype)
         v_new = v_new.to(dtype)
         out = self.output.view(b * heads, n, d)
-        if kernels.attention_update_supported(d) and kernels.fused_kernels_available(
+        if kernels.attention_update_supported(d) and kernels.fused_attention_available(
             out, a_new, v_new, self.a_gate.p, self.v_gate.p
         ):
             # Reads the old columns and values from the gate references and
@@ -368,7 +369,7 @@ class EventfulBlock(QueryKeyEventfulBlock):
             )
             self._static_failed.logical_or_(failed)
             return probs.view(b, heads, m, n)
-        if kernels.fused_kernels_available(q_rows, self.q_scaled_t, self.log_norm):
+        if kernels.fused_attention_available(q_rows, self.q_scaled_t, self.log_norm):
             probs = scratch.get("cols_new", (g, m, n), q_rows)
             if kernels.incremental_softmax(*args, probs, self.min_kept_mass, self.max_log_shift):
                 return probs.view(b, heads, m, n)
@@ -469,7 +470,7 @@ class EventfulBlock(QueryKeyEventfulBlock):
             )
             self._static_failed.logical_or_(failed)
             return probs
-        fused = kernels.fused_kernels_available(rows, cols_old, cols_new, log_norm)
+        fused = kernels.fused_attention_available(rows, cols_old, cols_new, log_norm)
         if fused and cols_new.is_contiguous():
             if kernels.update_softmax(
                 rows, cols_old, cols_new, log_norm, index, self.min_kept_mass, self.max_log_shift
