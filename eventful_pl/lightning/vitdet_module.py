@@ -22,7 +22,7 @@ evaluated even if the sweep leaves it out; without one, the first setting).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -36,17 +36,19 @@ from eventful_pl.gates import TokenGate
 from eventful_pl.lightning.evaluation import EventfulEvalModule
 from eventful_pl.lightning.sweep import EvalSetting
 from eventful_pl.lightning.token_maps import record_token_updates, update_maps
-from eventful_pl.models.vitdet import VITDET_PRESETS, VITDET_VARIANTS, ViTDet, create_vitdet
+from eventful_pl.models.vitdet import (
+    VITDET_PRESETS,
+    VITDET_VARIANTS,
+    ViTDet,
+    ViTDetPreset,
+    ViTDetVariant,
+    create_vitdet,
+)
 from eventful_pl.models.vitdet_convert import load_vitdet_checkpoint
 from eventful_pl.policies import ThresholdPolicy, TokenPolicy, TopRPolicy
 from eventful_pl.weights import resolve_weights
 
 Detections = dict[str, Tensor]
-
-#: The keys of :data:`~eventful_pl.models.vitdet.VITDET_PRESETS` (the command line lists them).
-ViTDetPreset = Literal["vitdet_b_vid", "vitdet_b_vid_672", "vitdet_b_coco", "vitdet_tiny"]
-#: The keys of :data:`~eventful_pl.models.vitdet.VITDET_VARIANTS`.
-ViTDetVariant = Literal["dense", "eventful", "tokenwise", "stgt", "spatial", "spatiotemporal"]
 
 #: Linear warm-up starts at this fraction of the learning rate (detectron2's default).
 WARMUP_START_FACTOR = 0.001

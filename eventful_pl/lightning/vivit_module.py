@@ -18,7 +18,7 @@ GFlops per video for each::
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,14 +35,11 @@ from eventful_pl.lightning.feature_cache import check_feature_datamodule, prepar
 from eventful_pl.lightning.sweep import EvalSetting
 from eventful_pl.lightning.token_maps import record_token_updates, update_maps
 from eventful_pl.models.gflops import static_video_counts
-from eventful_pl.models.vivit import VIVIT_PRESETS, FactorizedViViT, create_vivit
+from eventful_pl.models.vivit import VIVIT_PRESETS, FactorizedViViT, ViViTPreset, create_vivit
 from eventful_pl.models.vivit_convert import load_vivit_checkpoint
 from eventful_pl.policies import TopRPolicy
 
 Batch = Mapping[str, Any] | Sequence[Tensor]
-
-#: The keys of :data:`~eventful_pl.models.vivit.VIVIT_PRESETS` (the command line lists them).
-ViViTPreset = Literal["vivit_b_kinetics400", "vivit_b_epic_kitchens", "vivit_tiny"]
 
 
 def batch_ids(batch: Batch) -> list[Any] | None:
