@@ -127,7 +127,7 @@ def test_config_yaml_of_the_user_is_never_replaced(tmp_path, root, argv, monkeyp
     assert own.read_text() == "my own notes\n"
     for copy in ("config.1.yaml", "config.2.yaml"):  # one per run, none replaced
         saved = yaml.safe_load((work / copy).read_text())
-        assert saved["model"]["init_args"]["r"] == 8
+        assert saved["model"]["init_args"]["r"] == 4
     # With a logger, the copy goes to the run's own version folder.
     run_cli("fit", "--config", str(cli_config(tmp_path, root, max_epochs=1, callbacks=[])))
     (saved,) = (tmp_path / "logs" / "vivit").glob("version_*/config.yaml")
@@ -164,7 +164,7 @@ def test_synthetic_option_never_writes_into_a_folder_with_files(tmp_path):
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory, root) -> tuple[Path, Path]:
-    """(config, last.ckpt) of a one-epoch run with r = 8."""
+    """(config, last.ckpt) of a one-epoch run with r = 4."""
     tmp_path = tmp_path_factory.mktemp("fitted")
     callback = {
         "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
@@ -189,11 +189,11 @@ def test_command_line_wins_over_the_checkpoint(fitted, argv):
         "--ckpt_path",
         str(ckpt),
         "--model.init_args.r",
-        "4",
+        "12",
         "--model.init_args.eval_r",
         "[12]",
     )
-    assert cli.model.r == 4
+    assert cli.model.r == 12
     assert [s.name for s in cli.model.sweep] == ["r12"]
     assert "val/r12/top1" in cli.trainer.callback_metrics
     # The weights are the checkpoint's.
