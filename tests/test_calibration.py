@@ -392,3 +392,56 @@ def test_ddp_evaluation_of_a_budget_matches_one_process(tmp_path):
     assert set(one) == set(two)
     for key in one:
         assert two[key] == pytest.approx(one[key], abs=1e-6), key
+
+
+# ---------------------------------------------------------------------- command
+
+TINY_VITDET_CONFIG = """
+model:
+  class_path: eventful_pl.models.vitdet.ViTDet
+  init_args:
+    num_classes: 3
+    image_size: 128
+    dim: 64
+    depth: 4
+    heads: 4
+    window_size: 4
+    window_block_indices: [0, 2]
+    position_encoding_size: 4
+    relative_embedding_size: 8
+    pyramid_channels: 32
+    box_conv_dims: [32, 32]
+    box_fc_dims: [64]
+    variant: eventful
+"""
+
+
+@pytest.mark.slow
+def test_calibrate_command_writes_a_file_the_policy_reads(tmp_path, one_thread, capsys):
+    from cli import cli_main
+    from datamodules.synthetic_video import write_video
+
+    for i, clip in enumerate(square_clips(4, 6, 128, seed=5)):
+        write_video(tmp_path / f"clip{i}.mp4", clip.permute(0, 2, 3, 1).numpy())
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY_VITDET_CONFIG)
+    output = tmp_path / "tiny.calibration.json"
+    args = ["calibrate", "--config", str(config), "--videos", str(tmp_path)]
+    args += ["--budget_fraction", "0.5", "--held_out", "1", "--gammas", "0", "1"]
+    report = cli_main([*args, "--output", str(output)])
+    printed = capsys.readouterr().out
+    assert "held-out GFlops" in printed and str(output) in printed
+    row = report["results"][0]
+    assert report["calibration_videos"] == 3 and report["held_out_videos"] == 1
+    assert row["gflops"] == pytest.approx(0.5 * report["dense_gflops"], rel=0.011)
+    assert row["error"] <= row["global_error"]
+    data = json.loads(output.read_text())
+    assert data["unit"] == "GFlops per frame" and len(data["held_out"]) == 1
+    policy = CalibratedThresholdPolicy(path=str(output), budget=row["budget"])
+    network = create_vitdet("vitdet_tiny", variant="eventful")
+    set_policy(network, policy)
+    assert len(policy.thresholds) == len(token_gates(network)) == 12
+    with pytest.raises(ValueError, match="--overwrite"):
+        cli_main([*args, "--output", str(output)])
+    with pytest.raises(ValueError, match="--budget_fraction"):
+        cli_main([*args[:5], "--budget_fraction", "1.5", "--output", str(tmp_path / "x.json")])
