@@ -283,6 +283,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     config = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     if config.held_out < 0:
         raise ValueError(f"--held_out must be >= 0, got {config.held_out}")
+    videos = list_videos(config.videos, config.num_videos)  # before building the model
     init = parser.instantiate(config)
     load_weights(init.model, config.ckpt_path)
     network = network_of(init.model).eval()
@@ -290,7 +291,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     output = Path(config.output) if config.output else default_output(init.model, config.ckpt_path)
     if output.exists() and not config.overwrite:
         raise ValueError(f"--output: {output} exists; choose another path or add --overwrite")
-    videos = list_videos(config.videos, config.num_videos)
     if len(videos) <= config.held_out:
         raise ValueError(
             f"--held_out {config.held_out} leaves no calibration video of {len(videos)}; "
