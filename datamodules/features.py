@@ -1,6 +1,6 @@
 """Reading the spatial-feature cache: :class:`FeatureDataset` and :class:`FeatureDataModule`.
 
-During temporal fine-tuning (DESIGN section 6) the spatial model is frozen, so
+During temporal fine-tuning (docs/training-protocol.md) the spatial model is frozen, so
 its per-view outputs ``FactorizedViViT.spatial_features(video) -> (V, T', D)``
 are computed once per (dataset, split, r) and read back as ``(features, label)``.
 

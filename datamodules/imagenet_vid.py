@@ -1,4 +1,4 @@
-"""ImageNet VID + DET for video object detection (ViTDet; DESIGN sections 4, 6, 7).
+"""ImageNet VID + DET for video object detection (ViTDet; docs/models.md, docs/training-protocol.md, docs/data-formats.md).
 
 Training samples VID frames and DET images as independent images with boxes;
 evaluation yields VID videos cut into contiguous segments, one segment per item

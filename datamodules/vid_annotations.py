@@ -1,6 +1,6 @@
 """ImageNet VID / DET annotations: parse both on-disk layouts into one record type.
 
-Two layouts are read without conversion (DESIGN section 7):
+Two layouts are read without conversion (docs/data-formats.md):
 
 * the ILSVRC2015 tree (``Data/VID/<split>/<snippet>/000000.JPEG`` next to
   ``Annotations/VID/<split>/<snippet>/000000.xml``, PASCAL-VOC style XML with

@@ -1,4 +1,4 @@
-"""Operation counting by the rules of DESIGN section 5.
+"""Operation counting by the rules of docs/counting.md.
 
 A multiply-accumulate counts as one operation. Modules that do counted work
 report it to an :class:`OpCounter` attached with :func:`attach_counter`; the

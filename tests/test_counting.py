@@ -1,4 +1,4 @@
-"""Operation counts by the rules of DESIGN section 5, checked against hand counts."""
+"""Operation counts by the rules of docs/counting.md, checked against hand counts."""
 
 import torch
 

@@ -172,7 +172,7 @@ def test_streams_reset_and_few_tokens_change_outputs_little():
 
 
 def _block_count(n, dim, heads, hidden, windows, window_tokens, rel_sizes):
-    """Hand count of one dense block (DESIGN section 5); rel_sizes (kh, kw) or None."""
+    """Hand count of one dense block (docs/counting.md); rel_sizes (kh, kw) or None."""
     d = dim // heads
     counts = {
         "linear": n * dim * 3 * dim + n * dim * dim + n * dim * hidden + n * hidden * dim,

@@ -1,4 +1,4 @@
-"""Transformer blocks: the dense ViT block and its eventful variants (DESIGN section 3).
+"""Transformer blocks: the dense ViT block and its eventful variants (docs/eventful-core.md).
 
 Variants, each adding to the previous one (``BLOCK_VARIANTS``, one module each):
 

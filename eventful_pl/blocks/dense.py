@@ -237,7 +237,7 @@ class Block(Counted, nn.Module):
     # Counted primitives.
     def linear(self, layer: nn.Module, x: Tensor, gelu: bool = False) -> Tensor:
         """``layer(x)`` (then exact GELU if ``gelu``), counting ``in-elements x
-        out-features`` plus the bias (GELU is not counted, as in DESIGN section 5).
+        out-features`` plus the bias (GELU is not counted, as in docs/counting.md).
 
         A plain ``nn.Linear`` (see :func:`is_plain_linear`) runs from its
         weights through :func:`eventful_pl.linear.linear` (pre-packed oneDNN

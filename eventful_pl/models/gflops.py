@@ -1,4 +1,4 @@
-"""Operation counts of whole models, by kind, in GFlops (DESIGN section 5).
+"""Operation counts of whole models, by kind, in GFlops (docs/counting.md).
 
 ViViT is counted per video (all views, spatial + temporal + classifier),
 ViTDet per frame (backbone only: first frame, later frames, and their average

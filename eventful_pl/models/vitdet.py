@@ -1,4 +1,4 @@
-"""ViTDet for video object detection, with an eventful ViT backbone (DESIGN section 4).
+"""ViTDet for video object detection, with an eventful ViT backbone (docs/models.md).
 
 Each call processes one frame per stream (a batch holds B independent
 streams); :meth:`ViTDet.reset` starts new streams (e.g. at each video
@@ -39,7 +39,7 @@ ViTDetVariant = Literal["dense", "eventful", "tokenwise", "stgt", "spatial", "sp
 #: The keys of :data:`VITDET_PRESETS`.
 ViTDetPreset = Literal["vitdet_b_vid", "vitdet_b_vid_672", "vitdet_b_coco", "vitdet_tiny"]
 
-#: Backbone settings of each variant of the paper (DESIGN section 4; ViTBackbone kwargs).
+#: Backbone settings of each variant of the paper (docs/models.md; ViTBackbone kwargs).
 VITDET_VARIANTS: dict[str, dict[str, Any]] = {
     # The base model.
     "dense": {"block_variant": "dense"},

@@ -1,4 +1,4 @@
-"""Factorized ViViT ("ViViT Fact. Enc.") with an eventful spatial model (DESIGN section 4).
+"""Factorized ViViT ("ViViT Fact. Enc.") with an eventful spatial model (docs/models.md).
 
 A video view (T frames) is cut into tubelets (2 x 16 x 16) by a Conv3d; the
 spatial ViT runs once per tubelet time step as one stream (its state is reset
