@@ -5,7 +5,9 @@ For each model shape and each set of clips, the script fits, on calibration
 clips, to each budget (a fraction of the dense cost): (a) top-r (the same r at
 every gate, the r whose measured cost is closest to the budget), (b) one
 global threshold, (c) the calibrated per-gate thresholds
-(:class:`eventful_pl.calibration.Calibrator`). It then runs all three on
+(:class:`eventful_pl.calibration.Calibrator`), and (d) the same with
+``track_budget`` (each gate keeps its calibrated average update rate). It
+then runs all of them on
 held-out clips and prints, per budget, each policy's measured GFlops per frame
 and the relative L2 error of the backbone's final tokens against the dense
 model (over every frame after a clip's first). No labels are needed; with
@@ -156,6 +158,9 @@ def run_case(shape: str, data: str, args: argparse.Namespace) -> dict:
             "top_r": calibrator.run(_top_r(r), held_streams, held_reference),
             "global": calibrator.run(result.candidates[0.0], held_streams, held_reference),
             "calibrated": calibrator.run(result.thresholds, held_streams, held_reference),
+            "tracking": calibrator.run(
+                result.policy(track_budget=True), held_streams, held_reference
+            ),
         }
         row = {
             "fraction": fraction,
@@ -186,7 +191,7 @@ def _top_r(r: int):
 
 HEADER = (
     f"{'shape':6} {'data':9} {'budget':>7} {'top-r':>16} {'global h':>16} "
-    f"{'calibrated':>16} {'best':>10} {'calib. vs budget':>16}"
+    f"{'calibrated':>16} {'best':>10} {'calib. vs budget':>16} {'tracking':>16} {'vs budget':>9}"
 )
 
 
@@ -199,7 +204,8 @@ def _row_text(shape: str, data: str, row: dict) -> str:
     drift = row["calibrated"]["gflops"] / row["budget"] - 1
     return (
         f"{shape:6} {data:9} {row['budget']:7.3g} {_cell(row['top_r']):>16} "
-        f"{_cell(row['global']):>16} {_cell(row['calibrated']):>16} {best:>10} {drift:>+15.1%}"
+        f"{_cell(row['global']):>16} {_cell(row['calibrated']):>16} {best:>10} {drift:>+15.1%} "
+        f"{_cell(row['tracking']):>16} {row['tracking']['gflops'] / row['budget'] - 1:>+9.1%}"
     )
 
 

@@ -310,18 +310,26 @@ class CalibrationResult:
     scale: float
     max_tokens: int | None = None
     refresh_every: int | None = None
+    #: Fraction of tokens each gate updated in the fit (for ``track_budget``).
+    targets: dict[str, float] = field(default_factory=dict)
     #: GFlops and error of every shape tried: {gamma: (gflops, error)}.
     tried: dict[float, tuple[float, float]] = field(default_factory=dict)
     #: The thresholds fitted for every shape tried (``candidates[0.0]``: the
     #: single global threshold, if tried).
     candidates: dict[float, dict[str, float]] = field(default_factory=dict)
 
-    def policy(self, budget: float | None = None) -> CalibratedThresholdPolicy:
-        """The policy; ``budget``: the value to file it under (default ``self.budget``)."""
+    def policy(
+        self, budget: float | None = None, track_budget: bool = False
+    ) -> CalibratedThresholdPolicy:
+        """The policy; ``budget``: the value to file it under (default
+        ``self.budget``); ``track_budget``: keep each gate's average update
+        rate at the calibrated one (see :class:`CalibratedThresholdPolicy`)."""
         policy = CalibratedThresholdPolicy(
             thresholds=self.thresholds,
             max_tokens=self.max_tokens,
             refresh_every=self.refresh_every,
+            track_budget=track_budget,
+            targets=self.targets,
         )
         policy.budget = self.budget if budget is None else float(budget)
         policy.info = {
@@ -551,6 +559,7 @@ class Calibrator:
             scale=scale,
             max_tokens=self.max_tokens,
             refresh_every=self.refresh_every,
+            targets=dict(result.updated),
             tried={g: (r.gflops, r.error) for g, (_, _, r) in fits.items()},
             candidates={g: {k: sc * a for k, a in sh.items()} for g, (sh, sc, _) in fits.items()},
         )

@@ -167,8 +167,12 @@ class ThresholdPolicy(TokenPolicy):
         )
 
     def select(self, norms: Tensor) -> Tensor:
+        return self.select_at(norms, self.threshold)
+
+    def select_at(self, norms: Tensor, threshold: float) -> Tensor:
+        """The selection for error norms (B, N) at ``threshold`` (with the cap)."""
         n = norms.shape[-1]
-        k = int(norms.gt(self.threshold).sum(dim=-1).max())
+        k = int(norms.gt(threshold).sum(dim=-1).max())
         if self.max_tokens is not None:
             k = min(k, self.max_tokens)
         if k == n:
@@ -185,6 +189,56 @@ class ThresholdPolicy(TokenPolicy):
             if value is not None
         )
         return f"ThresholdPolicy(threshold={self.threshold}{extra})"
+
+
+class TrackingThresholdPolicy(ThresholdPolicy):
+    """A threshold that tracks a target update rate, so that a budget
+    calibrated on some clips holds on other content.
+
+    The threshold is ``threshold * exp(gain * excess)``, where ``excess`` is
+    how many tokens this gate has updated beyond ``target`` times the tokens
+    it has seen, in units of one frame's target (counted from its first
+    incremental frame on): an integral controller, so over many frames the
+    gate updates a ``target`` fraction of its tokens on average whatever the
+    content. Busy frames still get more updates than static ones; the
+    average is pulled back to the target.
+
+    Args:
+        threshold: The calibrated threshold h >= 0.
+        target: Fraction of tokens to update on average, in (0, 1].
+        gain: Log-threshold change per frame's worth of excess updates.
+        max_tokens, refresh_every: See :class:`ThresholdPolicy`.
+    """
+
+    def __init__(
+        self,
+        threshold: float,
+        target: float,
+        gain: float = 0.3,
+        max_tokens: int | None = None,
+        refresh_every: int | None = None,
+    ) -> None:
+        super().__init__(threshold, max_tokens=max_tokens, refresh_every=refresh_every)
+        if not 0.0 < float(target) <= 1.0:
+            raise ValueError(f"tracking threshold: target must lie in (0, 1], got {target!r}")
+        self.target = float(target)
+        self.gain = float(gain)
+        self.selected = 0
+        self.offered = 0
+
+    def current_threshold(self, tokens_per_frame: int) -> float:
+        """The threshold the next frame uses (``tokens_per_frame``: B x N)."""
+        excess = (self.selected - self.target * self.offered) / (self.target * tokens_per_frame)
+        return self.threshold * math.exp(min(max(self.gain * excess, -30.0), 30.0))
+
+    def select(self, norms: Tensor) -> Tensor:
+        index = self.select_at(norms, self.current_threshold(norms.numel()))
+        self.selected += index.numel()
+        self.offered += norms.numel()
+        return index
+
+    def __repr__(self) -> str:
+        return f"TrackingThresholdPolicy(threshold={self.threshold}, target={self.target})"
 
 
 def gate_key(name: str) -> str:
@@ -305,6 +359,12 @@ class CalibratedThresholdPolicy(_PerGate):
             for every gate, or gate key -> cap); None: the file's (or no) cap.
         refresh_every: Update every token each K-th frame; None: the file's
             (or never).
+        track_budget: Give each gate a :class:`TrackingThresholdPolicy` that
+            keeps its average update rate at the one measured in calibration
+            (``targets``), so that the budget holds on content unlike the
+            calibration clips; None: the file's (or off).
+        targets: Gate key -> fraction of tokens the gate updated in
+            calibration (read from the file with ``path``).
     """
 
     def __init__(
@@ -315,6 +375,8 @@ class CalibratedThresholdPolicy(_PerGate):
         default: float | None = None,
         max_tokens: int | Mapping[str, int] | None = None,
         refresh_every: int | None = None,
+        track_budget: bool | None = None,
+        targets: Mapping[str, float] | None = None,
     ) -> None:
         if (thresholds is None) == (path is None):
             raise ValueError("CalibratedThresholdPolicy: give thresholds or path (one of them)")
@@ -326,7 +388,11 @@ class CalibratedThresholdPolicy(_PerGate):
             thresholds = entry["thresholds"]
             max_tokens = entry.get("max_tokens") if max_tokens is None else max_tokens
             refresh_every = entry.get("refresh_every") if refresh_every is None else refresh_every
-            self.info = {k: v for k, v in entry.items() if k != "thresholds"}
+            track_budget = entry.get("track_budget") if track_budget is None else track_budget
+            targets = entry.get("targets") if targets is None else targets
+            self.info = {
+                k: v for k, v in entry.items() if k not in ("thresholds", "targets", "track_budget")
+            }
         self.thresholds = {gate_key(k): float(v) for k, v in thresholds.items()}
         for key, h in [*self.thresholds.items(), ("default", default)]:
             if h is not None and not float(h) >= 0.0:
@@ -340,6 +406,15 @@ class CalibratedThresholdPolicy(_PerGate):
         else:
             self.max_tokens = _check_optional_positive(max_tokens, "max_tokens")
         self.refresh_every = _check_optional_positive(refresh_every, "refresh_every")
+        self.targets = {gate_key(k): float(v) for k, v in (targets or {}).items()}
+        self.track_budget = bool(track_budget)
+        if self.track_budget and not self.targets:
+            raise ValueError(
+                "CalibratedThresholdPolicy: track_budget needs the calibration's per-gate "
+                "update rates (targets); calibrate again to write them"
+            )
+        # One tracking policy per gate, kept across set_policy calls (its counts).
+        self._tracking: dict[str, TrackingThresholdPolicy] = {}
 
     def _entry(self, data: dict[str, Any]) -> dict[str, Any]:
         policies = data["policies"]
@@ -377,7 +452,14 @@ class CalibratedThresholdPolicy(_PerGate):
                 f"{len(self.thresholds)} gates, e.g. {sorted(self.thresholds)[:3]}): the "
                 "calibration was made for another model; calibrate this one, or set default"
             )
-        return ThresholdPolicy(h, max_tokens=self.cap(key), refresh_every=self.refresh_every)
+        if not self.track_budget:
+            return ThresholdPolicy(h, max_tokens=self.cap(key), refresh_every=self.refresh_every)
+        if key not in self._tracking:
+            target = min(max(self.targets.get(key, 1.0), 1e-3), 1.0)
+            self._tracking[key] = TrackingThresholdPolicy(
+                h, target, max_tokens=self.cap(key), refresh_every=self.refresh_every
+            )
+        return self._tracking[key]
 
     def to_dict(self) -> dict[str, Any]:
         """This policy as one entry of a calibration file."""
@@ -387,6 +469,8 @@ class CalibratedThresholdPolicy(_PerGate):
             "thresholds": dict(self.thresholds),
             "max_tokens": self.max_tokens,
             "refresh_every": self.refresh_every,
+            "track_budget": self.track_budget,
+            "targets": dict(self.targets),
         }
 
     def __repr__(self) -> str:

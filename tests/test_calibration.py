@@ -18,6 +18,7 @@ from eventful_pl.policies import (
     PerGatePolicy,
     ThresholdPolicy,
     TopRPolicy,
+    TrackingThresholdPolicy,
     gate_key,
     read_calibration,
     write_calibration,
@@ -73,6 +74,7 @@ def test_calibration_file_round_trip(tmp_path):
     assert loaded.refresh_every == 4 and loaded.max_tokens is None
     loaded = CalibratedThresholdPolicy(path=str(path), budget=60)
     assert loaded.thresholds == first.thresholds and loaded.max_tokens == 5
+    assert not loaded.track_budget and loaded.targets == {}
     # Written again, the file reads back the same.
     again = write_calibration(tmp_path / "d.json", [loaded], unit="GFlops per frame")
     assert CalibratedThresholdPolicy(path=str(again)).thresholds == first.thresholds
@@ -174,6 +176,32 @@ def test_periodic_refresh_updates_every_token():
     assert all(v == [0, 36] for v in ks.values())
 
 
+def test_tracking_threshold_keeps_the_target_rate():
+    """Busy content (every error above the threshold) and quiet content (none
+    above it): the tracked rate converges to the target either way."""
+    gen = torch.Generator().manual_seed(0)
+    for scale in (10.0, 0.1):
+        policy = TrackingThresholdPolicy(1.0, target=0.2)
+        for _ in range(300):
+            policy.select(torch.rand(2, 50, generator=gen) * scale)
+        assert policy.selected / policy.offered == pytest.approx(0.2, abs=0.02), scale
+    with pytest.raises(ValueError, match="target"):
+        TrackingThresholdPolicy(1.0, target=0.0)
+    with pytest.raises(ValueError, match="calibrate again"):
+        CalibratedThresholdPolicy({"blocks.0.qkv_gate": 1.0}, track_budget=True)
+    # One tracking policy per gate, kept across set_policy calls.
+    model = tiny_backbone()
+    keys = list(token_gates(model))
+    policy = CalibratedThresholdPolicy(
+        dict.fromkeys(keys, 0.5), targets=dict.fromkeys(keys, 0.3), track_budget=True
+    )
+    set_policy(model, policy)
+    first = model.blocks[0].mlp_gate.policy
+    set_policy(model, policy)
+    assert isinstance(first, TrackingThresholdPolicy)
+    assert model.blocks[0].mlp_gate.policy is first and first.target == 0.3
+
+
 def test_per_gate_top_r():
     model = tiny_backbone()
     set_policy(model, PerGatePolicy({"blocks.1.mlp_gate": TopRPolicy(3)}, default=TopRPolicy(9)))
@@ -234,6 +262,28 @@ def test_budget_met_on_held_out_clips(vitdet_case):
     measured = calibrator.run(result.policy(), held)
     assert abs(measured.gflops - result.budget) <= 0.05 * result.budget
     assert 0 < measured.error < 1
+
+
+@pytest.mark.slow
+def test_budget_tracking_holds_the_budget_on_faster_motion(vitdet_case):
+    """Clips moving three times faster than the calibration clips cost more
+    under the plain thresholds; with track_budget the gates keep their
+    calibrated update rates and the cost stays within 5% of the budget."""
+    calibrator, result, _ = vitdet_case
+    network = create_vitdet("vitdet_tiny", variant="eventful").eval()
+    rng = np.random.default_rng(7)
+    fast = [
+        clip_stream(
+            network,
+            torch.from_numpy(moving_square(i % 4, 8, 128, rng, speed=9)).permute(0, 3, 1, 2),
+        )
+        for i in range(8)
+    ]
+    plain = calibrator.run(result.policy(), fast)
+    tracked = calibrator.run(result.policy(track_budget=True), fast)
+    assert plain.gflops > 1.05 * result.budget
+    assert abs(tracked.gflops - result.budget) <= 0.05 * result.budget
+    assert abs(tracked.gflops - result.budget) < abs(plain.gflops - result.budget)
 
 
 @pytest.mark.slow

@@ -87,6 +87,11 @@ def build_parser() -> ArgumentParser:
         "--refresh_every", type=PositiveInt | None, default=None, help="full refresh every K"
     )
     parser.add_argument(
+        "--track_budget",
+        action="store_true",
+        help="gates keep their calibrated average update rate (the budget holds on other content)",
+    )
+    parser.add_argument(
         "--gammas",
         type=float,
         nargs="+",
@@ -316,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for budget, fraction in budgets_in_unit(config, dense_unit):
         result = calibrator.calibrate(target.to_backbone(budget))
         glob = 0.0 in result.candidates  # one global threshold, fitted to the same budget
-        policy = result.policy(budget)
+        policy = result.policy(budget, track_budget=config.track_budget)
         policy.info["fraction"] = fraction
         row = {
             "budget": budget,
@@ -328,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "global_error": result.tried[0.0][1] if glob else None,
         }
         if held_streams:
-            held = calibrator.run(result.thresholds, held_streams, held_reference)
+            held = calibrator.run(policy, held_streams, held_reference)
             row |= {
                 "held_out_gflops": target.to_unit(held.gflops),
                 "held_out_error": held.error,
