@@ -97,11 +97,22 @@ class GFlopsCallback(L.Callback):
             name: {**values, "gflops": gflops.get(name, {}).get("total", float("nan"))}
             for name, values in results.items()
         }
-        if self.figure and trainer.is_global_zero:
-            self._figure(trainer, module, stage, unit)
+        if self.figure:
+            # Every rank: Trainer.log_dir broadcasts rank 0's folder (a collective).
+            log_dir = trainer.log_dir if trainer.loggers else None
+            if trainer.is_global_zero:
+                self._figure(trainer, module, stage, unit, log_dir)
 
-    def _figure(self, trainer: L.Trainer, module: L.LightningModule, stage: str, unit: str) -> None:
-        """Draws the sweep's figure, logs it to TensorBoard, saves it and the table."""
+    def _figure(
+        self,
+        trainer: L.Trainer,
+        module: L.LightningModule,
+        stage: str,
+        unit: str,
+        log_dir: str | None,
+    ) -> None:
+        """Draws the sweep's figure, logs it to TensorBoard, saves it and the table
+        in ``log_dir`` (if any)."""
         figure = sweep_figure(
             getattr(module, "sweep", []),
             module.eval_results,
@@ -114,7 +125,6 @@ class GFlopsCallback(L.Callback):
         )
         if figure is None:
             return
-        log_dir = trainer.log_dir if trainer.loggers else None
         if log_dir is not None:
             folder = Path(log_dir)
             folder.mkdir(parents=True, exist_ok=True)
