@@ -1,4 +1,4 @@
-"""Token gates and buffers (DESIGN section 2).
+"""Token gates and buffers (docs/eventful-core.md).
 
 All state has a leading batch dimension B: a batch is B independent streams.
 State tensors are updated in place; the first call after ``reset_state`` is a

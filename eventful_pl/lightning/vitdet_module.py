@@ -5,7 +5,7 @@ images, streaming evaluation of video segments with a test-time r sweep and mAP5
     python cli.py validate --config configs/vitdet/vid.yaml --ckpt_path last.ckpt
     python cli.py count --config configs/vitdet/vid.yaml --r 512 1024
 
-Training (DESIGN section 6) trains the dense computation: every training image
+Training (docs/training-protocol.md) trains the dense computation: every training image
 is its own stream (the model is reset before each forward), so every gate
 flushes and the configured variant computes exactly what the dense model
 does, with gradients. Evaluation streams each segment frame by frame (state

@@ -1,4 +1,4 @@
-"""ViViT temporal fine-tuning on a frozen eventful spatial model (DESIGN section 6).
+"""ViViT temporal fine-tuning on a frozen eventful spatial model (docs/training-protocol.md).
 
 The spatial half of a :class:`~eventful_pl.models.vivit.FactorizedViViT` is
 eventful (top-r, r fixed for the run) and frozen; the dense temporal model and
