@@ -340,14 +340,14 @@ class CalibratedThresholdPolicy(_PerGate):
 
     Give ``thresholds`` directly, or ``path``: a calibration file written by
     ``cli.py calibrate`` (JSON; one policy per budget), with ``budget`` naming
-    the policy when the file holds several. In YAML::
+    the policy when the file holds several.
 
-        policy:
-          class_path: eventful_pl.policies.CalibratedThresholdPolicy
-          init_args: {path: vitdet_b.calibration.json, budget: 90}
-
-    Each gate gets a :class:`ThresholdPolicy` (see :meth:`for_gate`); set it
-    with ``model.set_policy(policy)``.
+    Each gate gets a :class:`ThresholdPolicy` (see :meth:`for_gate`) when the
+    policy is set with ``model.set_policy(policy)`` (or
+    :func:`eventful_pl.gates.set_policy`); a gate built with the policy
+    itself refuses to select. In a LightningModule's YAML, name the budgets
+    instead (``eval_budgets: [90]``, ``calibration: vitdet_b.calibration.json``):
+    each becomes an evaluation setting that sets the policy.
 
     Args:
         thresholds: Gate key (:func:`gate_key`) -> threshold h >= 0.
