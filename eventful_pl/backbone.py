@@ -172,6 +172,9 @@ class ViTBackbone(Counted, nn.Module):
                 kwargs["matmul_2_cast"] = matmul_2_cast
             blocks.append(build_block(variant, dim, heads, **kwargs))
         self.blocks = nn.ModuleList(blocks)
+        if policy is not None:
+            # Per-gate policies (calibrated thresholds) hand each gate its own.
+            set_policy(self, policy)
         self.norm = nn.LayerNorm(dim, eps=LN_EPS) if final_norm else None
         if compute_dtype != torch.float32:
             self.to(compute_dtype)

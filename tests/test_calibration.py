@@ -495,3 +495,25 @@ def test_calibrate_command_writes_a_file_the_policy_reads(tmp_path, one_thread, 
         cli_main([*args, "--output", str(output)])
     with pytest.raises(ValueError, match="--budget_fraction"):
         cli_main([*args[:5], "--budget_fraction", "1.5", "--output", str(tmp_path / "x.json")])
+
+
+def test_calibrated_policy_given_to_the_constructor():
+    """A network built with ``policy=CalibratedThresholdPolicy(...)`` (as from a
+    YAML ``policy:``) hands each gate its own threshold, like ``set_policy``."""
+    keys = list(token_gates(tiny_backbone()))
+    thresholds = {k: 0.05 * (i + 1) for i, k in enumerate(keys)}
+    torch.manual_seed(0)
+    built = ViTBackbone(
+        dim=32,
+        depth=2,
+        heads=4,
+        input_size=(6, 6),
+        block_variant="full",
+        policy=CalibratedThresholdPolicy(thresholds),
+    ).eval()
+    for key, gate in token_gates(built).items():
+        assert gate.policy.threshold == thresholds[key]
+    later = tiny_backbone()
+    set_policy(later, CalibratedThresholdPolicy(thresholds))
+    frames = video_stream(4, 1, 36, 32, seed=3)
+    assert gate_ks(built, frames)[0] == gate_ks(later, frames)[0]
