@@ -1,4 +1,5 @@
-"""ImageNet VID + DET for video object detection (ViTDet; docs/models.md, docs/training-protocol.md, docs/data-formats.md).
+"""ImageNet VID + DET for video object detection with ViTDet (see docs/data-formats.md
+and docs/training-protocol.md).
 
 Training samples VID frames and DET images as independent images with boxes;
 evaluation yields VID videos cut into contiguous segments, one segment per item
