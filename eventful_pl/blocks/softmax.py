@@ -41,6 +41,29 @@ def exp_shifted_(x: Tensor, shift: Tensor) -> Tensor:
     return torch.add(shift * -LOG2E, x, alpha=LOG2E, out=x).exp2_()
 
 
+def _softmax_masses(
+    rows: Tensor, cols_old: Tensor, cols_new: Tensor, log_norm: Tensor, index: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The masses of a softmax-normaliser update (shapes as :func:`update_softmax`),
+    each relative to the old normaliser of its row.
+
+    Returns (probs, kept, total, log_total): the new columns' exponentials
+    (B, H, m, N), written into ``cols_new``; each row's mass outside the old
+    columns, ``1 - removed`` (1 for updated rows) (B, H, N); the new total mass
+    (B, H, N) and its log.
+    """
+    b, heads = log_norm.shape[:2]
+    row_index = index.unsqueeze(1).expand(b, heads, -1)
+    row_mass = exp_shifted_(rows, log_norm.gather(2, row_index).unsqueeze(-1)).sum(
+        dim=-1, dtype=torch.float32
+    )
+    removed = exp_shifted_(cols_old, log_norm.unsqueeze(-2)).sum(dim=-2, dtype=torch.float32)
+    probs = exp_shifted_(cols_new, log_norm.unsqueeze(-2))
+    kept = torch.rsub(removed, 1.0).scatter_(2, row_index, 1.0)
+    total = probs.sum(dim=-2, dtype=torch.float32).add_(kept).scatter_(2, row_index, row_mass)
+    return probs, kept, total, total.log()
+
+
 def update_softmax(
     rows: Tensor,
     cols_old: Tensor,
@@ -69,16 +92,7 @@ def update_softmax(
     untouched and the caller recomputes exactly. ``values``: the scalars in
     ``also_read``, read in the same device sync as the checks.
     """
-    b, heads = log_norm.shape[:2]
-    row_index = index.unsqueeze(1).expand(b, heads, -1)
-    row_mass = exp_shifted_(rows, log_norm.gather(2, row_index).unsqueeze(-1)).sum(
-        dim=-1, dtype=torch.float32
-    )
-    removed = exp_shifted_(cols_old, log_norm.unsqueeze(-2)).sum(dim=-2, dtype=torch.float32)
-    probs = exp_shifted_(cols_new, log_norm.unsqueeze(-2))
-    kept = torch.rsub(removed, 1.0).scatter_(2, row_index, 1.0)
-    total = probs.sum(dim=-2, dtype=torch.float32).add_(kept).scatter_(2, row_index, row_mass)
-    log_total = total.log()
+    probs, kept, total, log_total = _softmax_masses(rows, cols_old, cols_new, log_norm, index)
     # One sync for the checks and the caller's values; NaN fails every comparison.
     least_kept, low, high, *values = torch.stack(
         [kept.amin(), *torch.aminmax(log_total), *also_read]
@@ -169,16 +183,7 @@ def update_softmax_flagged(
     columns are then not exact and the caller must recompute those streams
     (:meth:`eventful_pl.blocks.EventfulBlock._recompute_items`).
     """
-    b, heads = log_norm.shape[:2]
-    row_index = index.unsqueeze(1).expand(b, heads, -1)
-    row_mass = exp_shifted_(rows, log_norm.gather(2, row_index).unsqueeze(-1)).sum(
-        dim=-1, dtype=torch.float32
-    )
-    removed = exp_shifted_(cols_old, log_norm.unsqueeze(-2)).sum(dim=-2, dtype=torch.float32)
-    probs = exp_shifted_(cols_new, log_norm.unsqueeze(-2))
-    kept = torch.rsub(removed, 1.0).scatter_(2, row_index, 1.0)
-    total = probs.sum(dim=-2, dtype=torch.float32).add_(kept).scatter_(2, row_index, row_mass)
-    log_total = total.log()
+    probs, kept, total, log_total = _softmax_masses(rows, cols_old, cols_new, log_norm, index)
     # NaN fails every comparison, so it counts as a failure.
     good = kept.ge(min_kept_mass) & log_total.gt(-max_log_shift) & log_total.lt(max_log_shift)
     failed = good.flatten(1).all(dim=1).logical_not_()

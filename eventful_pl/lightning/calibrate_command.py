@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from eventful_pl.calibration import Calibrator, Stream, dense_outputs
 from eventful_pl.counting import count_ops
-from eventful_pl.lightning.count_command import network_of
+from eventful_pl.lightning.count_command import add_ignored_sections, network_of
 from eventful_pl.models.vitdet import ViTDet
 from eventful_pl.models.vivit import FactorizedViViT
 from eventful_pl.policies import write_calibration
@@ -103,13 +103,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     parser.add_argument("--ckpt_path", type=str | None, default=None, help="Lightning checkpoint")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    for section in _IGNORED_SECTIONS:
-        parser.add_argument(
-            f"--{section}",
-            type=dict | list | str | float | bool | None,
-            default=None,
-            help="ignored",
-        )
+    add_ignored_sections(parser, _IGNORED_SECTIONS)
     return parser
 
 

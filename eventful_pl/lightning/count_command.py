@@ -70,14 +70,22 @@ def build_parser(prog: str = "cli.py count") -> ArgumentParser:
     )
     parser.add_argument("--no_dense", action="store_true", help="skip the dense setting")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    for section in _IGNORED_SECTIONS:
+    add_ignored_sections(parser)
+    return parser
+
+
+def add_ignored_sections(
+    parser: ArgumentParser, sections: Sequence[str] = _IGNORED_SECTIONS
+) -> None:
+    """Accepts (and ignores) the config ``sections`` a model-only command does
+    not use, so the ``fit`` configs can be given to it unchanged."""
+    for section in sections:
         parser.add_argument(
             f"--{section}",
             type=dict | list | str | float | bool | None,
             default=None,
             help="ignored",
         )
-    return parser
 
 
 def network_of(model: nn.Module) -> nn.Module:
