@@ -1,6 +1,6 @@
 """The ``calibrate`` command: per-gate thresholds that meet a compute budget.
 
-    python cli.py calibrate --config configs/count/vitdet_b_vid_672.yaml \\
+    python cli.py calibrate --config configs/vitdet/vid.yaml --config configs/vitdet/vid/672.yaml \\
         --budget_gflops 60 90 120 --videos clips/ --num_videos 8 --held_out 2
     python cli.py calibrate --config my_fit_config.yaml --ckpt_path last.ckpt \\
         --budget_fraction 0.5 --videos a.mp4 b.mp4 c.mp4
