@@ -103,6 +103,36 @@ def update_softmax(
     return probs.mul_(total.reciprocal_().unsqueeze(-2)), values
 
 
+def _update_operands(
+    q_rows: Tensor,
+    keys_t: Tensor,
+    k_new: Tensor,
+    k_old: Tensor,
+    q_t: Tensor,
+    log_norm: Tensor,
+    index: Tensor,
+    buffers: tuple[Tensor | None, Tensor | None, Tensor | None],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The logits products of :func:`incremental_softmax` (shapes as there),
+    viewed per stream and head for :func:`update_softmax`: (rows (B, H, r, Nk),
+    cols_old and cols_new (B, H, m, N), log_norm (B, H, N), index)."""
+    g, r, _ = q_rows.shape
+    m, n, nk = k_new.shape[1], q_t.shape[-1], keys_t.shape[-1]
+    b = index.shape[0]
+    heads = g // b
+    rows_out, cols_old_out, cols_new_out = buffers
+    rows = torch.bmm(q_rows, keys_t, out=rows_out)
+    cols_new = torch.bmm(k_new, q_t, out=cols_new_out)
+    cols_old = torch.bmm(k_old, q_t, out=cols_old_out)
+    return (
+        rows.view(b, heads, r, nk),
+        cols_old.view(b, heads, m, n),
+        cols_new.view(b, heads, m, n),
+        log_norm.view(b, heads, n),
+        index,
+    )
+
+
 def incremental_softmax(
     q_rows: Tensor,
     keys_t: Tensor,
@@ -128,20 +158,9 @@ def incremental_softmax(
     (G, m, N). Returns (columns (G, m, N) or None, values) as
     :func:`update_softmax`.
     """
-    g, r, _ = q_rows.shape
-    m, n, nk = k_new.shape[1], q_t.shape[-1], keys_t.shape[-1]
-    b = index.shape[0]
-    rows_out, cols_old_out, cols_new_out = buffers
-    rows = torch.bmm(q_rows, keys_t, out=rows_out)
-    cols_new = torch.bmm(k_new, q_t, out=cols_new_out)
-    cols_old = torch.bmm(k_old, q_t, out=cols_old_out)
-    heads = g // b
+    g, m, n = k_new.shape[0], k_new.shape[1], q_t.shape[-1]
     probs, values = update_softmax(
-        rows.view(b, heads, r, nk),
-        cols_old.view(b, heads, m, n),
-        cols_new.view(b, heads, m, n),
-        log_norm.view(b, heads, n),
-        index,
+        *_update_operands(q_rows, keys_t, k_new, k_old, q_t, log_norm, index, buffers),
         min_kept_mass,
         max_log_shift,
         also_read,
@@ -208,20 +227,9 @@ def incremental_softmax_flagged(
     (no host synchronisation), or through ``update`` (the same signature, e.g.
     the fused :func:`eventful_pl.triton_kernels.update_softmax`). Returns
     (columns (G, m, N), failed (B,) bool or int)."""
-    g, r, _ = q_rows.shape
-    m, n, nk = k_new.shape[1], q_t.shape[-1], keys_t.shape[-1]
-    b = index.shape[0]
-    rows_out, cols_old_out, cols_new_out = buffers
-    rows = torch.bmm(q_rows, keys_t, out=rows_out)
-    cols_new = torch.bmm(k_new, q_t, out=cols_new_out)
-    cols_old = torch.bmm(k_old, q_t, out=cols_old_out)
-    heads = g // b
+    g, m, n = k_new.shape[0], k_new.shape[1], q_t.shape[-1]
     probs, failed = (update or update_softmax_flagged)(
-        rows.view(b, heads, r, nk),
-        cols_old.view(b, heads, m, n),
-        cols_new.view(b, heads, m, n),
-        log_norm.view(b, heads, n),
-        index,
+        *_update_operands(q_rows, keys_t, k_new, k_old, q_t, log_norm, index, buffers),
         min_kept_mass,
         max_log_shift,
     )
