@@ -77,7 +77,7 @@ class TokenGate(Counted, StreamState, nn.Module):
         self.policy = policy
         self.p: Tensor | None = None
         self._error: Tensor | None = None
-        self.frames = 0  # incremental frames since the flush (for policy.refresh_every)
+        self.frames = 0  # incremental frames since the flush, while policy.refresh_every is set
 
     def reset_state(self) -> None:
         self.p = None
@@ -88,10 +88,11 @@ class TokenGate(Counted, StreamState, nn.Module):
         """The policy's index (B, k) for error norms (B, N); every token on each
         ``policy.refresh_every``-th incremental frame (a periodic refresh)."""
         policy = _require_policy(self.policy, self)
-        self.frames += 1
         every = policy.refresh_every
-        if every and self.frames % every == 0:
-            return all_tokens(norms)
+        if every:  # counted only when refreshing (a constant frame under torch.compile)
+            self.frames += 1
+            if self.frames % every == 0:
+                return all_tokens(norms)
         return _select(policy, norms)
 
     def error_norms(self, c: Tensor) -> Tensor:
@@ -101,6 +102,9 @@ class TokenGate(Counted, StreamState, nn.Module):
             return kernels.error_norms(c.detach(), self.p)
         if self.static_frame and triton_kernels.available(c, self.p):
             return triton_kernels.error_norms(c.detach(), self.p)
+        if torch.compiler.is_compiling():  # functional: inductor fuses it into one pass
+            error = c.detach() - self.p.view(c.shape)
+            return torch.linalg.vector_norm(error, dim=tuple(range(2, c.ndim)))
         if self._error is None or self._error.shape != self.p.shape or self._error.dtype != c.dtype:
             self._error = torch.empty_like(self.p)
         # Selection only: no gradient flows through the error norms.

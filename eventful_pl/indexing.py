@@ -12,14 +12,20 @@ from torch import Tensor
 
 
 @functools.lru_cache(maxsize=64)
+def _cached_offsets(count: int, stride: int, device: torch.device) -> Tensor:
+    with torch.inference_mode(False):
+        return torch.arange(count, device=device).mul_(stride)
+
+
 def _offsets(count: int, stride: int, device: torch.device) -> Tensor:
     """``arange(count) * stride`` (long), made once per shape and device.
 
     Built outside inference mode so that it may be used in and out of it; never
-    modified in place.
+    modified in place. Under ``torch.compile`` a constant of the graph instead.
     """
-    with torch.inference_mode(False):
-        return torch.arange(count, device=device).mul_(stride)
+    if torch.compiler.is_compiling():
+        return torch.arange(count, device=device) * stride
+    return _cached_offsets(count, stride, device)
 
 
 def flat_token_index(index: Tensor, num_tokens: int) -> Tensor:

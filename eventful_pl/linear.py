@@ -60,6 +60,7 @@ def prepacked_linear_available(x: Tensor, weight: Tensor) -> bool:
     if not (
         _enabled
         and _MKLDNN_LINEAR
+        and not torch.compiler.is_compiling()  # inductor packs weights itself
         and not torch.is_grad_enabled()
         and x.device.type == "cpu"
         and x.dtype == weight.dtype

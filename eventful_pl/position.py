@@ -13,9 +13,10 @@ def _param_key(*params: Tensor) -> tuple | None:
     """Identifies the current values of ``params`` (None: do not cache).
 
     Inference tensors (made under ``torch.inference_mode``) have no version
-    counter, so results derived from them are not cached.
+    counter, so results derived from them are not cached; neither are they
+    under ``torch.compile`` (the compiled graph recomputes them).
     """
-    if any(p.is_inference() for p in params):
+    if torch.compiler.is_compiling() or any(p.is_inference() for p in params):
         return None
     return tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in params)
 

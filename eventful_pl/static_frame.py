@@ -17,11 +17,24 @@ Usage::
             for frame in video:            # (B, N, D) CUDA tensors
                 out = runner(frame)        # flush eagerly, then graph replays
 
-Modes: ``"cuda_graph"`` (CUDA tensors; capture with ``torch.cuda.graph``),
-``"compile"`` (the static frame through ``torch.compile``, options in
-``compile_options``, default ``backend="aot_eager"``: inductor does not yet
-compile the gates' ``out=`` writes into strided views) and ``"eager"`` (the
-static path without capture; any device, e.g. to check it on CPU).
+Modes:
+
+- ``"cuda_graph"``: CUDA tensors; the static frame's PyTorch ops (and the
+  fused Triton kernels) captured with ``torch.cuda.graph``.
+- ``"compile_cuda_graph"``: the static frame compiled by ``torch.compile``
+  (inductor by default: chains of small element-wise ops fused into
+  generated kernels), then captured as one CUDA graph. Compiling runs the
+  frame once more; the stream state is restored after that run, so outputs
+  and state match the other modes.
+- ``"compile"``: the static frame through ``torch.compile`` without a graph
+  capture (any device; options in ``compile_options``, default
+  ``backend="inductor"``).
+- ``"eager"``: the static path without capture; any device, e.g. to check it
+  on CPU.
+
+Under ``torch.compile`` the blocks take their functional forms (no ``out=``
+writes into reused workspaces, no pre-packed oneDNN linears, no hand-written
+Triton kernels): the compiler plans buffers and fuses kernels itself.
 
 On CUDA the static path uses the fused Triton kernels of
 :mod:`eventful_pl.triton_kernels` (softmax-normaliser update, gate error
@@ -61,8 +74,9 @@ from eventful_pl.gates import TokenGate
 from eventful_pl.state import reset_stream_state, set_static_frame
 from eventful_pl.workspace import Workspaces
 
-StaticMode = Literal["cuda_graph", "compile", "eager"]
-STATIC_MODES: tuple[str, ...] = ("cuda_graph", "compile", "eager")
+StaticMode = Literal["cuda_graph", "compile_cuda_graph", "compile", "eager"]
+STATIC_MODES: tuple[str, ...] = ("cuda_graph", "compile_cuda_graph", "compile", "eager")
+_GRAPH_MODES = ("cuda_graph", "compile_cuda_graph")
 #: Module attributes that are never stream state kept in static buffers.
 _NOT_STATE = frozenset({"nonfinite_items", "static_flags", "_static_failed", "_new_range"})
 
@@ -73,11 +87,13 @@ class StaticFrameRunner:
     Args:
         model: A module whose ``forward(x)`` is one frame of B streams (e.g. a
             :class:`eventful_pl.backbone.ViTBackbone`) with eventful blocks.
-        mode: ``"cuda_graph"``, ``"compile"`` or ``"eager"`` (see the module
-            docstring).
+        mode: ``"cuda_graph"``, ``"compile_cuda_graph"``, ``"compile"`` or
+            ``"eager"`` (see the module docstring).
         clone_output: Return a copy of the graph's output (else the static
             output tensor itself, overwritten by the next replay).
-        compile_options: Keyword arguments of ``torch.compile`` (mode ``"compile"``).
+        compile_options: Keyword arguments of ``torch.compile`` (modes
+            ``"compile"`` and ``"compile_cuda_graph"``; default
+            ``backend="inductor"``).
 
     Shapes: ``runner(x)`` takes and returns what ``model(x)`` does.
     Run it under ``torch.no_grad()`` or ``torch.inference_mode()``.
@@ -111,7 +127,7 @@ class StaticFrameRunner:
                 )
         self._full_blocks = [m for m in modules if isinstance(m, EventfulBlock)]
         self._counted = [m for m in modules if isinstance(m, Counted)]
-        self._compile_options = {"backend": "aot_eager", **(compile_options or {})}
+        self._compile_options = {"backend": "inductor", **(compile_options or {})}
         self._compiled: Callable[[Tensor], tuple[Tensor, Tensor | None]] | None = None
         self._key: tuple | None = None
         self._graph: torch.cuda.CUDAGraph | None = None
@@ -162,9 +178,6 @@ class StaticFrameRunner:
                 lambda x: self._static_forward(x, self._compiled), self._static_input
             )
         self._add_frame_counts()
-        for gate in self._gates:  # what the gates' Python code counts per frame
-            if hasattr(gate, "frames"):
-                gate.frames += 1
         self._post_flags(flags)
         return out.clone() if self.clone_output else out
 
@@ -206,24 +219,28 @@ class StaticFrameRunner:
         self._graph = None
         self._compiled = None
         self._key = None
-        if self.mode == "cuda_graph":
+        if self.mode in _GRAPH_MODES:
             if x.device.type != "cuda":
                 raise ValueError(
-                    "StaticFrameRunner: mode='cuda_graph' needs CUDA inputs, got a "
+                    f"StaticFrameRunner: mode={self.mode!r} needs CUDA inputs, got a "
                     f"{x.device.type} tensor; use mode='eager' (or 'compile') off the GPU"
                 )
+            frame = None
             side = torch.cuda.Stream(x.device)
             side.wait_stream(torch.cuda.current_stream(x.device))
             with torch.cuda.stream(side):
                 out, flags = self._recorded_frame(x)
                 out = out.clone()
+                if self.mode == "compile_cuda_graph":
+                    frame = torch.compile(self._frame, **self._compile_options)
+                    self._warm_up(frame, x)
             torch.cuda.current_stream(x.device).wait_stream(side)
             self._post_flags(flags)
             self._static_input = x.clone()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 self._static_output, self._static_flags = self._uncounted(
-                    self._static_forward, self._static_input
+                    lambda x: self._static_forward(x, frame), self._static_input
                 )
             self._graph = graph
         else:
@@ -234,6 +251,20 @@ class StaticFrameRunner:
         self._record_state()
         self._key = key
         return out
+
+    def _warm_up(self, frame: Callable[[Tensor], tuple[Tensor, Tensor | None]], x: Tensor) -> None:
+        """Runs a compiled ``frame`` once (compiling it outside the graph
+        capture), then puts back the stream state it advanced."""
+        self._record_state()
+        saved = [value.clone() for _, _, value in self._state]
+        self._uncounted(lambda x: self._static_forward(x, frame), x)
+        for (module, name, value), before in zip(self._state, saved, strict=True):
+            if getattr(module, name) is not value:
+                raise RuntimeError(
+                    f"StaticFrameRunner: the compiled frame replaced {type(module).__name__}"
+                    f".{name} instead of updating it in place; use mode='cuda_graph'"
+                )
+            value.copy_(before)
 
     def _recorded_frame(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """A static frame whose counts are recorded per module and passed on."""

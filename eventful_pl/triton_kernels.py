@@ -60,8 +60,10 @@ def _interpreting() -> bool:
 
 def available(*tensors: Tensor) -> bool:
     """Whether the kernels apply: enabled, Triton importable, gradients off,
-    and the tensors on CUDA (or on CPU under ``TRITON_INTERPRET=1``)."""
-    if not _enabled or torch.is_grad_enabled() or not _load():
+    and the tensors on CUDA (or on CPU under ``TRITON_INTERPRET=1``); never
+    under ``torch.compile``, whose inductor backend fuses the same PyTorch ops
+    into its own kernels."""
+    if not _enabled or torch.is_grad_enabled() or torch.compiler.is_compiling() or not _load():
         return False
     device = "cpu" if _interpreting() else "cuda"
     return all(t.device.type == device for t in tensors)

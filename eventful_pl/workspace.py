@@ -26,8 +26,9 @@ class Workspaces:
 
     def get(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor | None:
         """An uninitialised tensor of ``shape`` (dtype and device of ``like``),
-        or None when gradients are on (then the caller allocates)."""
-        if torch.is_grad_enabled():
+        or None when gradients are on or under ``torch.compile`` (then the
+        caller allocates: a compiler plans its own buffers)."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return None
         shape = tuple(shape)
         tensor = self._tensors.get(name)

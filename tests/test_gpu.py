@@ -163,3 +163,34 @@ def test_cuda_graph_with_triton_r_equals_n_matches_dense():
             frame = frame.cuda()
             torch.testing.assert_close(runner(frame), dense(frame), rtol=1e-3, atol=1e-3)
     assert runner.stats["static"] == 4
+
+
+@pytest.mark.parametrize("variant", ["tokenwise", "query_key", "full"])
+def test_compiled_cuda_graph_frames_close_to_eager(variant):
+    """Inductor-compiled static frames captured as CUDA graphs: the compile
+    run's state is restored, so every frame matches the eager path."""
+    from eventful_pl.static_frame import StaticFrameRunner
+
+    eager, static_model = _static_pair(
+        variant, TopRPolicy(9), window=True, input_size=(7, 5), relative_embedding_size=3
+    )
+    runner = StaticFrameRunner(static_model, mode="compile_cuda_graph")
+    with torch.no_grad():
+        _run_pair(eager, static_model, runner, video_stream(7, 2, 35, DIM), resets=(4,), tol=1e-4)
+    assert runner.stats == {"flush": 2, "eager": 0, "static": 5, "recovered": 0}
+
+
+def test_compiled_cuda_graph_r_equals_n_matches_dense():
+    from eventful_pl.static_frame import StaticFrameRunner
+
+    dense, eventful = make_backbones(
+        "full", dim=DIM, depth=2, heads=4, input_size=6, relative_embedding_size=4
+    )
+    dense, eventful = dense.cuda(), eventful.cuda()
+    eventful.set_policy(TopRPolicy(36))
+    runner = StaticFrameRunner(eventful, mode="compile_cuda_graph")
+    with torch.no_grad():
+        for frame in video_stream(5, 2, 36, DIM):
+            frame = frame.cuda()
+            torch.testing.assert_close(runner(frame), dense(frame), rtol=1e-3, atol=1e-3)
+    assert runner.stats["static"] == 4

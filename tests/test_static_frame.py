@@ -198,10 +198,70 @@ def test_runner_errors_name_the_remedy():
             runner(frames[1])
 
 
+COMPILED_CASES = [
+    ("full", "relpos", 2),
+    ("query_key", "window-relpos", 1),
+    ("tokenwise", "global", 2),
+]
+
+
+@pytest.mark.parametrize(("variant", "config", "batch"), COMPILED_CASES)
+def test_inductor_static_frames_equal_eager(variant, config, batch):
+    """torch.compile with inductor (fused generated kernels) of the static
+    frame: outputs within float reordering of the eager path, the same counts
+    and state, no recompilation on later frames or after a new stream."""
+    eager, static_model = _pair(variant, config, TopRPolicy(10))
+    runner = StaticFrameRunner(static_model, mode="compile")
+    tokens = 35 if config == "window-relpos" else 36
+    frames = video_stream(9, batch, tokens, DIM)
+    _compare_stream(eager, static_model, runner, frames[:6], resets=(3,), tol=1e-5)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        _compare_stream(eager, static_model, runner, frames[6:], tol=1e-5)
+    assert runner.stats == {"flush": 2, "eager": 0, "static": 7, "recovered": 0}
+    assert runner._compile_options["backend"] == "inductor"
+
+
 @pytest.mark.slow
 def test_compiled_static_frames_equal_eager():
-    """torch.compile (dynamo tracing, eager backend on CPU) of the static frame."""
+    """torch.compile with dynamo's eager backend: traced code, eager kernels."""
     eager, static_model = _pair("full", "relpos", TopRPolicy(10))
     runner = StaticFrameRunner(static_model, mode="compile", compile_options={"backend": "eager"})
     _compare_stream(eager, static_model, runner, video_stream(5, 2, 36, DIM), resets=(3,))
     assert runner.stats["static"] == 3
+
+
+def test_compile_warm_up_restores_the_stream_state():
+    """The compile-then-capture mode runs the compiled frame once before the
+    capture; afterwards state (and so the next frame) is as if it never ran."""
+    eager, static_model = _pair("full", "relpos", TopRPolicy(10))
+    runner = StaticFrameRunner(static_model, mode="eager")
+    frames = video_stream(5, 2, 36, DIM)
+    with torch.no_grad():
+        for frame in frames[:3]:
+            eager(frame)
+            runner(frame)
+        before = {k: v.clone() for k, v in _state(static_model).items()}
+        compiled = torch.compile(runner._frame, backend="eager")
+        runner._warm_up(compiled, frames[3] * 3.0)
+        after = _state(static_model)
+        assert before.keys() == after.keys()
+        changed = [k for k in before if not torch.equal(before[k], after[k])]
+        assert not changed, changed
+    _compare_stream(eager, static_model, runner, frames[3:])
+
+
+def test_warm_up_refuses_a_replaced_state_tensor():
+    eager, static_model = _pair("tokenwise", "global", TopRPolicy(10))
+    runner = StaticFrameRunner(static_model, mode="eager")
+    frames = video_stream(3, 1, 36, DIM)
+    gate = runner._gates[0]
+
+    def replacing_frame(x):
+        gate.p = gate.p.clone()  # rebinds state: a capture would miss it
+        return runner._frame(x)
+
+    with torch.no_grad():
+        runner(frames[0])
+        runner(frames[1])
+        with pytest.raises(RuntimeError, match="in place"):
+            runner._warm_up(replacing_frame, frames[2])
