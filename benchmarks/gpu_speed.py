@@ -28,14 +28,30 @@ float32 weights under bf16 autocast (``dense-autocast``); eventful runs use
 bf16 weights, eagerly (``eventful-eager``) and with incremental frames
 replayed as CUDA graphs (``eventful-static``,
 :class:`eventful_pl.static_frame.StaticFrameRunner`, with the Triton kernels
-of :mod:`eventful_pl.triton_kernels`; ``static-no-triton`` without them). Weights are random
-(speed does not depend on them); video frames drift slowly with a fraction
-of strongly changed patches.
+of :mod:`eventful_pl.triton_kernels`; ``static-no-triton`` without them), and
+with the static frame compiled by ``torch.compile`` (inductor: chains of small
+element-wise ops fused into generated Triton kernels) and then captured as one
+CUDA graph (``eventful-inductor``, runner mode ``"compile_cuda_graph"``; mode
+``"compile"`` under ``--smoke``) in the stack, ``vivit`` and ``vitdet`` rows.
+Weights are random (speed does not depend on them); video frames drift slowly
+with a fraction of strongly changed patches.
+
+Inductor runs come last: every row's other runs are measured first, then the
+``eventful-inductor`` run of each row (compiling a 12-block frame takes about
+a minute or two), each in its own ``try``: a failed compile becomes a row
+``{"row": ..., "run": "eventful-inductor", "error": ...}``. Their
+``compile_s`` is the wall time of the first frames of a stream (flush, the
+recorded static frame, the compile and capture). ``--no-inductor`` skips them;
+``--inductor-budget S`` starts none later than S seconds after the start (the
+rest are recorded as skipped). ``--json`` is rewritten after every row, so a
+run cut short keeps what it measured.
 
 Usage::
 
     python benchmarks/gpu_speed.py                       # every row
     python benchmarks/gpu_speed.py --rows stack-a50 vivit --json out.json
+    python benchmarks/gpu_speed.py --no-inductor         # without the compiled frames
+    python benchmarks/gpu_speed.py --smoke               # CPU, tiny models: the script only
 """
 
 from __future__ import annotations
@@ -45,6 +61,7 @@ import json
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -54,7 +71,7 @@ from torchvision.models.detection.image_list import ImageList
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eventful_pl import triton_kernels
+from eventful_pl import kernels, triton_kernels
 from eventful_pl.backbone import ViTBackbone
 from eventful_pl.counting import count_ops
 from eventful_pl.policies import TopRPolicy
@@ -67,6 +84,15 @@ SMOKE = False
 DEVICE = "cuda"
 #: ``--profile N``: the N ops with the most device time of eager eventful frames.
 PROFILE = 0
+#: ``--no-inductor`` / ``--inductor-budget``: whether and until when (seconds
+#: after START) the eventful-inductor runs start.
+INDUCTOR = True
+INDUCTOR_BUDGET: float | None = None
+START = time.perf_counter()
+#: Every row measured so far, and where ``--json`` writes them.
+RESULTS: list[dict] = []
+HEADER: dict = {}
+JSON_PATH: Path | None = None
 GOALS = {"stack-a50": 2.5, "vivit": 2.5, "stack-b512": 1.8, "vitdet": 1.8, "vitdet-head": 1.8}
 ROWS = ("stack-a50", "stack-b512", "vivit", "vitdet", "train")
 
@@ -106,6 +132,48 @@ class Timer:
 
 def static_mode() -> str:
     return "eager" if SMOKE else "cuda_graph"
+
+
+def inductor_mode() -> str:
+    return "compile" if SMOKE else "compile_cuda_graph"
+
+
+def synchronize() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+#: A row's eventful-inductor run, measured after every row's other runs.
+InductorRun = Callable[[], dict]
+
+
+def run_inductor(row: str, run: InductorRun) -> dict:
+    """``run()``'s result row, or a row with the error (or the skip) instead."""
+    if INDUCTOR_BUDGET is not None and time.perf_counter() - START > INDUCTOR_BUDGET:
+        error = f"skipped: --inductor-budget {INDUCTOR_BUDGET:g} s spent"
+        return {"row": row, "run": "eventful-inductor", "error": error}
+    # The full block's CPU attention-kernel check reads the CPU capability,
+    # which torch.compile cannot trace (a graph break per full block); those
+    # kernels never run on CUDA tensors, so they are forced off here.
+    attention = kernels._attention
+    kernels.set_fused_attention_kernels(False)
+    try:
+        return run()
+    except Exception as error:
+        traceback.print_exc()
+        return {"row": row, "run": "eventful-inductor", "error": repr(error)[:500]}
+    finally:
+        kernels.set_fused_attention_kernels(attention)
+        torch._dynamo.reset()  # frees the compiled frames (and their graphs)
+
+
+def first_frames_s(step: Callable[[], object]) -> float:
+    """Seconds of ``step()`` (the first frames of a stream: flush, compile, capture)."""
+    synchronize()
+    start = time.perf_counter()
+    step()
+    synchronize()
+    return round(time.perf_counter() - start, 1)
 
 
 def token_stream(frames: int, batch: int, tokens: int, dim: int, seed: int = 0) -> list[Tensor]:
@@ -213,7 +281,7 @@ def profile_frames(case: str, model: nn.Module, stream: list[Tensor]) -> None:
     print(prof.key_averages().table(sort_by=key, row_limit=PROFILE, max_name_column_width=40))
 
 
-def bench_stack(case: str, frames: int, rounds: int) -> list[dict]:
+def bench_stack(case: str, frames: int, rounds: int) -> tuple[list[dict], InductorRun]:
     dense16, dense32, eventful, batch, r = stack_models(case)
     n, dim = eventful.num_tokens - eventful.num_prefix_tokens, eventful.dim
     stream = token_stream(frames, batch, n, dim)
@@ -258,11 +326,27 @@ def bench_stack(case: str, frames: int, rounds: int) -> list[dict]:
     rows.append(
         result(case, "static-no-triton", plain_ms, plain_spread, "ms/frame", dense_ms, ratio, extra)
     )
-    return rows
+
+    def inductor() -> dict:
+        compiled = StaticFrameRunner(eventful, mode=inductor_mode())
+
+        def first_frames() -> None:
+            compiled.reset()
+            for frame in stream[:3]:
+                compiled(frame)
+
+        with torch.inference_mode():
+            compile_s = first_frames_s(first_frames)
+            ms, spread = stream_ms(compiled, compiled.reset, stream, rounds)
+        info = {"batch": batch, "r": r, "compile_s": compile_s}
+        info.update(recovered=compiled.stats["recovered"], static=compiled.stats["static"])
+        return result(case, "eventful-inductor", ms, spread, "ms/frame", dense_ms, ratio, info)
+
+    return rows, inductor
 
 
 # ViViT per video.
-def bench_vivit(rounds: int, r: int = 50) -> list[dict]:
+def bench_vivit(rounds: int, r: int = 50) -> tuple[list[dict], InductorRun]:
     from eventful_pl.models.vivit import create_vivit
 
     torch.manual_seed(0)
@@ -322,7 +406,17 @@ def bench_vivit(rounds: int, r: int = 50) -> list[dict]:
     extra = {**extra, "recovered": runner.stats["recovered"]}
     rows.append(result("vivit", "eventful-static", es, ss2, unit, dense_ms, ratio, extra))
     rows.append(result("vivit", "static-no-triton", ep, sp, unit, dense_ms, ratio, extra))
-    return rows
+
+    def inductor() -> dict:
+        compiled = StaticFrameRunner(eventful.spatial, mode=inductor_mode())
+        with torch.inference_mode():
+            compile_s = first_frames_s(lambda: eventful_video(compiled, compiled.reset))
+            ms, spread = cuda_ms(lambda: eventful_video(compiled, compiled.reset), rounds, 0)
+        info = {"views": views_count, "steps": dense.steps, "r": r, "compile_s": compile_s}
+        info["recovered"] = compiled.stats["recovered"]
+        return result("vivit", "eventful-inductor", ms, spread, unit, dense_ms, ratio, info)
+
+    return rows, inductor
 
 
 # ViTDet per frame.
@@ -361,7 +455,7 @@ class _RunnerBackbone(nn.Module):
         return self.runner(x)
 
 
-def bench_vitdet(frames: int, rounds: int, r: int = 512) -> list[dict]:
+def bench_vitdet(frames: int, rounds: int, r: int = 512) -> tuple[list[dict], InductorRun]:
     from eventful_pl.models.vitdet import create_vitdet
 
     torch.manual_seed(0)
@@ -413,7 +507,25 @@ def bench_vitdet(frames: int, rounds: int, r: int = 512) -> list[dict]:
         rows.append(result("vitdet-head", "eventful-static", eh, seh, "ms/frame", dh, None, extra))
     except Exception as error:  # the head is optional in this benchmark
         rows.append({"row": "vitdet-head", "run": "skipped", "error": repr(error)[:300]})
-    return rows
+
+    def inductor() -> dict:
+        backbone = static.backbone.inner
+        compiled = StaticFrameRunner(backbone, mode=inductor_mode())
+        static.backbone = _RunnerBackbone(backbone, compiled)
+        step = features(static)
+
+        def first_frames() -> None:
+            static.reset()
+            for frame in video[:3]:
+                step(frame)
+
+        with torch.inference_mode():
+            compile_s = first_frames_s(first_frames)
+            ms, spread = stream_ms(step, static.reset, video, rounds)
+        info = {"r": r, "compile_s": compile_s, "recovered": compiled.stats["recovered"]}
+        return result("vitdet", "eventful-inductor", ms, spread, "ms/frame", d, ratio, info)
+
+    return rows, inductor
 
 
 # Training throughput.
@@ -489,6 +601,22 @@ def bench_train(steps: int) -> list[dict]:
     return rows
 
 
+def report(rows: list[dict]) -> None:
+    """Prints new rows and rewrites ``--json`` with every row so far."""
+    RESULTS.extend(rows)
+    print_table(rows)
+    if JSON_PATH is not None:
+        JSON_PATH.write_text(json.dumps({**HEADER, "rows": grouped(RESULTS)}, indent=1))
+
+
+def grouped(rows: list[dict]) -> list[dict]:
+    """Rows in the order of their row's first appearance (inductor runs beside the others)."""
+    order: dict[str, int] = {}
+    for row in rows:
+        order.setdefault(row["row"], len(order))
+    return sorted(rows, key=lambda row: order[row["row"]])
+
+
 def print_table(rows: list[dict]) -> None:
     print(
         f"{'row':<12} {'run':<22} {'ms':>9} {'spread':>7} {'unit':<9} {'speedup':>8} "
@@ -501,9 +629,10 @@ def print_table(rows: list[dict]) -> None:
         speed = f"{row['speedup']:.2f}x" if "speedup" in row else ""
         ops = f"{row['op_ratio']:.2f}x" if "op_ratio" in row else ""
         goal = f"{row['goal']}x" if "goal" in row else ""
+        note = f"  (compile {row['compile_s']} s)" if "compile_s" in row else ""
         print(
             f"{row['row']:<12} {row['run']:<22} {row['ms']:>9.2f} {row['spread_ms']:>7.2f} "
-            f"{row['unit']:<9} {speed:>8} {ops:>6} {goal:>5}"
+            f"{row['unit']:<9} {speed:>8} {ops:>6} {goal:>5}{note}"
         )
 
 
@@ -517,48 +646,72 @@ def main(argv: list[str] | None = None) -> None:
         "--smoke", action="store_true", help="tiny models on the CPU (checks the script only)"
     )
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="top N ops (stacks)")
+    parser.add_argument(
+        "--no-inductor", action="store_true", help="skip the eventful-inductor runs"
+    )
+    parser.add_argument(
+        "--inductor-budget",
+        type=float,
+        default=None,
+        metavar="S",
+        help="start no eventful-inductor run later than S seconds after the start",
+    )
     args = parser.parse_args(argv)
-    global SMOKE, DEVICE, PROFILE
+    global SMOKE, DEVICE, PROFILE, INDUCTOR, INDUCTOR_BUDGET, START, JSON_PATH
     SMOKE, PROFILE = args.smoke, args.profile
+    INDUCTOR, INDUCTOR_BUDGET = not args.no_inductor, args.inductor_budget
+    START, JSON_PATH = time.perf_counter(), args.json
+    RESULTS.clear()
     DEVICE = "cpu" if SMOKE else "cuda"
+    if SMOKE:
+        # One thread: inductor's OpenMP kernels next to oneDNN's thread pool on
+        # a loaded CPU stall ~15 ms per op (a compiled tiny frame: 830 ms vs 1.3 ms).
+        torch.set_num_threads(1)
     if not SMOKE and not torch.cuda.is_available():
         raise SystemExit("gpu_speed.py needs a CUDA GPU (or --smoke to check it on the CPU)")
     if args.frames < 5 or args.rounds < 1:
         parser.error("--frames must be >= 5 and --rounds >= 1")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    header = {
-        "gpu": "none (smoke run)" if SMOKE else torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-    }
-    print(json.dumps(header))
-    rows: list[dict] = []
+    HEADER.clear()
+    HEADER.update(
+        gpu="none (smoke run)" if SMOKE else torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        cuda=torch.version.cuda,
+    )
+    print(json.dumps(HEADER))
+    pending: list[tuple[str, InductorRun]] = []
     for name in args.rows:
         start = time.perf_counter()
+        inductor = None
         try:
             if name.startswith("stack"):
-                new = bench_stack(name, args.frames, args.rounds)
+                new, inductor = bench_stack(name, args.frames, args.rounds)
             elif name == "vivit":
-                new = bench_vivit(args.rounds)
+                new, inductor = bench_vivit(args.rounds)
             elif name == "vitdet":
-                new = bench_vitdet(args.frames, args.rounds)
+                new, inductor = bench_vitdet(args.frames, args.rounds)
             else:
                 new = bench_train(args.rounds * 4)
         except Exception as error:
             new = [{"row": name, "run": "failed", "error": repr(error)[:500]}]
-            import traceback
-
             traceback.print_exc()
-        rows.extend(new)
-        print_table(new)
+        report(new)
+        if inductor is not None and INDUCTOR:
+            pending.append((name, inductor))
         print(f"  ({name}: {time.perf_counter() - start:.1f} s)", flush=True)
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
+    while pending:  # last: compiles take long; everything else is measured by now
+        name, inductor = pending.pop(0)
+        start = time.perf_counter()
+        report([run_inductor(name, inductor)])
+        del inductor  # its models and frames
+        print(f"  ({name} eventful-inductor: {time.perf_counter() - start:.1f} s)", flush=True)
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
     print("\nSummary")
-    print_table(rows)
-    if args.json is not None:
-        args.json.write_text(json.dumps({**header, "rows": rows}, indent=1))
+    print_table(grouped(RESULTS))
 
 
 if __name__ == "__main__":
