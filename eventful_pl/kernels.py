@@ -302,8 +302,9 @@ def _error_summary(err: Exception) -> str:
 
 def fused_kernels_available(*tensors: Tensor) -> bool:
     """Whether the fused kernels apply to these tensors: enabled, gradients
-    off, all float32 on CPU, and the extension builds."""
-    if not _enabled or torch.is_grad_enabled():
+    off, all float32 on CPU, the extension builds, and not under
+    ``torch.compile`` (the compiler fuses the PyTorch forms itself)."""
+    if not _enabled or torch.is_grad_enabled() or torch.compiler.is_compiling():
         return False
     if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
         return False
@@ -312,8 +313,10 @@ def fused_kernels_available(*tensors: Tensor) -> bool:
 
 def fused_attention_available(*tensors: Tensor) -> bool:
     """Whether the full block uses its fused attention kernels for these tensors:
-    :func:`fused_kernels_available` and :func:`fused_attention_preferred`."""
-    return fused_attention_preferred() and fused_kernels_available(*tensors)
+    :func:`fused_kernels_available` and :func:`fused_attention_preferred`
+    (checked in that order: the capability query is not traceable by
+    ``torch.compile``)."""
+    return fused_kernels_available(*tensors) and fused_attention_preferred()
 
 
 def error_norms(c: Tensor, p: Tensor) -> Tensor:

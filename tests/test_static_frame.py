@@ -265,3 +265,23 @@ def test_warm_up_refuses_a_replaced_state_tensor():
         runner(frames[1])
         with pytest.raises(RuntimeError, match="in place"):
             runner._warm_up(replacing_frame, frames[2])
+
+
+@pytest.mark.parametrize("variant", EVENTFUL_VARIANTS)
+def test_static_frame_traces_as_one_graph_with_fused_kernels_on(variant):
+    """ViT-B's head size (64) with the CPU kernels switched on: under
+    torch.compile neither the fused-kernel checks nor the CPU capability query
+    break the frame's graph (fullgraph=True raises on any break)."""
+    from eventful_pl.backbone import ViTBackbone
+
+    kernels.set_fused_kernels(True)
+    torch.manual_seed(0)
+    model = ViTBackbone(dim=128, depth=1, heads=2, input_size=4, block_variant=variant).eval()
+    model.set_policy(TopRPolicy(4))
+    runner = StaticFrameRunner(
+        model, mode="compile", compile_options={"backend": "eager", "fullgraph": True}
+    )
+    with torch.no_grad():
+        for frame in video_stream(3, 1, 16, 128):
+            runner(frame)
+    assert runner.stats["static"] == 2
