@@ -149,7 +149,8 @@ def test_cuda_graph_with_triton_kernels_close_to_eager(variant):
     assert runner.stats["static"] == 4
 
 
-def test_cuda_graph_with_triton_r_equals_n_matches_dense():
+@pytest.mark.parametrize("mode", ["cuda_graph", "compile_cuda_graph"])
+def test_cuda_graph_with_triton_r_equals_n_matches_dense(mode):
     from eventful_pl.static_frame import StaticFrameRunner
 
     dense, eventful = make_backbones(
@@ -157,7 +158,7 @@ def test_cuda_graph_with_triton_r_equals_n_matches_dense():
     )
     dense, eventful = dense.cuda(), eventful.cuda()
     eventful.set_policy(TopRPolicy(36))
-    runner = StaticFrameRunner(eventful, mode="cuda_graph")
+    runner = StaticFrameRunner(eventful, mode=mode)
     with torch.no_grad():
         for frame in video_stream(5, 2, 36, DIM):
             frame = frame.cuda()
@@ -178,19 +179,3 @@ def test_compiled_cuda_graph_frames_close_to_eager(variant):
     with torch.no_grad():
         _run_pair(eager, static_model, runner, video_stream(7, 2, 35, DIM), resets=(4,), tol=1e-4)
     assert runner.stats == {"flush": 2, "eager": 0, "static": 5, "recovered": 0}
-
-
-def test_compiled_cuda_graph_r_equals_n_matches_dense():
-    from eventful_pl.static_frame import StaticFrameRunner
-
-    dense, eventful = make_backbones(
-        "full", dim=DIM, depth=2, heads=4, input_size=6, relative_embedding_size=4
-    )
-    dense, eventful = dense.cuda(), eventful.cuda()
-    eventful.set_policy(TopRPolicy(36))
-    runner = StaticFrameRunner(eventful, mode="compile_cuda_graph")
-    with torch.no_grad():
-        for frame in video_stream(5, 2, 36, DIM):
-            frame = frame.cuda()
-            torch.testing.assert_close(runner(frame), dense(frame), rtol=1e-3, atol=1e-3)
-    assert runner.stats["static"] == 4
