@@ -176,6 +176,23 @@ def first_frames_s(step: Callable[[], object]) -> float:
     return round(time.perf_counter() - start, 1)
 
 
+def compiled_stream_ms(
+    step: Callable[[Tensor], object], reset: Callable[[], None], frames, rounds: int
+) -> tuple[float, float, float]:
+    """A freshly compiled runner's first 3 frames (flush, compile, capture) in
+    seconds, then :func:`stream_ms` over ``frames``: (compile_s, ms, spread)."""
+
+    def first_frames() -> None:
+        reset()
+        for frame in frames[:3]:
+            step(frame)
+
+    with torch.inference_mode():
+        compile_s = first_frames_s(first_frames)
+        ms, spread = stream_ms(step, reset, frames, rounds)
+    return compile_s, ms, spread
+
+
 def token_stream(frames: int, batch: int, tokens: int, dim: int, seed: int = 0) -> list[Tensor]:
     """Video-like token frames (B, N, D) on the GPU: drift, 10% strongly changed."""
     gen = torch.Generator(device=DEVICE).manual_seed(seed)
@@ -329,15 +346,7 @@ def bench_stack(case: str, frames: int, rounds: int) -> tuple[list[dict], Induct
 
     def inductor() -> dict:
         compiled = StaticFrameRunner(eventful, mode=inductor_mode())
-
-        def first_frames() -> None:
-            compiled.reset()
-            for frame in stream[:3]:
-                compiled(frame)
-
-        with torch.inference_mode():
-            compile_s = first_frames_s(first_frames)
-            ms, spread = stream_ms(compiled, compiled.reset, stream, rounds)
+        compile_s, ms, spread = compiled_stream_ms(compiled, compiled.reset, stream, rounds)
         info = {"batch": batch, "r": r, "compile_s": compile_s}
         info.update(recovered=compiled.stats["recovered"], static=compiled.stats["static"])
         return result(case, "eventful-inductor", ms, spread, "ms/frame", dense_ms, ratio, info)
@@ -512,16 +521,7 @@ def bench_vitdet(frames: int, rounds: int, r: int = 512) -> tuple[list[dict], In
         backbone = static.backbone.inner
         compiled = StaticFrameRunner(backbone, mode=inductor_mode())
         static.backbone = _RunnerBackbone(backbone, compiled)
-        step = features(static)
-
-        def first_frames() -> None:
-            static.reset()
-            for frame in video[:3]:
-                step(frame)
-
-        with torch.inference_mode():
-            compile_s = first_frames_s(first_frames)
-            ms, spread = stream_ms(step, static.reset, video, rounds)
+        compile_s, ms, spread = compiled_stream_ms(features(static), static.reset, video, rounds)
         info = {"r": r, "compile_s": compile_s, "recovered": compiled.stats["recovered"]}
         return result("vitdet", "eventful-inductor", ms, spread, "ms/frame", d, ratio, info)
 

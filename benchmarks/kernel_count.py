@@ -134,30 +134,23 @@ NOT_KERNELS = VIEW_OPS | ALLOC_OPS
 SYNC_OPS = frozenset({"nonzero", "masked_select", "repeat_interleave", "unique"})
 FRAME_MARK = "eventful_static_frame"
 
+
+def _vitdet_case(grid: int, r: int) -> dict[str, Any]:
+    """A ViTDet-B stack on a ``grid`` x ``grid`` token grid: windowed
+    token-wise blocks and global full blocks (3, 6, 9, 12), top-r."""
+    kwargs = dict(
+        input_size=grid,
+        window_size=14,
+        window_block_indices=(0, 1, 3, 4, 6, 7, 9, 10),
+        relative_embedding_size=grid,
+    )
+    return dict(kwargs=kwargs, variant="full", window="tokenwise", r=r)
+
+
 CASES: dict[str, dict[str, Any]] = {
     "a50": dict(kwargs=dict(input_size=20, class_token=True), variant="full", window=None, r=50),
-    "b512": dict(
-        kwargs=dict(
-            input_size=64,
-            window_size=14,
-            window_block_indices=(0, 1, 3, 4, 6, 7, 9, 10),
-            relative_embedding_size=64,
-        ),
-        variant="full",
-        window="tokenwise",
-        r=512,
-    ),
-    "b256": dict(
-        kwargs=dict(
-            input_size=42,
-            window_size=14,
-            window_block_indices=(0, 1, 3, 4, 6, 7, 9, 10),
-            relative_embedding_size=42,
-        ),
-        variant="full",
-        window="tokenwise",
-        r=256,
-    ),
+    "b512": _vitdet_case(64, 512),
+    "b256": _vitdet_case(42, 256),
 }
 
 
