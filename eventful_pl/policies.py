@@ -195,18 +195,24 @@ class TrackingThresholdPolicy(ThresholdPolicy):
     """A threshold that tracks a target update rate, so that a budget
     calibrated on some clips holds on other content.
 
-    The threshold is ``threshold * exp(gain * excess)``, where ``excess`` is
-    how many tokens this gate has updated beyond ``target`` times the tokens
-    it has seen, in units of one frame's target (counted from its first
-    incremental frame on): an integral controller, so over many frames the
-    gate updates a ``target`` fraction of its tokens on average whatever the
-    content. Busy frames still get more updates than static ones; the
-    average is pulled back to the target.
+    Each frame, the calibrated ``threshold`` says how many tokens it would
+    update (``k``, the largest per-item count over the threshold). The gate
+    keeps a running ratio of those counts to its target (``activity``: 2
+    when the content so far moves twice as much as the calibration clips')
+    and updates the ``k / activity`` largest errors instead: busy frames
+    still get more updates than quiet ones, and from the first frame on the
+    average stays near ``target``. What is left over (updates beyond
+    ``target`` times the tokens seen, in units of one frame's target) scales
+    the next frame's count by ``exp(-gain * excess)``. Until some error has
+    crossed the threshold (content quieter than any calibration frame), the
+    threshold itself is lowered by that factor instead, so that quiet content
+    also spends the target.
 
     Args:
         threshold: The calibrated threshold h >= 0.
         target: Fraction of tokens to update on average, in (0, 1].
-        gain: Log-threshold change per frame's worth of excess updates.
+        gain: Log-change of the next frame's count (or threshold) per frame's
+            worth of excess updates.
         max_tokens, refresh_every: See :class:`ThresholdPolicy`.
     """
 
@@ -223,16 +229,33 @@ class TrackingThresholdPolicy(ThresholdPolicy):
             raise ValueError(f"tracking threshold: target must lie in (0, 1], got {target!r}")
         self.target = float(target)
         self.gain = float(gain)
-        self.selected = 0
-        self.offered = 0
+        self.selected = 0  # tokens updated (k x B per frame)
+        self.offered = 0  # tokens seen (N x B per frame)
+        self.over = 0  # tokens the calibrated threshold alone would update
+
+    def excess(self, tokens_per_frame: int) -> float:
+        """Updates beyond the target so far, in frames' worth of target
+        (``tokens_per_frame``: B x N)."""
+        return (self.selected - self.target * self.offered) / (self.target * tokens_per_frame)
 
     def current_threshold(self, tokens_per_frame: int) -> float:
-        """The threshold the next frame uses (``tokens_per_frame``: B x N)."""
-        excess = (self.selected - self.target * self.offered) / (self.target * tokens_per_frame)
-        return self.threshold * math.exp(min(max(self.gain * excess, -30.0), 30.0))
+        """The threshold while no error has crossed the calibrated one."""
+        factor = math.exp(min(max(self.gain * self.excess(tokens_per_frame), -30.0), 30.0))
+        return self.threshold * factor
 
     def select(self, norms: Tensor) -> Tensor:
-        index = self.select_at(norms, self.current_threshold(norms.numel()))
+        batch, n = norms.shape
+        over = int(norms.gt(self.threshold).sum(dim=-1).max())
+        self.over += over * batch
+        if self.over == 0:
+            index = self.select_at(norms, self.current_threshold(norms.numel()))
+        else:
+            activity = self.over / (self.target * (self.offered + norms.numel()))
+            factor = math.exp(min(max(-self.gain * self.excess(norms.numel()), -30.0), 30.0))
+            k = min(n, round(over / activity * factor))
+            if self.max_tokens is not None:
+                k = min(k, self.max_tokens)
+            index = all_tokens(norms) if k == n else norms.topk(k, dim=-1, sorted=False).indices
         self.selected += index.numel()
         self.offered += norms.numel()
         return index

@@ -185,6 +185,13 @@ def test_tracking_threshold_keeps_the_target_rate():
         for _ in range(300):
             policy.select(torch.rand(2, 50, generator=gen) * scale)
         assert policy.selected / policy.offered == pytest.approx(0.2, abs=0.02), scale
+    # Content moving 2-9x more than the calibration's: the rate is on target
+    # within a few frames, not only after the excess has built up.
+    for scale in (3.0, 1.2):
+        policy = TrackingThresholdPolicy(1.0, target=0.2)
+        for t in range(10):
+            policy.select(torch.rand(1, 500, generator=gen) * scale * (1 + t % 3))
+        assert policy.selected / policy.offered == pytest.approx(0.2, abs=0.01), scale
     with pytest.raises(ValueError, match="target"):
         TrackingThresholdPolicy(1.0, target=0.0)
     with pytest.raises(ValueError, match="calibrate again"):
