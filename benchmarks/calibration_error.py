@@ -53,6 +53,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import platform
 import time
 from pathlib import Path
@@ -208,19 +209,27 @@ def _top_r_at(calibrator: Calibrator, target: float, streams, reference):
 
 def _global_at(calibrator: Calibrator, thresholds: dict, target: float, streams, reference):
     """One global threshold scaled until its held-out cost is within 1% of
-    ``target`` (bisection on the log scale; fitted on the held-out clips
-    themselves, in the baseline's favour)."""
-    lo, hi = 1 / 16, 16.0
-    best = None
-    for _ in range(14):
-        scale = (lo * hi) ** 0.5
-        run = calibrator.run({k: scale * h for k, h in thresholds.items()}, streams, reference)
-        if best is None or abs(run.gflops - target) < abs(best.gflops - target):
-            best = run
+    ``target`` (fitted on the held-out clips themselves, in the baseline's
+    favour): steps of 2x until the cost is bracketed, then interpolation of
+    the measured costs in log scale."""
+    runs: list[tuple[float, object]] = []  # (log scale, run)
+    log_scale = 0.0
+    for _ in range(12):
+        run = calibrator.run(
+            {k: math.exp(log_scale) * h for k, h in thresholds.items()}, streams, reference
+        )
+        runs.append((log_scale, run))
         if abs(run.gflops / target - 1) <= 0.01:
             break
-        lo, hi = (lo, scale) if run.gflops < target else (scale, hi)
-    return best
+        above = [(s, r) for s, r in runs if r.gflops > target]  # scale too low
+        below = [(s, r) for s, r in runs if r.gflops <= target]
+        if above and below:
+            (s0, r0), (s1, r1) = max(above, key=lambda x: x[0]), min(below, key=lambda x: x[0])
+            t = min(max((r0.gflops - target) / (r0.gflops - r1.gflops), 0.1), 0.9)
+            log_scale = s0 + t * (s1 - s0)
+        else:
+            log_scale += math.log(2.0) if run.gflops > target else -math.log(2.0)
+    return min((r for _, r in runs), key=lambda r: abs(r.gflops - target))
 
 
 HEADER = (
