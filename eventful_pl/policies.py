@@ -60,6 +60,11 @@ class TokenPolicy(ABC):
         return self.select(norms)
 
 
+def over_threshold(norms: Tensor, threshold: float) -> int:
+    """The largest per-item count of error norms (B, N) over ``threshold``."""
+    return int(norms.gt(threshold).sum(dim=-1).max())
+
+
 def all_tokens(norms: Tensor) -> Tensor:
     """The index (B, N) of every token, for norms (B, N)."""
     b, n = norms.shape
@@ -171,11 +176,13 @@ class ThresholdPolicy(TokenPolicy):
 
     def select_at(self, norms: Tensor, threshold: float) -> Tensor:
         """The selection for error norms (B, N) at ``threshold`` (with the cap)."""
-        n = norms.shape[-1]
-        k = int(norms.gt(threshold).sum(dim=-1).max())
+        return self.take(norms, over_threshold(norms, threshold))
+
+    def take(self, norms: Tensor, k: int) -> Tensor:
+        """The ``k`` largest errors of each item (at most the cap): index (B, k)."""
         if self.max_tokens is not None:
             k = min(k, self.max_tokens)
-        if k == n:
+        if k == norms.shape[-1]:
             return all_tokens(norms)
         return norms.topk(k, dim=-1, sorted=False).indices
 
@@ -238,24 +245,26 @@ class TrackingThresholdPolicy(ThresholdPolicy):
         (``tokens_per_frame``: B x N)."""
         return (self.selected - self.target * self.offered) / (self.target * tokens_per_frame)
 
+    def correction(self, tokens_per_frame: int) -> float:
+        """``exp(gain * excess)`` (bounded): the next frame's count is divided
+        by it, or, before any error crossed the threshold, the threshold
+        multiplied by it."""
+        return math.exp(min(max(self.gain * self.excess(tokens_per_frame), -30.0), 30.0))
+
     def current_threshold(self, tokens_per_frame: int) -> float:
         """The threshold while no error has crossed the calibrated one."""
-        factor = math.exp(min(max(self.gain * self.excess(tokens_per_frame), -30.0), 30.0))
-        return self.threshold * factor
+        return self.threshold * self.correction(tokens_per_frame)
 
     def select(self, norms: Tensor) -> Tensor:
         batch, n = norms.shape
-        over = int(norms.gt(self.threshold).sum(dim=-1).max())
+        over = over_threshold(norms, self.threshold)
         self.over += over * batch
         if self.over == 0:
             index = self.select_at(norms, self.current_threshold(norms.numel()))
         else:
             activity = self.over / (self.target * (self.offered + norms.numel()))
-            factor = math.exp(min(max(-self.gain * self.excess(norms.numel()), -30.0), 30.0))
-            k = min(n, round(over / activity * factor))
-            if self.max_tokens is not None:
-                k = min(k, self.max_tokens)
-            index = all_tokens(norms) if k == n else norms.topk(k, dim=-1, sorted=False).indices
+            k = round(over / activity / self.correction(norms.numel()))
+            index = self.take(norms, min(n, k))
         self.selected += index.numel()
         self.offered += norms.numel()
         return index
