@@ -6,7 +6,9 @@ clips, to each budget (a fraction of the dense cost): (a) top-r (the same r at
 every gate, the r whose measured cost is closest to the budget), (b) one
 global threshold, (c) the calibrated per-gate thresholds
 (:class:`eventful_pl.calibration.Calibrator`), and (d) the same with
-``track_budget`` (each gate keeps its calibrated average update rate). It
+``track_budget`` (each gate keeps an average update rate: its calibrated one
+or one rate for every gate, whichever is closer to the dense model on the
+calibration clips; the ``rates`` column). It
 then runs all of them on
 held-out clips and prints, per budget, each policy's measured GFlops per frame
 and the relative L2 error of the backbone's final tokens against the dense
@@ -154,7 +156,7 @@ def run_case(shape: str, data: str, args: argparse.Namespace) -> dict:
     for fraction in args.fractions:
         budget = fraction * calibrator.dense_gflops
         try:
-            result = calibrator.calibrate(budget)
+            result = calibrator.calibrate(budget, track_budget=True)
         except BudgetError as error:  # e.g. below the clips' first (dense) frames
             print(f"{shape:6} {data:9} {budget:7.3g} skipped: {error}", flush=True)
             continue
@@ -178,6 +180,10 @@ def run_case(shape: str, data: str, args: argparse.Namespace) -> dict:
             "budget": budget,
             "r": r,
             "gamma": result.gamma,
+            "rates": result.rates,
+            "calibration_tracked": {
+                k: {"gflops": g, "error": e} for k, (g, e) in result.tracked.items()
+            },
             "calibration": {"gflops": result.gflops, "error": result.error},
             **{k: {"gflops": v.gflops, "error": v.error} for k, v in held.items()},
         }
@@ -235,7 +241,7 @@ def _global_at(calibrator: Calibrator, thresholds: dict, target: float, streams,
 HEADER = (
     f"{'shape':6} {'data':9} {'budget':>7} {'top-r':>16} {'global h':>16} "
     f"{'calibrated':>16} {'best':>10} {'calib. vs budget':>16} {'tracking':>16} {'vs budget':>9} "
-    f"{'top-r @ track':>16} {'global @ track':>16} {'best @ eq.':>10}"
+    f"{'top-r @ track':>16} {'global @ track':>16} {'best @ eq.':>10} {'rates':>8}"
 )
 
 
@@ -252,7 +258,7 @@ def _row_text(shape: str, data: str, row: dict) -> str:
         f"{_cell(row['global']):>16} {_cell(row['calibrated']):>16} {best:>10} {drift:>+15.1%} "
         f"{_cell(row['tracking']):>16} {row['tracking']['gflops'] / row['budget'] - 1:>+9.1%} "
         f"{_cell(row['top_r_equal']):>16} {_cell(row['global_equal']):>16} "
-        f"{EQUAL_NAMES[equal]:>10}"
+        f"{EQUAL_NAMES[equal]:>10} {row['rates']:>8}"
     )
 
 

@@ -23,6 +23,14 @@ by running the model on calibration streams:
    counts, and keeps the shape whose outputs are closest to the dense model's.
    So on the calibration streams the result is never worse than the best
    single threshold at the same measured cost.
+4. With budget tracking (each gate held at an average update rate, see
+   :class:`~eventful_pl.policies.TrackingThresholdPolicy`), two sets of
+   rates compete: the per-gate rates the chosen thresholds updated in the
+   fit, and one rate ``u`` for every gate (fitted to the budget; the
+   thresholds then only say which frames get more updates). The one whose
+   tracked outputs are closer to the dense model's on the calibration
+   streams is kept. Uneven rates pay at small budgets; at large ones an even
+   spread (as top-r's) can be better.
 
 Fitting ``s``: each run records every gate's error norms; the count of tokens
 over a candidate threshold predicts the next run's cost, which is then
@@ -317,6 +325,11 @@ class CalibrationResult:
     #: The thresholds fitted for every shape tried (``candidates[0.0]``: the
     #: single global threshold, if tried).
     candidates: dict[float, dict[str, float]] = field(default_factory=dict)
+    #: With budget tracking: ``"per-gate"`` (each gate's fitted rate) or
+    #: ``"uniform"`` (one rate for every gate) and the tracked runs of both:
+    #: {rates: (gflops, error)}.
+    rates: str = "per-gate"
+    tracked: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def policy(
         self, budget: float | None = None, track_budget: bool = False
@@ -336,6 +349,7 @@ class CalibrationResult:
             "calibration_gflops": self.gflops,
             "calibration_error": self.error,
             "gamma": self.gamma,
+            "rates": self.rates,
         }
         return policy
 
@@ -532,10 +546,45 @@ class Calibrator:
                 b = mid
         return math.exp(0.5 * (a + b))
 
-    def calibrate(self, budget: float) -> CalibrationResult:
+    def tracked(self, thresholds: dict[str, float], targets: dict[str, float]) -> RunResult:
+        """Measures the thresholds with budget tracking at ``targets`` (gate
+        key -> average fraction of tokens updated) on the calibration streams."""
+        policy = CalibratedThresholdPolicy(
+            thresholds=thresholds,
+            max_tokens=self.max_tokens,
+            refresh_every=self.refresh_every,
+            track_budget=True,
+            targets=targets,
+        )
+        return self.run(policy)
+
+    def fit_uniform_rate(
+        self, thresholds: dict[str, float], rates: dict[str, float], budget: float
+    ) -> tuple[float, RunResult]:
+        """The rate ``u`` that, tracked at every gate with ``thresholds``, costs
+        ``budget`` on the calibration streams (closest run). The cost is nearly
+        linear in ``u`` above the cheapest setting; the first guess spreads
+        ``rates`` (the fitted per-gate rates) evenly at the same cost."""
+        weights = {k: self.costs[k] for k in rates}
+        u = sum(weights[k] * r for k, r in rates.items()) / max(sum(weights.values()), 1e-30)
+        best: tuple[float, RunResult] | None = None
+        for _ in range(max(self.max_runs // 2, 2)):
+            u = min(max(u, 1e-3), 1.0)
+            result = self.tracked(thresholds, dict.fromkeys(self.gates, u))
+            if best is None or abs(result.gflops - budget) < abs(best[1].gflops - budget):
+                best = (u, result)
+            if abs(result.gflops - budget) <= self.tolerance * budget:
+                break
+            slope = (result.gflops - self.min_gflops) / u
+            u = (budget - self.min_gflops) / max(slope, 1e-30)
+        assert best is not None
+        return best
+
+    def calibrate(self, budget: float, track_budget: bool = False) -> CalibrationResult:
         """Per-gate thresholds for ``budget`` (backbone GFlops per frame): each
         shape fitted to the budget; the one with the smallest error wins (among
-        those within the tolerance, if any)."""
+        those within the tolerance, if any). With ``track_budget``, the rates
+        the policy tracks are chosen too (step 4 of the module docstring)."""
         self.check_budget(budget)
         fits = {}
         for gamma in self.gammas:
@@ -550,18 +599,33 @@ class Calibrator:
             pool, key=lambda g: fits[g][2].error if within else abs(fits[g][2].gflops - budget)
         )
         shape, scale, result = fits[gamma]
+        thresholds = {k: scale * a for k, a in shape.items()}
+        targets, rates, tracked = dict(result.updated), "per-gate", {}
+        if track_budget:
+            own = self.tracked(thresholds, targets)
+            u, uniform = self.fit_uniform_rate(thresholds, targets, budget)
+            tracked = {
+                "per-gate": (own.gflops, own.error),
+                "uniform": (uniform.gflops, uniform.error),
+            }
+            if uniform.error < own.error and abs(uniform.gflops - budget) <= max(
+                self.tolerance * budget, abs(own.gflops - budget)
+            ):
+                targets, rates = dict.fromkeys(targets, u), "uniform"
         return CalibrationResult(
             budget=float(budget),
             gflops=result.gflops,
             error=result.error,
-            thresholds={k: scale * a for k, a in shape.items()},
+            thresholds=thresholds,
             gamma=gamma,
             scale=scale,
             max_tokens=self.max_tokens,
             refresh_every=self.refresh_every,
-            targets=dict(result.updated),
+            targets=targets,
             tried={g: (r.gflops, r.error) for g, (_, _, r) in fits.items()},
             candidates={g: {k: sc * a for k, a in sh.items()} for g, (sh, sc, _) in fits.items()},
+            rates=rates,
+            tracked=tracked,
         )
 
     def top_r_for_budget(self, budget: float) -> tuple[int, RunResult]:
