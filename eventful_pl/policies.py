@@ -392,11 +392,12 @@ class CalibratedThresholdPolicy(_PerGate):
         refresh_every: Update every token each K-th frame; None: the file's
             (or never).
         track_budget: Give each gate a :class:`TrackingThresholdPolicy` that
-            keeps its average update rate at the one measured in calibration
-            (``targets``), so that the budget holds on content unlike the
-            calibration clips; None: the file's (or off).
-        targets: Gate key -> fraction of tokens the gate updated in
-            calibration (read from the file with ``path``).
+            keeps its average update rate at its target (``targets``), so that
+            the budget holds on content unlike the calibration clips; None:
+            the file's (or off).
+        targets: Gate key -> the fraction of tokens the gate updates on
+            average: the rate it reached in calibration, or one rate for
+            every gate (read from the file with ``path``).
     """
 
     def __init__(

@@ -294,6 +294,29 @@ def test_budget_tracking_holds_the_budget_on_faster_motion(vitdet_case):
 
 
 @pytest.mark.slow
+def test_tracked_rates_are_the_closer_of_per_gate_and_uniform(vitdet_case):
+    """With track_budget the calibrator fits one rate for every gate to the
+    budget beside the fitted per-gate rates and keeps the one whose tracked
+    outputs are closer to the dense model's; the policy it returns is that run."""
+    calibrator, _, _ = vitdet_case
+    budget = calibrator.min_gflops + 0.6 * (calibrator.dense_gflops - calibrator.min_gflops)
+    result = calibrator.calibrate(budget, track_budget=True)
+    assert set(result.tracked) == {"per-gate", "uniform"}
+    for gflops, _ in result.tracked.values():
+        assert abs(gflops - budget) <= 0.03 * budget
+    errors = {k: e for k, (_, e) in result.tracked.items()}
+    assert result.rates == min(errors, key=errors.get)
+    rates = set(result.targets.values())
+    assert (len(rates) == 1) == (result.rates == "uniform")
+    assert all(0 < r <= 1 for r in rates)
+    rerun = calibrator.run(result.policy(track_budget=True))
+    assert (rerun.gflops, rerun.error) == pytest.approx(result.tracked[result.rates], rel=1e-9)
+    assert result.policy().info["rates"] == result.rates
+    # Without tracking nothing else is fitted.
+    assert calibrator.calibrate(budget).tracked == {}
+
+
+@pytest.mark.slow
 def test_calibrated_policy_from_file_runs_the_model(vitdet_case, tmp_path):
     calibrator, result, held = vitdet_case
     path = write_calibration(tmp_path / "c.json", [result.policy(7.5)], unit="GFlops per frame")
@@ -485,15 +508,19 @@ def test_calibrate_command_writes_a_file_the_policy_reads(tmp_path, one_thread, 
     output = tmp_path / "tiny.calibration.json"
     args = ["calibrate", "--config", str(config), "--videos", str(tmp_path)]
     args += ["--budget_fraction", "0.5", "--held_out", "1", "--gammas", "0", "1"]
-    report = cli_main([*args, "--output", str(output)])
+    report = cli_main([*args, "--track_budget", "--output", str(output)])
     printed = capsys.readouterr().out
     assert "held-out GFlops" in printed and str(output) in printed
     row = report["results"][0]
+    assert row["rates"] in ("per-gate", "uniform") and " rates" in printed
     assert report["calibration_videos"] == 3 and report["held_out_videos"] == 1
     assert row["gflops"] == pytest.approx(0.5 * report["dense_gflops"], rel=0.011)
     assert row["error"] <= row["global_error"]
     data = json.loads(output.read_text())
     assert data["unit"] == "GFlops per frame" and len(data["held_out"]) == 1
+    entry = data["policies"][0]
+    assert entry["track_budget"] and entry["rates"] == row["rates"]
+    assert (len(set(entry["targets"].values())) == 1) == (row["rates"] == "uniform")
     policy = CalibratedThresholdPolicy(path=str(output), budget=row["budget"])
     network = create_vitdet("vitdet_tiny", variant="eventful")
     set_policy(network, policy)

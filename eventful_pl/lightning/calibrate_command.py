@@ -89,7 +89,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument(
         "--track_budget",
         action="store_true",
-        help="gates keep their calibrated average update rate (the budget holds on other content)",
+        help="gates keep an average update rate, their calibrated one or one for all gates, "
+        "whichever is closer to dense (the budget holds on other content)",
     )
     parser.add_argument(
         "--gammas",
@@ -248,6 +249,9 @@ def format_table(report: dict[str, Any]) -> str:
     """A plain-text table of a calibration report."""
     held = report["held_out_videos"] > 0
     header = ["budget", "GFlops", "error", "global-h error", "gamma"]
+    tracking = any(r.get("rates") for r in report["results"])
+    if tracking:
+        header.append("rates")
     if held:
         header += ["held-out GFlops", "held-out error", "held-out global-h error"]
     rows = [header]
@@ -259,6 +263,8 @@ def format_table(report: dict[str, Any]) -> str:
             _number(r["global_error"]),
             f"{r['gamma']:g}",
         ]
+        if tracking:
+            row.append(r["rates"] or "-")
         if held:
             row += [
                 f"{r['held_out_gflops']:.4g}",
@@ -313,7 +319,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         held_reference, _ = dense_outputs(target.backbone, held_streams)
     results, policies = [], []
     for budget, fraction in budgets_in_unit(config, dense_unit):
-        result = calibrator.calibrate(target.to_backbone(budget))
+        result = calibrator.calibrate(target.to_backbone(budget), track_budget=config.track_budget)
         glob = 0.0 in result.candidates  # one global threshold, fitted to the same budget
         policy = result.policy(budget, track_budget=config.track_budget)
         policy.info["fraction"] = fraction
@@ -323,6 +329,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "gflops": target.to_unit(result.gflops),
             "error": result.error,
             "gamma": result.gamma,
+            "rates": result.rates if config.track_budget else None,
             "global_gflops": target.to_unit(result.tried[0.0][0]) if glob else None,
             "global_error": result.tried[0.0][1] if glob else None,
         }
