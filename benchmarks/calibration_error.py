@@ -64,7 +64,7 @@ import numpy as np
 import torch
 
 from datamodules.synthetic_video import moving_square
-from eventful_pl.calibration import BudgetError, Calibrator, dense_outputs
+from eventful_pl.calibration import RATES, BudgetError, Calibrator, dense_outputs
 from eventful_pl.lightning.calibrate_command import clip_stream, read_clip
 from eventful_pl.models.vitdet import create_vitdet
 from eventful_pl.models.vivit import create_vivit
@@ -156,7 +156,7 @@ def run_case(shape: str, data: str, args: argparse.Namespace) -> dict:
     for fraction in args.fractions:
         budget = fraction * calibrator.dense_gflops
         try:
-            result = calibrator.calibrate(budget, track_budget=True)
+            result = calibrator.calibrate(budget, track_budget=True, rates=args.rates)
         except BudgetError as error:  # e.g. below the clips' first (dense) frames
             print(f"{shape:6} {data:9} {budget:7.3g} skipped: {error}", flush=True)
             continue
@@ -276,6 +276,12 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=3, help="calibration (and held-out) clips")
     parser.add_argument("--frames", type=int, default=6, help="ViTDet frames per clip")
     parser.add_argument("--gammas", type=float, nargs="+", default=[0.0, 0.5, 1.0])
+    parser.add_argument(
+        "--rates",
+        choices=RATES,
+        default="best",
+        help="rates the tracked policy holds: the better of per-gate and uniform, or one of them",
+    )
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (1: fastest on a shared machine)"
     )

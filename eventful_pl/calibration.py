@@ -71,6 +71,11 @@ from eventful_pl.state import reset_stream_state
 #: A stream: token frames (B, N, D) in order (B independent streams).
 Stream = Sequence[Tensor]
 
+#: Which average update rates a tracked calibrated policy holds
+#: (:meth:`Calibrator.calibrate`): the better of the two, each gate's fitted
+#: rate, or one rate for every gate.
+RATES = ("best", "per-gate", "uniform")
+
 
 def token_gates(model: nn.Module) -> dict[str, TokenGate]:
     """The token gates of ``model`` by key (:func:`~eventful_pl.policies.gate_key`), in order."""
@@ -580,11 +585,17 @@ class Calibrator:
         assert best is not None
         return best
 
-    def calibrate(self, budget: float, track_budget: bool = False) -> CalibrationResult:
+    def calibrate(
+        self, budget: float, track_budget: bool = False, rates: str = "best"
+    ) -> CalibrationResult:
         """Per-gate thresholds for ``budget`` (backbone GFlops per frame): each
         shape fitted to the budget; the one with the smallest error wins (among
         those within the tolerance, if any). With ``track_budget``, the rates
-        the policy tracks are chosen too (step 4 of the module docstring)."""
+        the policy tracks are chosen too (step 4 of the module docstring):
+        ``rates="best"`` tries both, ``"per-gate"`` or ``"uniform"`` takes
+        that one without trying the other."""
+        if rates not in RATES:
+            raise ValueError(f"rates: choose one of {RATES}, got {rates!r}")
         self.check_budget(budget)
         fits = {}
         for gamma in self.gammas:
@@ -600,18 +611,19 @@ class Calibrator:
         )
         shape, scale, result = fits[gamma]
         thresholds = {k: scale * a for k, a in shape.items()}
-        targets, rates, tracked = dict(result.updated), "per-gate", {}
-        if track_budget:
-            own = self.tracked(thresholds, targets)
+        targets, chosen, tracked = dict(result.updated), "per-gate", {}
+        if track_budget and rates != "per-gate":
             u, uniform = self.fit_uniform_rate(thresholds, targets, budget)
-            tracked = {
-                "per-gate": (own.gflops, own.error),
-                "uniform": (uniform.gflops, uniform.error),
-            }
-            if uniform.error < own.error and abs(uniform.gflops - budget) <= max(
-                self.tolerance * budget, abs(own.gflops - budget)
-            ):
-                targets, rates = dict.fromkeys(targets, u), "uniform"
+            tracked["uniform"] = (uniform.gflops, uniform.error)
+            take = rates == "uniform"
+            if not take:
+                own = self.tracked(thresholds, targets)
+                tracked["per-gate"] = (own.gflops, own.error)
+                take = uniform.error < own.error and abs(uniform.gflops - budget) <= max(
+                    self.tolerance * budget, abs(own.gflops - budget)
+                )
+            if take:
+                targets, chosen = dict.fromkeys(targets, u), "uniform"
         return CalibrationResult(
             budget=float(budget),
             gflops=result.gflops,
@@ -624,7 +636,7 @@ class Calibrator:
             targets=targets,
             tried={g: (r.gflops, r.error) for g, (_, _, r) in fits.items()},
             candidates={g: {k: sc * a for k, a in sh.items()} for g, (sh, sc, _) in fits.items()},
-            rates=rates,
+            rates=chosen,
             tracked=tracked,
         )
 

@@ -312,8 +312,14 @@ def test_tracked_rates_are_the_closer_of_per_gate_and_uniform(vitdet_case):
     rerun = calibrator.run(result.policy(track_budget=True))
     assert (rerun.gflops, rerun.error) == pytest.approx(result.tracked[result.rates], rel=1e-9)
     assert result.policy().info["rates"] == result.rates
-    # Without tracking nothing else is fitted.
+    # Without tracking nothing else is fitted; either set of rates on request.
     assert calibrator.calibrate(budget).tracked == {}
+    own = calibrator.calibrate(budget, track_budget=True, rates="per-gate")
+    assert own.tracked == {} and own.rates == "per-gate" and len(set(own.targets.values())) > 1
+    even = calibrator.calibrate(budget, track_budget=True, rates="uniform")
+    assert set(even.tracked) == {"uniform"} and len(set(even.targets.values())) == 1
+    with pytest.raises(ValueError, match="rates"):
+        calibrator.calibrate(budget, track_budget=True, rates="even")
 
 
 @pytest.mark.slow
@@ -525,6 +531,8 @@ def test_calibrate_command_writes_a_file_the_policy_reads(tmp_path, one_thread, 
     network = create_vitdet("vitdet_tiny", variant="eventful")
     set_policy(network, policy)
     assert len(policy.thresholds) == len(token_gates(network)) == 12
+    with pytest.raises(ValueError, match="--rates"):
+        cli_main([*args, "--rates", "even", "--output", str(tmp_path / "x.json")])
     with pytest.raises(ValueError, match="--overwrite"):
         cli_main([*args, "--output", str(output)])
     with pytest.raises(ValueError, match="--budget_fraction"):

@@ -37,7 +37,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from jsonargparse.typing import PositiveInt
 from torch import Tensor, nn
 
-from eventful_pl.calibration import Calibrator, Stream, dense_outputs
+from eventful_pl.calibration import RATES, Calibrator, Stream, dense_outputs
 from eventful_pl.counting import count_ops
 from eventful_pl.lightning.count_command import add_ignored_sections, network_of
 from eventful_pl.models.vitdet import ViTDet
@@ -91,6 +91,13 @@ def build_parser() -> ArgumentParser:
         action="store_true",
         help="gates keep an average update rate, their calibrated one or one for all gates, "
         "whichever is closer to dense (the budget holds on other content)",
+    )
+    parser.add_argument(
+        "--rates",
+        type=str,
+        default="best",
+        help="with --track_budget: the rates held (best: the closer to dense of per-gate and "
+        "uniform; per-gate; uniform)",
     )
     parser.add_argument(
         "--gammas",
@@ -288,6 +295,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     config = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     if config.held_out < 0:
         raise ValueError(f"--held_out must be >= 0, got {config.held_out}")
+    if config.rates not in RATES:
+        raise ValueError(f"--rates: choose one of {', '.join(RATES)}; got {config.rates!r}")
     videos = list_videos(config.videos, config.num_videos)  # before building the model
     init = parser.instantiate(config)
     load_weights(init.model, config.ckpt_path)
@@ -319,7 +328,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         held_reference, _ = dense_outputs(target.backbone, held_streams)
     results, policies = [], []
     for budget, fraction in budgets_in_unit(config, dense_unit):
-        result = calibrator.calibrate(target.to_backbone(budget), track_budget=config.track_budget)
+        result = calibrator.calibrate(
+            target.to_backbone(budget), track_budget=config.track_budget, rates=config.rates
+        )
         glob = 0.0 in result.candidates  # one global threshold, fitted to the same budget
         policy = result.policy(budget, track_budget=config.track_budget)
         policy.info["fraction"] = fraction
