@@ -164,7 +164,9 @@ def run_case(shape: str, data: str, args: argparse.Namespace) -> dict:
         held = {
             "top_r": calibrator.run(_top_r(r), held_streams, held_reference),
             "global": calibrator.run(result.candidates[0.0], held_streams, held_reference),
-            "calibrated": calibrator.run(result.thresholds, held_streams, held_reference),
+            "calibrated": calibrator.run(
+                result.candidates[result.gamma], held_streams, held_reference
+            ),
             "tracking": calibrator.run(
                 result.policy(track_budget=True), held_streams, held_reference
             ),

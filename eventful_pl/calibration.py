@@ -26,7 +26,8 @@ by running the model on calibration streams:
 4. With budget tracking (each gate held at an average update rate, see
    :class:`~eventful_pl.policies.TrackingThresholdPolicy`), two sets of
    rates compete: the per-gate rates the chosen thresholds updated in the
-   fit, and one rate ``u`` for every gate (fitted to the budget; the
+   fit, and one rate ``u`` for every gate (top-r's rate at the budget, with
+   each gate's threshold at rate ``u`` on the calibration streams; the
    thresholds then only say which frames get more updates). The one whose
    tracked outputs are closer to the dense model's on the calibration
    streams is kept. Uneven rates pay at small budgets; at large ones an even
@@ -551,7 +552,12 @@ class Calibrator:
                 b = mid
         return math.exp(0.5 * (a + b))
 
-    def tracked(self, thresholds: dict[str, float], targets: dict[str, float]) -> RunResult:
+    def tracked(
+        self,
+        thresholds: dict[str, float],
+        targets: dict[str, float],
+        recorders: dict[str, _Recorder] | None = None,
+    ) -> RunResult:
         """Measures the thresholds with budget tracking at ``targets`` (gate
         key -> average fraction of tokens updated) on the calibration streams."""
         policy = CalibratedThresholdPolicy(
@@ -561,29 +567,69 @@ class Calibrator:
             track_budget=True,
             targets=targets,
         )
-        return self.run(policy)
+        return self.run(policy, recorders=recorders)
+
+    def rate_thresholds(self, recorders: dict[str, _Recorder], rate: float) -> dict[str, float]:
+        """Each gate's threshold over which, on the recorded error norms, a
+        fraction ``rate`` of its tokens lies on average (the per-frame count
+        as a threshold policy takes it: the largest of the batch)."""
+        thresholds = {}
+        for key, rec in recorders.items():
+            stacked = rec.stacked()  # [(F, B, N)]
+            if not stacked:
+                continue
+            tokens = sum(norms.shape[0] * norms.shape[-1] for norms in stacked)
+
+            def fraction(h: float, stacked: list[Tensor] = stacked, tokens: int = tokens) -> float:
+                over = sum(int(n.gt(h).sum(-1).amax(-1).sum()) for n in stacked)
+                return over / tokens
+
+            top = max(float(n.max()) for n in stacked)
+            if top <= 0.0:
+                thresholds[key] = 0.0
+                continue
+            lo, hi = math.log(top) - 30.0, math.log(top)  # fraction(e^lo) >= rate >= fraction(e^hi)
+            for _ in range(40):
+                mid = 0.5 * (lo + hi)
+                if fraction(math.exp(mid)) > rate:
+                    lo = mid
+                else:
+                    hi = mid
+            thresholds[key] = math.exp(hi)
+        return thresholds
 
     def fit_uniform_rate(
-        self, thresholds: dict[str, float], rates: dict[str, float], budget: float
-    ) -> tuple[float, RunResult]:
-        """The rate ``u`` that, tracked at every gate with ``thresholds``, costs
-        ``budget`` on the calibration streams (closest run). The cost is nearly
-        linear in ``u`` above the cheapest setting; the first guess spreads
-        ``rates`` (the fitted per-gate rates) evenly at the same cost."""
-        weights = {k: self.costs[k] for k in rates}
-        u = sum(weights[k] * r for k, r in rates.items()) / max(sum(weights.values()), 1e-30)
-        best: tuple[float, RunResult] | None = None
-        for _ in range(max(self.max_runs // 2, 2)):
-            u = min(max(u, 1e-3), 1.0)
-            result = self.tracked(thresholds, dict.fromkeys(self.gates, u))
-            if best is None or abs(result.gflops - budget) < abs(best[1].gflops - budget):
-                best = (u, result)
-            if abs(result.gflops - budget) <= self.tolerance * budget:
-                break
-            slope = (result.gflops - self.min_gflops) / u
-            u = (budget - self.min_gflops) / max(slope, 1e-30)
-        assert best is not None
-        return best
+        self, thresholds: dict[str, float], budget: float
+    ) -> tuple[float, dict[str, float], RunResult]:
+        """One update rate ``u`` for every gate at ``budget``, the per-gate
+        thresholds it is tracked with, and the tracked run on the calibration
+        streams.
+
+        ``u`` is top-r's rate at the budget (the fractional ``r / N`` whose
+        cost, linear in ``r`` and independent of the content, is the
+        budget): tracking a rate holds it on average over any content, so the
+        cost is the budget's on other clips too. The thresholds only decide
+        which frames get more of a gate's updates: each gate's threshold that
+        a fraction ``u`` of its error norms exceeds on these streams (starting
+        from ``thresholds``), so that no gate is asked for many times the
+        updates its threshold would give (it would update every token on busy
+        frames and none on quiet ones)."""
+        u = self.top_r_rate(budget)
+        targets = dict.fromkeys(self.gates, u)
+        recorders: dict[str, _Recorder] = {}
+        self.tracked(thresholds, targets, recorders)
+        thresholds = self.rate_thresholds(recorders, u)
+        return u, thresholds, self.tracked(thresholds, targets)
+
+    def top_r_rate(self, budget: float) -> float:
+        """The fraction of tokens top-r updates at ``budget`` (fractional r / N:
+        top-r's cost is linear in r and does not depend on the content)."""
+        self.check_budget(budget)
+        n_tokens = self.reference[0][0].shape[1]
+        low, high = 1, max(2, n_tokens // 2)
+        a, b = self.run(TopRPolicy(low)).gflops, self.run(TopRPolicy(high)).gflops
+        r = low + (budget - a) * (high - low) / max(b - a, 1e-30)
+        return min(max(r / n_tokens, 1e-3), 1.0)
 
     def calibrate(
         self, budget: float, track_budget: bool = False, rates: str = "best"
@@ -613,7 +659,7 @@ class Calibrator:
         thresholds = {k: scale * a for k, a in shape.items()}
         targets, chosen, tracked = dict(result.updated), "per-gate", {}
         if track_budget and rates != "per-gate":
-            u, uniform = self.fit_uniform_rate(thresholds, targets, budget)
+            u, even, uniform = self.fit_uniform_rate(thresholds, budget)
             tracked["uniform"] = (uniform.gflops, uniform.error)
             take = rates == "uniform"
             if not take:
@@ -624,6 +670,7 @@ class Calibrator:
                 )
             if take:
                 targets, chosen = dict.fromkeys(targets, u), "uniform"
+                thresholds = even
         return CalibrationResult(
             budget=float(budget),
             gflops=result.gflops,

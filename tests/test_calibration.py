@@ -323,6 +323,49 @@ def test_tracked_rates_are_the_closer_of_per_gate_and_uniform(vitdet_case):
 
 
 @pytest.mark.slow
+def test_one_rate_for_every_gate_is_top_rs_and_holds_on_held_out_clips(vitdet_case):
+    """The uniform rate is top-r's at the budget (top-r's cost does not depend
+    on the content), so tracked it costs the budget on held-out and on faster
+    clips too; its thresholds give each gate that rate on the calibration clips."""
+    calibrator, _, held = vitdet_case
+    budget = calibrator.min_gflops + 0.5 * (calibrator.dense_gflops - calibrator.min_gflops)
+    even = calibrator.calibrate(budget, track_budget=True, rates="uniform")
+    (u,) = set(even.targets.values())
+    n_tokens = calibrator.reference[0][0].shape[1]
+    assert u == pytest.approx(calibrator.top_r_rate(budget), rel=1e-12)
+    below, above = (
+        calibrator.run(TopRPolicy(r)).gflops for r in (int(u * n_tokens), int(u * n_tokens) + 1)
+    )
+    assert below <= budget * (1 + 1e-6) and above >= budget * (1 - 1e-6)
+    # Not the per-gate fit's thresholds: each gate's own at rate u.
+    assert even.thresholds != even.candidates[even.gamma]
+    measured = calibrator.run(even.policy(track_budget=True), held)
+    assert abs(measured.gflops - budget) <= 0.05 * budget
+    assert 0 < measured.error < 1
+
+
+def test_rate_thresholds_give_each_gate_the_rate():
+    """``rate_thresholds``: the threshold a fraction ``rate`` of a gate's
+    recorded error norms (per frame: the largest count of the batch) exceeds."""
+    model = tiny_backbone()
+    streams = [video_stream(6, 2, 36, 32, seed=s) for s in (0, 1)]
+    calibrator = Calibrator(model, streams, gammas=(0.0,))
+    recorders = {}
+    calibrator.run(dict.fromkeys(calibrator.gates, 0.0), recorders=recorders)
+
+    def fraction(norms, h):  # [(F, B, N)] -> mean per-frame count / N
+        over = sum(int(n.gt(h).sum(-1).amax(-1).sum()) for n in norms)
+        return over / sum(n.shape[0] * n.shape[-1] for n in norms)
+
+    for rate in (0.1, 0.3, 0.7):
+        thresholds = calibrator.rate_thresholds(recorders, rate)
+        assert set(thresholds) == set(calibrator.gates)
+        for key, h in thresholds.items():
+            norms = recorders[key].stacked()
+            assert fraction(norms, h) <= rate < fraction(norms, h * (1 - 1e-6))
+
+
+@pytest.mark.slow
 def test_calibrated_policy_from_file_runs_the_model(vitdet_case, tmp_path):
     calibrator, result, held = vitdet_case
     path = write_calibration(tmp_path / "c.json", [result.policy(7.5)], unit="GFlops per frame")
