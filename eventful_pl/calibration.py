@@ -27,8 +27,9 @@ by running the model on calibration streams:
    :class:`~eventful_pl.policies.TrackingThresholdPolicy`), two sets of
    rates compete: the per-gate rates the chosen thresholds updated in the
    fit, and one rate ``u`` for every gate (top-r's rate at the budget, with
-   each gate's threshold at rate ``u`` on the calibration streams; the
-   thresholds then only say which frames get more updates). The one whose
+   the fitted thresholds or each gate's threshold at rate ``u`` on the
+   calibration streams, the better; the thresholds then only say which
+   frames get more updates). The one whose
    tracked outputs are closer to the dense model's on the calibration
    streams is kept. Uneven rates pay at small budgets; at large ones an even
    spread (as top-r's) can be better.
@@ -609,17 +610,18 @@ class Calibrator:
         cost, linear in ``r`` and independent of the content, is the
         budget): tracking a rate holds it on average over any content, so the
         cost is the budget's on other clips too. The thresholds only decide
-        which frames get more of a gate's updates: each gate's threshold that
-        a fraction ``u`` of its error norms exceeds on these streams (starting
-        from ``thresholds``), so that no gate is asked for many times the
-        updates its threshold would give (it would update every token on busy
-        frames and none on quiet ones)."""
+        which frames get more of a gate's updates: ``thresholds`` (the
+        per-gate fit's) or each gate's threshold that a fraction ``u`` of its
+        error norms exceeds on these streams (no gate is then asked for many
+        times the updates its threshold would give), whichever tracked run is
+        closer to the dense model."""
         u = self.top_r_rate(budget)
         targets = dict.fromkeys(self.gates, u)
         recorders: dict[str, _Recorder] = {}
-        self.tracked(thresholds, targets, recorders)
-        thresholds = self.rate_thresholds(recorders, u)
-        return u, thresholds, self.tracked(thresholds, targets)
+        given = self.tracked(thresholds, targets, recorders)
+        at_rate = self.rate_thresholds(recorders, u)
+        own = self.tracked(at_rate, targets)
+        return (u, thresholds, given) if given.error <= own.error else (u, at_rate, own)
 
     def top_r_rate(self, budget: float) -> float:
         """The fraction of tokens top-r updates at ``budget`` (fractional r / N:

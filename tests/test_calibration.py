@@ -337,8 +337,17 @@ def test_one_rate_for_every_gate_is_top_rs_and_holds_on_held_out_clips(vitdet_ca
         calibrator.run(TopRPolicy(r)).gflops for r in (int(u * n_tokens), int(u * n_tokens) + 1)
     )
     assert below <= budget * (1 + 1e-6) and above >= budget * (1 - 1e-6)
-    # Not the per-gate fit's thresholds: each gate's own at rate u.
-    assert even.thresholds != even.candidates[even.gamma]
+    # Its thresholds: the per-gate fit's or each gate's own at rate u, the closer to dense.
+    fitted = even.candidates[even.gamma]
+    recorders = {}
+    given = calibrator.tracked(fitted, even.targets, recorders)
+    at_rate = calibrator.rate_thresholds(recorders, u)
+    own = calibrator.tracked(at_rate, even.targets)
+    assert even.thresholds == (fitted if given.error <= own.error else at_rate)
+    assert even.tracked["uniform"] == (
+        min(given, own, key=lambda r: r.error).gflops,
+        min(given.error, own.error),
+    )
     measured = calibrator.run(even.policy(track_budget=True), held)
     assert abs(measured.gflops - budget) <= 0.05 * budget
     assert 0 < measured.error < 1
