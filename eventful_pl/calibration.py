@@ -412,6 +412,7 @@ class Calibrator:
         # Cheapest: no token updated after the flush.
         self.min_gflops = self.run({k: math.inf for k in self.gates}).gflops
         self._scale_hint: float | None = None
+        self._top_r_runs: dict[int, RunResult] = {}  # r -> top-r on the calibration streams
 
     # ------------------------------------------------------------ building blocks
 
@@ -628,10 +629,7 @@ class Calibrator:
         top-r's cost is linear in r and does not depend on the content)."""
         self.check_budget(budget)
         n_tokens = self.reference[0][0].shape[1]
-        low, high = 1, max(2, n_tokens // 2)
-        a, b = self.run(TopRPolicy(low)).gflops, self.run(TopRPolicy(high)).gflops
-        r = low + (budget - a) * (high - low) / max(b - a, 1e-30)
-        return min(max(r / n_tokens, 1e-3), 1.0)
+        return min(max(self._top_r_crossing(budget) / n_tokens, 1e-3), 1.0)
 
     def calibrate(
         self, budget: float, track_budget: bool = False, rates: str = "best"
@@ -694,21 +692,22 @@ class Calibrator:
         ``budget`` without exceeding it by more than the tolerance."""
         self.check_budget(budget)
         n_tokens = self.reference[0][0].shape[1]
-        results: dict[int, RunResult] = {}
+        r = max(1, min(n_tokens, math.floor(self._top_r_crossing(budget))))
+        # The line's two ends and the integers around its crossing, in the order measured.
+        candidates = dict.fromkeys((max(2, n_tokens // 2), 1, r, min(r + 1, n_tokens)))
+        best = min(candidates, key=lambda v: abs(self._top_r(v).gflops - budget))
+        return best, self._top_r(best)
 
-        def cost(r: int) -> float:
-            r = min(max(r, 1), n_tokens)
-            if r not in results:
-                results[r] = self.run(TopRPolicy(r))
-            return results[r].gflops
+    def _top_r(self, r: int) -> RunResult:
+        """Top-r on the calibration streams (each r run once)."""
+        if r not in self._top_r_runs:
+            self._top_r_runs[r] = self.run(TopRPolicy(r))
+        return self._top_r_runs[r]
 
-        # The cost is (nearly) linear in r: two runs give the line, then the
-        # integers around its crossing of the budget are measured.
+    def _top_r_crossing(self, budget: float) -> float:
+        """The fractional r at which top-r's cost is ``budget``: the cost is
+        (nearly) linear in r, so two runs (r = 1 and N / 2) give the line."""
+        n_tokens = self.reference[0][0].shape[1]
         a, b = 1, max(2, n_tokens // 2)
-        slope = (cost(b) - cost(a)) / (b - a)
-        guess = a + (budget - cost(a)) / max(slope, 1e-30)
-        r = max(1, min(n_tokens, math.floor(guess)))
-        for candidate in (r, r + 1):
-            cost(candidate)
-        best = min(results, key=lambda v: abs(results[v].gflops - budget))
-        return best, results[best]
+        slope = (self._top_r(b).gflops - self._top_r(a).gflops) / (b - a)
+        return a + (budget - self._top_r(a).gflops) / max(slope, 1e-30)
