@@ -378,6 +378,10 @@ class Calibrator:
         tolerance: Relative distance to the budget at which a fit stops.
         max_runs: Measured runs per fit at most.
         sensitivity_frames: Frames used for the sensitivities.
+        tracking_tolerance: Relative distance to the budget within which a
+            tracked run's cost counts as on budget when the rates are chosen
+            (a tracker's average on a few short clips carries its start-up
+            transient, so it is looser than ``tolerance``).
     """
 
     def __init__(
@@ -390,6 +394,7 @@ class Calibrator:
         tolerance: float = 0.01,
         max_runs: int = 8,
         sensitivity_frames: int = 2,
+        tracking_tolerance: float = 0.03,
     ) -> None:
         _check_streams(streams, "calibration streams")
         if not gammas:
@@ -401,6 +406,7 @@ class Calibrator:
         self.refresh_every = refresh_every
         self.tolerance = float(tolerance)
         self.max_runs = int(max_runs)
+        self.tracking_tolerance = float(tracking_tolerance)
         self.gates = token_gates(model)
         if not self.gates:
             raise ValueError(f"{type(model).__name__} has no token gates: nothing to calibrate")
@@ -559,6 +565,7 @@ class Calibrator:
         thresholds: dict[str, float],
         targets: dict[str, float],
         recorders: dict[str, _Recorder] | None = None,
+        adaptivity: float = 1.0,
     ) -> RunResult:
         """Measures the thresholds with budget tracking at ``targets`` (gate
         key -> average fraction of tokens updated) on the calibration streams."""
@@ -568,6 +575,7 @@ class Calibrator:
             refresh_every=self.refresh_every,
             track_budget=True,
             targets=targets,
+            adaptivity=adaptivity,
         )
         return self.run(policy, recorders=recorders)
 
@@ -666,7 +674,7 @@ class Calibrator:
                 own = self.tracked(thresholds, targets)
                 tracked["per-gate"] = (own.gflops, own.error)
                 take = uniform.error < own.error and abs(uniform.gflops - budget) <= max(
-                    self.tolerance * budget, abs(own.gflops - budget)
+                    self.tracking_tolerance * budget, abs(own.gflops - budget)
                 )
             if take:
                 targets, chosen = dict.fromkeys(targets, u), "uniform"

@@ -215,11 +215,20 @@ class TrackingThresholdPolicy(ThresholdPolicy):
     threshold itself is lowered by that factor instead, so that quiet content
     also spends the target.
 
+    ``adaptivity`` (beta) sets how far a frame's count follows its content:
+    the count is ``m * (k / m) ** beta`` over its running mean, with ``m``
+    the target's tokens per frame. 1: in proportion to ``k`` (as above);
+    0: ``m`` on every frame (top-r at the target rate, fractional rates
+    kept on average by the excess); in between, busy frames get more
+    updates than quiet ones, but less than in proportion.
+
     Args:
         threshold: The calibrated threshold h >= 0.
         target: Fraction of tokens to update on average, in (0, 1].
         gain: Log-change of the next frame's count (or threshold) per frame's
             worth of excess updates.
+        adaptivity: Exponent beta in [0, 1] of a frame's count on its
+            over-threshold count.
         max_tokens, refresh_every: See :class:`ThresholdPolicy`.
     """
 
@@ -228,17 +237,23 @@ class TrackingThresholdPolicy(ThresholdPolicy):
         threshold: float,
         target: float,
         gain: float = 0.3,
+        adaptivity: float = 1.0,
         max_tokens: int | None = None,
         refresh_every: int | None = None,
     ) -> None:
         super().__init__(threshold, max_tokens=max_tokens, refresh_every=refresh_every)
         if not 0.0 < float(target) <= 1.0:
             raise ValueError(f"tracking threshold: target must lie in (0, 1], got {target!r}")
+        if not 0.0 <= float(adaptivity) <= 1.0:
+            raise ValueError(
+                f"tracking threshold: adaptivity must lie in [0, 1], got {adaptivity!r}"
+            )
         self.target = float(target)
         self.gain = float(gain)
+        self.adaptivity = float(adaptivity)
         self.selected = 0  # tokens updated (k x B per frame)
         self.offered = 0  # tokens seen (N x B per frame)
-        self.over = 0  # tokens the calibrated threshold alone would update
+        self.weight = 0.0  # sum over frames of B x the count before normalising
 
     def excess(self, tokens_per_frame: int) -> float:
         """Updates beyond the target so far, in frames' worth of target
@@ -258,19 +273,26 @@ class TrackingThresholdPolicy(ThresholdPolicy):
     def select(self, norms: Tensor) -> Tensor:
         batch, n = norms.shape
         over = over_threshold(norms, self.threshold)
-        self.over += over * batch
-        if self.over == 0:
+        if self.adaptivity == 1.0:
+            count = float(over)
+        else:
+            per_frame = self.target * n
+            count = per_frame * (over / per_frame) ** self.adaptivity
+        self.weight += count * batch
+        if self.weight == 0:
             index = self.select_at(norms, self.current_threshold(norms.numel()))
         else:
-            activity = self.over / (self.target * (self.offered + norms.numel()))
-            k = round(over / activity / self.correction(norms.numel()))
+            # Running mean of the counts relative to the target's.
+            activity = self.weight / (self.target * (self.offered + norms.numel()))
+            k = round(count / activity / self.correction(norms.numel()))
             index = self.take(norms, min(n, k))
         self.selected += index.numel()
         self.offered += norms.numel()
         return index
 
     def __repr__(self) -> str:
-        return f"TrackingThresholdPolicy(threshold={self.threshold}, target={self.target})"
+        extra = f", adaptivity={self.adaptivity}" if self.adaptivity != 1.0 else ""
+        return f"TrackingThresholdPolicy(threshold={self.threshold}, target={self.target}{extra})"
 
 
 def gate_key(name: str) -> str:
@@ -398,6 +420,9 @@ class CalibratedThresholdPolicy(_PerGate):
         targets: Gate key -> the fraction of tokens the gate updates on
             average: the rate it reached in calibration, or one rate for
             every gate (read from the file with ``path``).
+        adaptivity: With ``track_budget``, how far a frame's updates follow
+            its content (see :class:`TrackingThresholdPolicy`); None: the
+            file's (or 1).
     """
 
     def __init__(
@@ -410,6 +435,7 @@ class CalibratedThresholdPolicy(_PerGate):
         refresh_every: int | None = None,
         track_budget: bool | None = None,
         targets: Mapping[str, float] | None = None,
+        adaptivity: float | None = None,
     ) -> None:
         if (thresholds is None) == (path is None):
             raise ValueError("CalibratedThresholdPolicy: give thresholds or path (one of them)")
@@ -423,8 +449,11 @@ class CalibratedThresholdPolicy(_PerGate):
             refresh_every = entry.get("refresh_every") if refresh_every is None else refresh_every
             track_budget = entry.get("track_budget") if track_budget is None else track_budget
             targets = entry.get("targets") if targets is None else targets
+            adaptivity = entry.get("adaptivity") if adaptivity is None else adaptivity
             self.info = {
-                k: v for k, v in entry.items() if k not in ("thresholds", "targets", "track_budget")
+                k: v
+                for k, v in entry.items()
+                if k not in ("thresholds", "targets", "track_budget", "adaptivity")
             }
         self.thresholds = {gate_key(k): float(v) for k, v in thresholds.items()}
         for key, h in [*self.thresholds.items(), ("default", default)]:
@@ -441,6 +470,11 @@ class CalibratedThresholdPolicy(_PerGate):
         self.refresh_every = _check_optional_positive(refresh_every, "refresh_every")
         self.targets = {gate_key(k): float(v) for k, v in (targets or {}).items()}
         self.track_budget = bool(track_budget)
+        self.adaptivity = 1.0 if adaptivity is None else float(adaptivity)
+        if not 0.0 <= self.adaptivity <= 1.0:
+            raise ValueError(
+                f"CalibratedThresholdPolicy: adaptivity must lie in [0, 1], got {adaptivity!r}"
+            )
         if self.track_budget and not self.targets:
             raise ValueError(
                 "CalibratedThresholdPolicy: track_budget needs the calibration's per-gate "
@@ -490,7 +524,11 @@ class CalibratedThresholdPolicy(_PerGate):
         if key not in self._tracking:
             target = min(max(self.targets.get(key, 1.0), 1e-3), 1.0)
             self._tracking[key] = TrackingThresholdPolicy(
-                h, target, max_tokens=self.cap(key), refresh_every=self.refresh_every
+                h,
+                target,
+                adaptivity=self.adaptivity,
+                max_tokens=self.cap(key),
+                refresh_every=self.refresh_every,
             )
         return self._tracking[key]
 
@@ -504,6 +542,7 @@ class CalibratedThresholdPolicy(_PerGate):
             "refresh_every": self.refresh_every,
             "track_budget": self.track_budget,
             "targets": dict(self.targets),
+            "adaptivity": self.adaptivity,
         }
 
     def __repr__(self) -> str:

@@ -209,6 +209,47 @@ def test_tracking_threshold_keeps_the_target_rate():
     assert model.blocks[0].mlp_gate.policy is first and first.target == 0.3
 
 
+@pytest.mark.parametrize("adaptivity", [0.0, 0.5, 1.0])
+def test_tracking_adaptivity_sets_how_far_counts_follow_the_content(adaptivity):
+    """Quiet frames (30 errors over the threshold) and busy ones (120) in a
+    random order: each frame's count is ``m (k / m) ** beta`` over its
+    running mean, so busy frames get 4 ** beta times the updates of quiet
+    ones (0: top-r at the rate), and the average rate is the target
+    whatever beta."""
+    target, n = 0.2, 500
+    quiet = torch.cat([torch.full((30,), 2.0), torch.zeros(n - 30)])[None]  # (1, N)
+    busy = torch.cat([torch.full((120,), 2.0), torch.zeros(n - 120)])[None]
+    order = torch.rand(400, generator=torch.Generator().manual_seed(0)) < 0.5
+    policy = TrackingThresholdPolicy(1.0, target=target, adaptivity=adaptivity)
+    counts = torch.tensor([policy.select(busy if b else quiet).shape[-1] for b in order])
+    assert policy.selected / policy.offered == pytest.approx(target, abs=0.01)
+    late, is_busy = counts[100:].double(), order[100:]
+    ratio = late[is_busy].mean() / late[~is_busy].mean()
+    assert float(ratio) == pytest.approx(4.0**adaptivity, rel=0.05)
+    if adaptivity == 0.0:  # top-r at the target rate, whatever the content
+        assert set(late.tolist()) == {target * n}
+    with pytest.raises(ValueError, match="adaptivity"):
+        TrackingThresholdPolicy(1.0, target=0.2, adaptivity=1.5)
+
+
+def test_adaptivity_is_saved_with_the_calibration(tmp_path):
+    keys = ["blocks.0.qkv_gate", "blocks.0.mlp_gate"]
+    policy = CalibratedThresholdPolicy(
+        dict.fromkeys(keys, 0.5),
+        budget=10.0,
+        track_budget=True,
+        targets=dict.fromkeys(keys, 0.3),
+        adaptivity=0.5,
+    )
+    path = write_calibration(tmp_path / "c.json", [policy], unit="GFlops per frame")
+    loaded = CalibratedThresholdPolicy(path=str(path))
+    assert loaded.adaptivity == 0.5
+    assert loaded.for_gate("blocks.0.mlp_gate").adaptivity == 0.5
+    assert CalibratedThresholdPolicy(dict.fromkeys(keys, 0.5)).adaptivity == 1.0
+    with pytest.raises(ValueError, match="adaptivity"):
+        CalibratedThresholdPolicy(dict.fromkeys(keys, 0.5), adaptivity=-0.1)
+
+
 def test_per_gate_top_r():
     model = tiny_backbone()
     set_policy(model, PerGatePolicy({"blocks.1.mlp_gate": TopRPolicy(3)}, default=TopRPolicy(9)))
@@ -312,6 +353,17 @@ def test_tracked_rates_are_the_closer_of_per_gate_and_uniform(vitdet_case):
     rerun = calibrator.run(result.policy(track_budget=True))
     assert (rerun.gflops, rerun.error) == pytest.approx(result.tracked[result.rates], rel=1e-9)
     assert result.policy().info["rates"] == result.rates
+    # The cost guard: one rate for every gate is only taken within the
+    # tracking tolerance of the budget or no further from it than the per-gate run.
+    saved = calibrator.tracking_tolerance
+    try:
+        calibrator.tracking_tolerance = 0.0
+        strict = calibrator.calibrate(budget, track_budget=True)
+    finally:
+        calibrator.tracking_tolerance = saved
+    (ug, ue), (og, oe) = strict.tracked["uniform"], strict.tracked["per-gate"]
+    closer = ue < oe and abs(ug - budget) <= abs(og - budget)
+    assert strict.rates == ("uniform" if closer else "per-gate")
     # Without tracking nothing else is fitted; either set of rates on request.
     assert calibrator.calibrate(budget).tracked == {}
     own = calibrator.calibrate(budget, track_budget=True, rates="per-gate")

@@ -107,6 +107,12 @@ def build_parser() -> ArgumentParser:
         help="threshold shapes tried (0: one global threshold, 1: cost/sensitivity optimum)",
     )
     parser.add_argument("--tolerance", type=float, default=0.01, help="relative budget tolerance")
+    parser.add_argument(
+        "--tracking_tolerance",
+        type=float,
+        default=0.03,
+        help="with --rates best: relative distance to the budget at which a tracked run is on budget",
+    )
     parser.add_argument("--output", type=str | None, default=None, help="calibration file to write")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     parser.add_argument("--ckpt_path", type=str | None, default=None, help="Lightning checkpoint")
@@ -320,6 +326,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         max_tokens=config.max_tokens,
         refresh_every=config.refresh_every,
         tolerance=config.tolerance,
+        tracking_tolerance=config.tracking_tolerance,
     )
     dense_unit = target.to_unit(calibrator.dense_gflops)
     held_streams = streams[split:]
