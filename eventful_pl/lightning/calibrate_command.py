@@ -111,7 +111,7 @@ def build_parser() -> ArgumentParser:
         "--tracking_tolerance",
         type=float,
         default=0.03,
-        help="with --rates best: relative distance to the budget at which a tracked run is on budget",
+        help="with --rates best: relative distance to the budget of a tracked run on budget",
     )
     parser.add_argument("--output", type=str | None, default=None, help="calibration file to write")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
