@@ -565,7 +565,6 @@ class Calibrator:
         thresholds: dict[str, float],
         targets: dict[str, float],
         recorders: dict[str, _Recorder] | None = None,
-        adaptivity: float = 1.0,
     ) -> RunResult:
         """Measures the thresholds with budget tracking at ``targets`` (gate
         key -> average fraction of tokens updated) on the calibration streams."""
@@ -575,7 +574,6 @@ class Calibrator:
             refresh_every=self.refresh_every,
             track_budget=True,
             targets=targets,
-            adaptivity=adaptivity,
         )
         return self.run(policy, recorders=recorders)
 
@@ -632,6 +630,14 @@ class Calibrator:
         own = self.tracked(at_rate, targets)
         return (u, thresholds, given) if given.error <= own.error else (u, at_rate, own)
 
+    def prefers_uniform(self, uniform: RunResult, own: RunResult, budget: float) -> bool:
+        """Whether the tracked run with one rate for every gate beats the one
+        with the per-gate rates: lower error, at a cost within
+        ``tracking_tolerance`` of ``budget`` or no further from it than ``own``'s."""
+        return uniform.error < own.error and abs(uniform.gflops - budget) <= max(
+            self.tracking_tolerance * budget, abs(own.gflops - budget)
+        )
+
     def top_r_rate(self, budget: float) -> float:
         """The fraction of tokens top-r updates at ``budget`` (fractional r / N:
         top-r's cost is linear in r and does not depend on the content)."""
@@ -673,9 +679,7 @@ class Calibrator:
             if not take:
                 own = self.tracked(thresholds, targets)
                 tracked["per-gate"] = (own.gflops, own.error)
-                take = uniform.error < own.error and abs(uniform.gflops - budget) <= max(
-                    self.tracking_tolerance * budget, abs(own.gflops - budget)
-                )
+                take = self.prefers_uniform(uniform, own, budget)
             if take:
                 targets, chosen = dict.fromkeys(targets, u), "uniform"
                 thresholds = even

@@ -140,6 +140,12 @@ def _check_optional_positive(value: int | None, what: str) -> int | None:
     return value
 
 
+def _check_adaptivity(value: float, what: str) -> float:
+    if not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{what}: adaptivity must lie in [0, 1], got {value!r}")
+    return float(value)
+
+
 class ThresholdPolicy(TokenPolicy):
     """Selects every token whose error norm exceeds ``threshold``.
 
@@ -244,13 +250,9 @@ class TrackingThresholdPolicy(ThresholdPolicy):
         super().__init__(threshold, max_tokens=max_tokens, refresh_every=refresh_every)
         if not 0.0 < float(target) <= 1.0:
             raise ValueError(f"tracking threshold: target must lie in (0, 1], got {target!r}")
-        if not 0.0 <= float(adaptivity) <= 1.0:
-            raise ValueError(
-                f"tracking threshold: adaptivity must lie in [0, 1], got {adaptivity!r}"
-            )
         self.target = float(target)
         self.gain = float(gain)
-        self.adaptivity = float(adaptivity)
+        self.adaptivity = _check_adaptivity(adaptivity, "tracking threshold")
         self.selected = 0  # tokens updated (k x B per frame)
         self.offered = 0  # tokens seen (N x B per frame)
         self.weight = 0.0  # sum over frames of B x the count before normalising
@@ -273,7 +275,7 @@ class TrackingThresholdPolicy(ThresholdPolicy):
     def select(self, norms: Tensor) -> Tensor:
         batch, n = norms.shape
         over = over_threshold(norms, self.threshold)
-        if self.adaptivity == 1.0:
+        if self.adaptivity == 1.0:  # the count itself, exactly (no float round trip)
             count = float(over)
         else:
             per_frame = self.target * n
@@ -470,11 +472,9 @@ class CalibratedThresholdPolicy(_PerGate):
         self.refresh_every = _check_optional_positive(refresh_every, "refresh_every")
         self.targets = {gate_key(k): float(v) for k, v in (targets or {}).items()}
         self.track_budget = bool(track_budget)
-        self.adaptivity = 1.0 if adaptivity is None else float(adaptivity)
-        if not 0.0 <= self.adaptivity <= 1.0:
-            raise ValueError(
-                f"CalibratedThresholdPolicy: adaptivity must lie in [0, 1], got {adaptivity!r}"
-            )
+        self.adaptivity = _check_adaptivity(
+            1.0 if adaptivity is None else adaptivity, "CalibratedThresholdPolicy"
+        )
         if self.track_budget and not self.targets:
             raise ValueError(
                 "CalibratedThresholdPolicy: track_budget needs the calibration's per-gate "

@@ -8,7 +8,13 @@ import torch
 
 from datamodules.synthetic_video import moving_square
 from eventful_pl.backbone import ViTBackbone
-from eventful_pl.calibration import BudgetError, Calibrator, dense_outputs, token_gates
+from eventful_pl.calibration import (
+    BudgetError,
+    Calibrator,
+    RunResult,
+    dense_outputs,
+    token_gates,
+)
 from eventful_pl.gates import TokenGate, set_policy
 from eventful_pl.lightning.calibrate_command import clip_stream, target_of
 from eventful_pl.models.vitdet import create_vitdet
@@ -372,6 +378,26 @@ def test_tracked_rates_are_the_closer_of_per_gate_and_uniform(vitdet_case):
     assert set(even.tracked) == {"uniform"} and len(set(even.targets.values())) == 1
     with pytest.raises(ValueError, match="rates"):
         calibrator.calibrate(budget, track_budget=True, rates="even")
+
+
+def test_uniform_rates_win_within_the_tracking_tolerance(vitdet_case):
+    """A tracker's cost on short clips drifts by a few percent: one rate for
+    every gate with a lower error at +2% of the budget (per-gate rates at
+    +0.5%) is taken at the default 3% tracking tolerance, not at 1%; a higher
+    error is never taken."""
+    calibrator, _, _ = vitdet_case
+    own = RunResult(gflops=100.5, error=0.010)
+    uniform = RunResult(gflops=102.0, error=0.008)
+    assert calibrator.tracking_tolerance == 0.03
+    assert calibrator.prefers_uniform(uniform, own, 100.0)
+    assert not calibrator.prefers_uniform(RunResult(102.0, 0.011), own, 100.0)
+    saved = calibrator.tracking_tolerance
+    try:
+        calibrator.tracking_tolerance = 0.01
+        assert not calibrator.prefers_uniform(uniform, own, 100.0)
+        assert calibrator.prefers_uniform(RunResult(100.3, 0.008), own, 100.0)
+    finally:
+        calibrator.tracking_tolerance = saved
 
 
 @pytest.mark.slow
