@@ -51,7 +51,7 @@ embeddings); a frame holds B independent streams.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -90,6 +90,33 @@ def _check_streams(streams: Sequence[Stream], what: str = "streams") -> None:
             f"{what}: need at least one stream, each of at least 2 frames (a flush and an "
             "incremental frame); use longer or more clips"
         )
+
+
+def _frame_counts(
+    stacked: Sequence[Tensor], threshold: float, max_tokens: int | None = None
+) -> list[Tensor]:
+    """Tokens a threshold policy updates on each recorded frame: for each
+    (F, B, N) block of error norms, the (F,) counts over ``threshold`` (the
+    largest of the batch, as the policy takes it), capped at ``max_tokens``."""
+    counts = [norms.gt(threshold).sum(dim=-1).amax(dim=-1) for norms in stacked]
+    if max_tokens is not None:
+        counts = [c.clamp(max=max_tokens) for c in counts]
+    return counts
+
+
+def _bisect_log(
+    decreasing: Callable[[float], float], target: float, a: float, b: float
+) -> tuple[float, float]:
+    """The bracket ``(a, b)`` of ``log x``, narrowed from the given one by 40
+    halvings, around where ``decreasing`` (non-increasing in ``x``) crosses
+    ``target``: ``decreasing(e^a) > target >= decreasing(e^b)``."""
+    for _ in range(40):
+        mid = 0.5 * (a + b)
+        if decreasing(math.exp(mid)) > target:
+            a = mid
+        else:
+            b = mid
+    return a, b
 
 
 @dataclass
@@ -470,13 +497,9 @@ class Calibrator:
         for key, rec in recorders.items():
             if not rec.norms:
                 continue
-            h = scale * shape[key]
-            k = 0
-            for norms in rec.stacked():  # (F, B, N)
-                counts = norms.gt(h).sum(dim=-1).amax(dim=-1)  # (F,): k of each frame
-                if self.max_tokens is not None:
-                    counts = counts.clamp(max=self.max_tokens)
-                k += int(counts.sum()) * norms.shape[1]
+            stacked = rec.stacked()
+            counts = _frame_counts(stacked, scale * shape[key], self.max_tokens)
+            k = sum(int(c.sum()) * norms.shape[1] for c, norms in zip(counts, stacked))
             total += self.costs[key] * k
         return total / 1e9 / _frames_of(self.streams)
 
@@ -551,13 +574,12 @@ class Calibrator:
         high: float,
     ) -> float:
         """The scale in [low, high] whose predicted cost is ``target`` (bisection in log)."""
-        a, b = math.log(low), math.log(high)
-        for _ in range(40):
-            mid = 0.5 * (a + b)
-            if self._predict(recorders, shape, math.exp(mid)) > target:
-                a = mid
-            else:
-                b = mid
+        a, b = _bisect_log(
+            lambda scale: self._predict(recorders, shape, scale),
+            target,
+            math.log(low),
+            math.log(high),
+        )
         return math.exp(0.5 * (a + b))
 
     def tracked(
@@ -589,20 +611,14 @@ class Calibrator:
             tokens = sum(norms.shape[0] * norms.shape[-1] for norms in stacked)
 
             def fraction(h: float, stacked: list[Tensor] = stacked, tokens: int = tokens) -> float:
-                over = sum(int(n.gt(h).sum(-1).amax(-1).sum()) for n in stacked)
-                return over / tokens
+                return sum(int(c.sum()) for c in _frame_counts(stacked, h)) / tokens
 
             top = max(float(n.max()) for n in stacked)
             if top <= 0.0:
                 thresholds[key] = 0.0
                 continue
-            lo, hi = math.log(top) - 30.0, math.log(top)  # fraction(e^lo) >= rate >= fraction(e^hi)
-            for _ in range(40):
-                mid = 0.5 * (lo + hi)
-                if fraction(math.exp(mid)) > rate:
-                    lo = mid
-                else:
-                    hi = mid
+            # fraction(top e^-30) >= rate >= fraction(top)
+            _, hi = _bisect_log(fraction, rate, math.log(top) - 30.0, math.log(top))
             thresholds[key] = math.exp(hi)
         return thresholds
 
