@@ -644,7 +644,7 @@ def test_calibrate_command_writes_a_file_the_policy_reads(tmp_path, one_thread, 
     output = tmp_path / "tiny.calibration.json"
     args = ["calibrate", "--config", str(config), "--videos", str(tmp_path)]
     args += ["--budget_fraction", "0.5", "--held_out", "1", "--gammas", "0", "1"]
-    report = cli_main([*args, "--track_budget", "--output", str(output)])
+    report = cli_main([*args, "--output", str(output)])  # tracking is on by default
     printed = capsys.readouterr().out
     assert "held-out GFlops" in printed and str(output) in printed
     row = report["results"][0]
@@ -661,6 +661,11 @@ def test_calibrate_command_writes_a_file_the_policy_reads(tmp_path, one_thread, 
     network = create_vitdet("vitdet_tiny", variant="eventful")
     set_policy(network, policy)
     assert len(policy.thresholds) == len(token_gates(network)) == 12
+    plain = tmp_path / "plain.json"
+    untracked = cli_main([*args, "--no_track_budget", "--output", str(plain)])
+    assert untracked["results"][0]["rates"] is None
+    entry = json.loads(plain.read_text())["policies"][0]
+    assert not entry["track_budget"] and not CalibratedThresholdPolicy(path=str(plain)).track_budget
     with pytest.raises(ValueError, match="--rates"):
         cli_main([*args, "--rates", "even", "--output", str(tmp_path / "x.json")])
     with pytest.raises(ValueError, match="--overwrite"):

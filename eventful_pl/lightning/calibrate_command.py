@@ -14,7 +14,10 @@ The command prints, per budget, the GFlops achieved and the relative error of
 the final tokens against the dense model (with one global threshold fitted
 to the same budget beside it), on the calibration clips and on the
 ``--held_out`` clips, and writes a calibration file (JSON) that
-:class:`eventful_pl.policies.CalibratedThresholdPolicy` reads.
+:class:`eventful_pl.policies.CalibratedThresholdPolicy` reads. The policy it
+writes tracks each gate's average update rate, so the budget holds on
+content that moves more or less than the calibration clips;
+``--no_track_budget`` writes the plain per-gate thresholds instead.
 
 Budgets are in the ``count`` command's units: GFlops per video for ViViT (all
 views, spatial + temporal + classifier; the views of one video run as one
@@ -33,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 from jsonargparse.typing import PositiveInt
 from torch import Tensor, nn
 
@@ -88,15 +91,17 @@ def build_parser() -> ArgumentParser:
     )
     parser.add_argument(
         "--track_budget",
-        action="store_true",
+        action=ActionYesNo,
+        default=True,
         help="gates keep an average update rate, their calibrated one or one for all gates, "
-        "whichever is closer to dense (the budget holds on other content)",
+        "whichever is closer to dense, so the budget holds on other content (on; "
+        "--no_track_budget: plain per-gate thresholds, whose cost follows the content)",
     )
     parser.add_argument(
         "--rates",
         type=str,
         default="best",
-        help="with --track_budget: the rates held (best: the closer to dense of per-gate and "
+        help="with tracking: the rates held (best: the closer to dense of per-gate and "
         "uniform; per-gate; uniform)",
     )
     parser.add_argument(
