@@ -694,3 +694,26 @@ def test_calibrated_policy_given_to_the_constructor():
     set_policy(later, CalibratedThresholdPolicy(thresholds))
     frames = video_stream(4, 1, 36, 32, seed=3)
     assert gate_ks(built, frames)[0] == gate_ks(later, frames)[0]
+
+
+def test_calibrated_policy_selected_in_a_yaml_config(tmp_path):
+    """``policy:`` naming :class:`CalibratedThresholdPolicy` in a model's YAML,
+    parsed and instantiated the way LightningCLI does, gives every gate the
+    file's threshold for the chosen budget."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_subclass_arguments(torch.nn.Module, "model")
+    plain = parser.instantiate(parser.parse_string(TINY_VITDET_CONFIG)).model
+    path = calibration_file(tmp_path, plain, budgets=(5.0, 7.5))
+    config = TINY_VITDET_CONFIG.rstrip() + (
+        "\n    policy:\n"
+        "      class_path: eventful_pl.policies.CalibratedThresholdPolicy\n"
+        f"      init_args: {{path: {path}, budget: 7.5}}\n"
+    )
+    network = parser.instantiate(parser.parse_string(config)).model
+    expected = read_calibration(path)["policies"][1]["thresholds"]
+    gates = token_gates(network.backbone)
+    assert set(gates) == set(expected) and len(gates) == 12
+    for key, gate in gates.items():
+        assert gate.policy.threshold == pytest.approx(expected[key])
