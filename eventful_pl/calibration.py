@@ -66,6 +66,7 @@ from eventful_pl.policies import (
     ThresholdPolicy,
     TokenPolicy,
     TopRPolicy,
+    counts_over_threshold,
     gate_key,
 )
 from eventful_pl.state import reset_stream_state
@@ -98,7 +99,7 @@ def _frame_counts(
     """Tokens a threshold policy updates on each recorded frame: for each
     (F, B, N) block of error norms, the (F,) counts over ``threshold`` (the
     largest of the batch, as the policy takes it), capped at ``max_tokens``."""
-    counts = [norms.gt(threshold).sum(dim=-1).amax(dim=-1) for norms in stacked]
+    counts = [counts_over_threshold(norms, threshold) for norms in stacked]
     if max_tokens is not None:
         counts = [c.clamp(max=max_tokens) for c in counts]
     return counts

@@ -60,9 +60,15 @@ class TokenPolicy(ABC):
         return self.select(norms)
 
 
+def counts_over_threshold(norms: Tensor, threshold: float) -> Tensor:
+    """The largest per-item count of error norms (..., B, N) over
+    ``threshold``: the tokens a threshold policy updates, shape (...)."""
+    return norms.gt(threshold).sum(dim=-1).amax(dim=-1)
+
+
 def over_threshold(norms: Tensor, threshold: float) -> int:
     """The largest per-item count of error norms (B, N) over ``threshold``."""
-    return int(norms.gt(threshold).sum(dim=-1).max())
+    return int(counts_over_threshold(norms, threshold))
 
 
 def all_tokens(norms: Tensor) -> Tensor:

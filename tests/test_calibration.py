@@ -341,7 +341,7 @@ def test_budget_tracking_holds_the_budget_on_faster_motion(vitdet_case):
 
 
 @pytest.mark.slow
-def test_tracked_rates_are_the_closer_of_per_gate_and_uniform(vitdet_case):
+def test_tracked_rates_are_the_closer_of_per_gate_and_uniform(vitdet_case, monkeypatch):
     """With track_budget the calibrator fits one rate for every gate to the
     budget beside the fitted per-gate rates and keeps the one whose tracked
     outputs are closer to the dense model's; the policy it returns is that run."""
@@ -361,12 +361,9 @@ def test_tracked_rates_are_the_closer_of_per_gate_and_uniform(vitdet_case):
     assert result.policy().info["rates"] == result.rates
     # The cost guard: one rate for every gate is only taken within the
     # tracking tolerance of the budget or no further from it than the per-gate run.
-    saved = calibrator.tracking_tolerance
-    try:
-        calibrator.tracking_tolerance = 0.0
+    with monkeypatch.context() as patch:
+        patch.setattr(calibrator, "tracking_tolerance", 0.0)
         strict = calibrator.calibrate(budget, track_budget=True)
-    finally:
-        calibrator.tracking_tolerance = saved
     (ug, ue), (og, oe) = strict.tracked["uniform"], strict.tracked["per-gate"]
     closer = ue < oe and abs(ug - budget) <= abs(og - budget)
     assert strict.rates == ("uniform" if closer else "per-gate")
@@ -380,7 +377,7 @@ def test_tracked_rates_are_the_closer_of_per_gate_and_uniform(vitdet_case):
         calibrator.calibrate(budget, track_budget=True, rates="even")
 
 
-def test_uniform_rates_win_within_the_tracking_tolerance(vitdet_case):
+def test_uniform_rates_win_within_the_tracking_tolerance(vitdet_case, monkeypatch):
     """A tracker's cost on short clips drifts by a few percent: one rate for
     every gate with a lower error at +2% of the budget (per-gate rates at
     +0.5%) is taken at the default 3% tracking tolerance, not at 1%; a higher
@@ -391,13 +388,10 @@ def test_uniform_rates_win_within_the_tracking_tolerance(vitdet_case):
     assert calibrator.tracking_tolerance == 0.03
     assert calibrator.prefers_uniform(uniform, own, 100.0)
     assert not calibrator.prefers_uniform(RunResult(102.0, 0.011), own, 100.0)
-    saved = calibrator.tracking_tolerance
-    try:
-        calibrator.tracking_tolerance = 0.01
+    with monkeypatch.context() as patch:
+        patch.setattr(calibrator, "tracking_tolerance", 0.01)
         assert not calibrator.prefers_uniform(uniform, own, 100.0)
         assert calibrator.prefers_uniform(RunResult(100.3, 0.008), own, 100.0)
-    finally:
-        calibrator.tracking_tolerance = saved
 
 
 @pytest.mark.slow
